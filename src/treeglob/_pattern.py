@@ -1,0 +1,632 @@
+"""Glob and regex patterns over paths: parsing, compiling, matching, `translate`.
+
+A glob is matched against the *list of segments* of a path, never against a
+string split on dots, so a dict key that contains a dot is one segment.
+Matching is two-level and linear in the path length for any pattern:
+
+* inside one segment, a Thompson NFA over characters (no backtracking, so
+  `*a*a*a*...b` cannot explode), memoised per distinct segment text;
+* across segments, a set-of-states simulation over the segment tokens, which
+  handles `**` and the unanchored start and end in a single pass.
+
+Braces whose alternatives contain a `.` or `**` change the segment structure,
+so they are expanded (bounded by `MAX_ALTERNATIVES`); all other braces stay
+inside the segment matcher, and integer ranges are compiled to digit classes,
+never expanded.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from dataclasses import dataclass
+
+from ._errors import pattern_error
+
+__all__ = ["MAX_ALTERNATIVES", "CompiledGlob", "compile_glob", "compile_regex", "translate"]
+
+#: Upper bound on the alternatives that braces spanning segments may expand to.
+MAX_ALTERNATIVES = 256
+
+
+# ----------------------------------------------------------------------------
+# Parsed form. A segment is a tuple of items; these are the item kinds.
+
+
+@dataclass(frozen=True, slots=True)
+class _Lit:
+    char: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Class:
+    regex: str  # a one-character regex class, e.g. "[a-z]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Alt:
+    options: tuple[tuple[object, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Sep:
+    pos: int
+
+
+@dataclass(frozen=True, slots=True)
+class _DoubleStar:
+    pos: int
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_STAR = _Marker("*")
+_ANY1 = _Marker("?")
+#: The segment token for `**`: zero or more whole segments.
+ANY_SEGMENTS = _Marker("**")
+
+
+class _Parser:
+    """Recursive-descent parser for the glob body (anchors already removed)."""
+
+    def __init__(self, pattern: str, body: str, offset: int):
+        self.pattern = pattern  # the full pattern, quoted in errors
+        self.body = body
+        self.offset = offset  # position of body[0] inside pattern
+        self.i = 0
+
+    def fail(self, pos: int, problem: str, fix: str) -> ValueError:
+        return pattern_error(self.pattern, pos + self.offset, problem, fix)
+
+    def parse(self) -> list[object]:
+        items = self.sequence(in_braces=False)
+        if self.i < len(self.body):  # only a stray "}" stops the top level
+            raise self.fail(
+                self.i,
+                "'}' without a matching '{'.",
+                "Escape a literal brace as '\\}', or open the group with '{'.",
+            )
+        return items
+
+    def sequence(self, in_braces: bool) -> list[object]:
+        body, items = self.body, []
+        while self.i < len(body):
+            c = body[self.i]
+            if c == "}" or (c == "," and in_braces):
+                break
+            start = self.i
+            self.i += 1
+            if c == "\\":
+                if self.i == len(body):
+                    raise self.fail(
+                        start,
+                        "the pattern ends with a lone '\\'.",
+                        "Remove it, or write '\\\\' to match a backslash.",
+                    )
+                items.append(_Lit(body[self.i]))
+                self.i += 1
+            elif c == '"':
+                items.extend(self.quoted(start))
+            elif c == ".":
+                items.append(_Sep(start))
+            elif c == "*":
+                if body.startswith("*", self.i):
+                    if body.startswith("*", self.i + 1):
+                        raise self.fail(
+                            start,
+                            "'***' is not a wildcard.",
+                            "Use '*' inside a segment or '**' as a whole segment.",
+                        )
+                    self.i += 1
+                    items.append(_DoubleStar(start))
+                else:
+                    items.append(_STAR)
+            elif c == "?":
+                items.append(_ANY1)
+            elif c == "[":
+                items.append(self.char_class(start))
+            elif c == "{":
+                items.append(self.braces(start))
+            else:
+                items.append(_Lit(c))
+        return items
+
+    def quoted(self, start: int) -> list[_Lit]:
+        body, chars = self.body, []
+        while self.i < len(body):
+            c = body[self.i]
+            self.i += 1
+            if c == '"':
+                return [_Lit(ch) for ch in chars]
+            if c == "\\" and self.i < len(body):
+                c = body[self.i]
+                self.i += 1
+            chars.append(c)
+        raise self.fail(
+            start,
+            'unterminated quoted segment.',
+            'Close the quote: a quoted segment such as "conv.1" matches a key literally.',
+        )
+
+    def char_class(self, start: int) -> _Class:
+        body = self.body
+        j = self.i
+        if body.startswith("^", j):
+            raise self.fail(
+                j,
+                "'[^...]' is regex syntax; globs negate a class with '!'.",
+                f"Write '[!{body[j + 1 : body.find(']', j + 1)] if ']' in body[j + 1 :] else '...'}]'.",
+            )
+        negate = body.startswith("!", j)
+        if negate:
+            j += 1
+        first = j
+        if body.startswith("]", j):  # a ']' right after '[' or '[!' is literal
+            j += 1
+        end = body.find("]", j)
+        if end < 0:
+            raise self.fail(
+                start,
+                "unbalanced '[': no closing ']'.",
+                "Close the class, e.g. '[abc]', or escape a literal bracket as '\\['.",
+            )
+        members = body[first:end]
+        for m in re.finditer(r"(.)-(.)", members):
+            if m.group(1) > m.group(2):
+                raise self.fail(
+                    start + 1 + (first - self.i) + m.start(),
+                    f"the class range '{m.group(0)}' is reversed.",
+                    f"Write '{m.group(2)}-{m.group(1)}'.",
+                )
+        self.i = end + 1
+        escaped = "".join("\\" + ch if ch in "\\^[]" else ch for ch in members)
+        return _Class("[" + ("^" if negate else "") + escaped + "]")
+
+    def braces(self, start: int) -> _Alt | _Range:
+        body = self.body
+        m = re.compile(r"(\d+)\.\.(\d+)\}").match(body, self.i)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise self.fail(
+                    start,
+                    f"the range {{{m.group(1)}..{m.group(2)}}} is reversed.",
+                    f"Write the smaller bound first: {{{hi}..{lo}}}.",
+                )
+            self.i = m.end()
+            return _Range(lo, hi)
+        options = [self.sequence(in_braces=True)]
+        while self.i < len(body) and body[self.i] == ",":
+            self.i += 1
+            options.append(self.sequence(in_braces=True))
+        if self.i == len(body):
+            raise self.fail(
+                start,
+                "unbalanced '{': no closing '}'.",
+                "Close the group, e.g. '{qkv,proj}' or '{0..11}', or escape a literal brace as '\\{'.",
+            )
+        self.i += 1  # the closing "}"
+        if len(options) < 2:
+            content = body[start + 1 : self.i - 1]
+            hint = (
+                "An integer range takes two decimal bounds, e.g. '{0..11}'."
+                if ".." in content
+                else "List two or more alternatives, e.g. '{qkv,proj}', or escape the braces as '\\{' and '\\}'."
+            )
+            raise self.fail(start, f"the brace group '{{{content}}}' has a single alternative.", hint)
+        return _Alt(tuple(tuple(o) for o in options))
+
+
+def _spans_segments(items: tuple[object, ...] | list[object]) -> bool:
+    for item in items:
+        if isinstance(item, _Sep | _DoubleStar):
+            return True
+        if isinstance(item, _Alt) and any(_spans_segments(o) for o in item.options):
+            return True
+    return False
+
+
+def _expand(items: list[object], pattern: str) -> list[list[object]]:
+    """Expand the brace groups that span segments into whole alternatives."""
+    results: list[list[object]] = [[]]
+    for item in items:
+        if isinstance(item, _Alt) and _spans_segments([item]):
+            choices = [alt for option in item.options for alt in _expand(list(option), pattern)]
+            results = [r + c for r, c in itertools.product(results, choices)]
+        else:
+            results = [r + [item] for r in results]
+        if len(results) > MAX_ALTERNATIVES:
+            raise ValueError(
+                f"Invalid pattern {pattern!r}: its brace groups spanning segments expand to more "
+                f"than {MAX_ALTERNATIVES} alternatives.\n"
+                "Keep alternatives inside one segment ('{a,b}' without dots stays unexpanded), or "
+                "split the pattern into several rules or a list."
+            )
+    return results
+
+
+def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
+    """Split one expanded alternative on separators into segment tokens."""
+    segments: list[list[object]] = [[]]
+    seps: list[int] = []
+    for item in items:
+        if isinstance(item, _Sep):
+            segments.append([])
+            seps.append(item.pos)
+        else:
+            segments[-1].append(item)
+    tokens: list[object] = []
+    for k, segment in enumerate(segments):
+        if not segment:
+            pos = seps[k] if k < len(seps) else seps[k - 1]
+            raise parser.fail(
+                pos,
+                "empty segment: a path segment cannot be empty.",
+                "Remove the extra '.', or use '**' for any number of segments "
+                "(e.g. 'blocks.**.weight').",
+            )
+        stars = [it for it in segment if isinstance(it, _DoubleStar)]
+        if stars and len(segment) > 1:
+            raise parser.fail(
+                stars[0].pos,
+                "'**' must be a whole segment.",
+                "Use '*' to match inside a segment (e.g. 'attn*'), or put '**' between dots "
+                "(e.g. 'blocks.**.bias').",
+            )
+        if stars:
+            if not tokens or tokens[-1] is not ANY_SEGMENTS:  # '**.**' is one '**'
+                tokens.append(ANY_SEGMENTS)
+        else:
+            tokens.append(_SegmentMatcher(tuple(segment)))
+    return tuple(tokens)
+
+
+# ----------------------------------------------------------------------------
+# Integer ranges as digit classes, e.g. {0..11} -> [0-9] | 1[0-1].
+
+
+def _same_width(a: str, b: str) -> list[list[tuple[str, str]]]:
+    """Digit-class sequences covering the equal-width decimals from `a` to `b`."""
+    if len(a) == 1:
+        return [[(a, b)]]
+    if a[0] == b[0]:
+        return [[(a[0], a[0]), *rest] for rest in _same_width(a[1:], b[1:])]
+    n = len(a) - 1
+    low_full, high_full = a[1:] == "0" * n, b[1:] == "9" * n
+    out = [] if low_full else [[(a[0], a[0]), *r] for r in _same_width(a[1:], "9" * n)]
+    first = a[0] if low_full else chr(ord(a[0]) + 1)
+    last = b[0] if high_full else chr(ord(b[0]) - 1)
+    if first <= last:
+        out.append([(first, last)] + [("0", "9")] * n)
+    if not high_full:
+        out += [[(b[0], b[0]), *r] for r in _same_width("0" * n, b[1:])]
+    return out
+
+
+def _range_sequences(lo: int, hi: int) -> list[list[tuple[str, str]]]:
+    out = []
+    for width in range(len(str(lo)), len(str(hi)) + 1):
+        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        b = min(hi, 10**width - 1)
+        out += _same_width(str(a), str(b))
+    return out
+
+
+def _range_regex(lo: int, hi: int) -> str:
+    def digit(r: tuple[str, str]) -> str:
+        return r[0] if r[0] == r[1] else f"[{r[0]}-{r[1]}]"
+
+    alts = []
+    for seq in _range_sequences(lo, hi):
+        parts = [digit(r) for r in seq]
+        text = ""
+        for p, g in itertools.groupby(parts):
+            count = len(list(g))
+            text += p if count == 1 else f"{p}{{{count}}}"
+        alts.append(text)
+    return "(?:" + "|".join(alts) + ")"
+
+
+# ----------------------------------------------------------------------------
+# One segment: a Thompson NFA over characters, memoised per segment text.
+
+
+class _SegmentMatcher:
+    """Matches one path segment against the items of one pattern segment."""
+
+    __slots__ = ("items", "literal", "_tests", "_next", "_eps", "_closure", "_accept", "_memo")
+
+    def __init__(self, items: tuple[object, ...]):
+        self.items = items
+        self.literal = (
+            "".join(it.char for it in items)  # type: ignore[attr-defined]
+            if all(isinstance(it, _Lit) for it in items)
+            else None
+        )
+        self._memo: dict[str, bool] = {}
+        if self.literal is None:
+            self._tests: list[object] = []
+            self._next: list[int] = []
+            self._eps: list[list[int]] = []
+            start = self._state(None)
+            self._accept = self._build(items, start)
+            self._closure = [self._close(s) for s in range(len(self._tests))]
+
+    def _state(self, test: object) -> int:
+        self._tests.append(test)
+        self._next.append(-1)
+        self._eps.append([])
+        return len(self._tests) - 1
+
+    def _consume(self, s: int, test: object) -> int:
+        c = self._state(test)
+        self._eps[s].append(c)
+        n = self._state(None)
+        self._next[c] = n
+        return n
+
+    def _build(self, items: tuple[object, ...], s: int) -> int:
+        for item in items:
+            if isinstance(item, _Lit):
+                s = self._consume(s, item.char)
+            elif item is _ANY1:
+                s = self._consume(s, True)
+            elif isinstance(item, _Class):
+                s = self._consume(s, re.compile(item.regex).fullmatch)
+            elif item is _STAR:
+                loop = self._state(True)
+                self._eps[s].append(loop)
+                self._next[loop] = s
+            elif isinstance(item, _Range):
+                options = tuple(
+                    tuple(_Class(f"[{a}-{b}]") for a, b in seq)
+                    for seq in _range_sequences(item.lo, item.hi)
+                )
+                s = self._alt(options, s)
+            elif isinstance(item, _Alt):
+                s = self._alt(item.options, s)
+            else:  # pragma: no cover - the parser produces nothing else
+                raise AssertionError(item)
+        return s
+
+    def _alt(self, options: tuple[tuple[object, ...], ...], s: int) -> int:
+        end = self._state(None)
+        for option in options:
+            branch = self._state(None)
+            self._eps[s].append(branch)
+            self._eps[self._build(option, branch)].append(end)
+        return end
+
+    def _close(self, s: int) -> frozenset[int]:
+        seen, stack = {s}, [s]
+        while stack:
+            for t in self._eps[stack.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return frozenset(seen)
+
+    def match(self, text: str) -> bool:
+        if self.literal is not None:
+            return text == self.literal
+        hit = self._memo.get(text)
+        if hit is None:
+            hit = self._run(text)
+            if len(self._memo) > 65536:  # bound memory on adversarial inputs
+                self._memo.clear()
+            self._memo[text] = hit
+        return hit
+
+    def _run(self, text: str) -> bool:
+        current = self._closure[0]
+        tests, nxt, closure = self._tests, self._next, self._closure
+        for ch in text:
+            following: set[int] = set()
+            for s in current:
+                test = tests[s]
+                if test is None:
+                    continue
+                if test is True or test == ch or (callable(test) and test(ch)):
+                    following |= closure[nxt[s]]
+            if not following:
+                return False
+            current = following
+        return self._accept in current
+
+    def regex(self) -> str:
+        return "".join(_item_regex(it) for it in self.items)
+
+
+def _item_regex(item: object) -> str:
+    if isinstance(item, _Lit):
+        return re.escape(item.char)
+    if item is _ANY1:
+        return "[^.]"
+    if item is _STAR:
+        return "[^.]*"
+    if isinstance(item, _Class):
+        return item.regex
+    if isinstance(item, _Range):
+        return _range_regex(item.lo, item.hi)
+    if isinstance(item, _Alt):
+        return "(?:" + "|".join("".join(_item_regex(i) for i in o) for o in item.options) + ")"
+    raise AssertionError(item)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------
+# A whole glob.
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGlob:
+    """A parsed glob: alternatives of segment tokens plus anchors."""
+
+    pattern: str
+    alternatives: tuple[tuple[object, ...], ...]
+    anchored_start: bool
+    anchored_end: bool
+    ignore_case: bool
+
+    def match(self, segments: tuple[str, ...]) -> bool:
+        """Whether the pattern matches a run of whole segments of `segments`."""
+        if self.ignore_case:
+            segments = tuple(s.casefold() for s in segments)
+        return any(self._match_one(tokens, segments) for tokens in self.alternatives)
+
+    def _match_one(self, tokens: tuple[object, ...], segments: tuple[str, ...]) -> bool:
+        m = len(tokens)
+        free_start, free_end = not self.anchored_start, not self.anchored_end
+
+        def close(states: set[int]) -> set[int]:
+            # `**` may match zero segments: reaching it also reaches the next token.
+            for k in sorted(states):
+                while k < m and tokens[k] is ANY_SEGMENTS:
+                    k += 1
+                    states.add(k)
+            return states
+
+        current = close({0})
+        if m in current and (free_end or not segments):
+            return True
+        for seg in segments:
+            following = {0} if free_start else set()
+            for k in current:
+                if k == m:
+                    continue
+                token = tokens[k]
+                if token is ANY_SEGMENTS:
+                    following.add(k)
+                elif token.match(seg):  # type: ignore[attr-defined]
+                    following.add(k + 1)
+            current = close(following)
+            if m in current and free_end:
+                return True
+            if not current:
+                return False
+        return m in current
+
+    def regex(self) -> str:
+        """An equivalent regex over the rendered path, for `re.fullmatch`."""
+        alts = []
+        for tokens in self.alternatives:
+            full = list(tokens)
+            if not self.anchored_start and full[0] is not ANY_SEGMENTS:
+                full.insert(0, ANY_SEGMENTS)
+            if not self.anchored_end and full[-1] is not ANY_SEGMENTS:
+                full.append(ANY_SEGMENTS)
+            text = ""
+            for k, token in enumerate(full):
+                if token is ANY_SEGMENTS:
+                    if len(full) == 1:
+                        text = r"(?:[^.]+(?:\.[^.]+)*)?"
+                    elif k == 0:
+                        text += r"(?:[^.]+\.)*"
+                    else:
+                        text += r"(?:\.[^.]+)*"
+                else:
+                    if k > 0 and not (k == 1 and full[0] is ANY_SEGMENTS):
+                        text += r"\."
+                    text += token.regex()  # type: ignore[attr-defined]
+            alts.append(text)
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return ("(?i)" if self.ignore_case else "") + body
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def compile_glob(pattern: str, ignore_case: bool = False) -> CompiledGlob:
+    """Parse and compile a glob once; later calls with the same arguments are cached."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"A glob pattern must be a str, got {type(pattern).__name__}: {pattern!r}.")
+    body, offset = pattern, 0
+    anchored_start = body.startswith("^")
+    if anchored_start:
+        body, offset = body[1:], 1
+    anchored_end = body.endswith("$") and not _escaped_at(body, len(body) - 1)
+    if anchored_end:
+        body = body[:-1]
+    if not body:
+        raise pattern_error(
+            pattern,
+            0,
+            "the pattern is empty.",
+            "Write a path glob such as '*.bias' or 'blocks.{0..5}'; use '**' to select every leaf.",
+        )
+    text = body.casefold() if ignore_case else body
+    parser = _Parser(pattern, text, offset)
+    items = parser.parse()
+    alternatives = tuple(_split_segments(alt, parser) for alt in _expand(items, pattern))
+    return CompiledGlob(pattern, alternatives, anchored_start, anchored_end, ignore_case)
+
+
+def _escaped_at(text: str, pos: int) -> bool:
+    backslashes = len(text[:pos]) - len(text[:pos].rstrip("\\"))
+    return backslashes % 2 == 1
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def compile_regex(pattern: str | re.Pattern[str], ignore_case: bool = False) -> re.Pattern[str]:
+    """Compile a regex pattern (the text after `re:`), wrapping `re.error` in `ValueError`."""
+    if isinstance(pattern, re.Pattern):
+        if ignore_case and not pattern.flags & re.IGNORECASE:
+            return re.compile(pattern.pattern, pattern.flags | re.IGNORECASE)
+        return pattern
+    try:
+        return re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    except re.error as exc:
+        pos = exc.pos or 0
+        raise pattern_error(
+            "re:" + pattern,
+            pos + 3,
+            f"invalid regular expression ({exc.msg}).",
+            "Fix the regex (it is matched with re.fullmatch against the whole dotted path), "
+            "or drop the 're:' prefix to write a glob.",
+        ) from exc
+
+
+def translate(pattern: str | re.Pattern[str], *, ignore_case: bool = False) -> str:
+    """Show the regex a pattern becomes, for `re.fullmatch` against a dotted path.
+
+    treeglob matches globs segment by segment, not with this regex; the regex
+    is the exact equivalent for paths whose keys need no quoting, and serves
+    to read and debug a pattern. `**`, the unanchored start (any parent
+    segments) and the unanchored end (any leaves below a matched node) all
+    become runs of whole segments. A `re:` pattern is returned as written.
+
+    Args:
+        pattern: a glob, a `re:`-prefixed regex string, or a compiled regex.
+        ignore_case: match case-insensitively.
+
+    Returns:
+        The regex source string.
+
+    Raises:
+        ValueError: the pattern is malformed.
+
+    Examples:
+        >>> import treeglob
+        >>> treeglob.translate("^head.weight$")
+        'head\\\\.weight'
+        >>> treeglob.translate("blocks.{0..11}$")
+        '(?:[^.]+\\\\.)*blocks\\\\.(?:[0-9]|1[0-1])'
+        >>> treeglob.translate("re:.*bias")
+        '.*bias'
+    """
+    if isinstance(pattern, re.Pattern):
+        return compile_regex(pattern, ignore_case).pattern
+    if isinstance(pattern, str) and pattern.startswith("re:"):
+        return compile_regex(pattern[3:], ignore_case).pattern
+    return compile_glob(pattern, ignore_case).regex()
+
