@@ -150,7 +150,8 @@ class _Parser:
             c = body[self.i]
             self.i += 1
             if c == '"':
-                return [_Lit(ch) for ch in chars]
+                # An empty quoted key still occupies its segment.
+                return [_Lit(ch) for ch in chars] or [_Lit("")]
             if c == "\\" and self.i < len(body):
                 c = body[self.i]
                 self.i += 1
@@ -381,7 +382,8 @@ class _SegmentMatcher:
     def _build(self, items: tuple[object, ...], s: int) -> int:
         for item in items:
             if isinstance(item, _Lit):
-                s = self._consume(s, item.char)
+                if item.char:
+                    s = self._consume(s, item.char)
             elif item is _ANY1:
                 s = self._consume(s, True)
             elif isinstance(item, _Class):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -422,7 +423,7 @@ class _DType(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         return np.fromiter(
-            (d is not None and any(np.issubdtype(d, k) for k in self.kinds) for d in ctx.view.dtypes),
+            (d is not None and any(jnp.issubdtype(d, k) for k in self.kinds) for d in ctx.view.dtypes),
             bool,
             len(ctx.view),
         )

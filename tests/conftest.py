@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Equinox Transformer and a mixed container tree."""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+
+class Block(eqx.Module):
+    ln1: eqx.nn.LayerNorm
+    attn: eqx.nn.MultiheadAttention
+    ln2: eqx.nn.LayerNorm
+    mlp: eqx.nn.MLP
+
+    def __init__(self, dim: int, *, key):
+        k1, k2 = jax.random.split(key)
+        self.ln1 = eqx.nn.LayerNorm(dim)
+        self.attn = eqx.nn.MultiheadAttention(2, dim, use_query_bias=True, key=k1)
+        self.ln2 = eqx.nn.LayerNorm(dim)
+        self.mlp = eqx.nn.MLP(dim, dim, 2 * dim, 1, key=k2)
+
+
+class Transformer(eqx.Module):
+    embed: eqx.nn.Embedding
+    blocks: list[Block]
+    ln_f: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, vocab: int = 11, dim: int = 4, depth: int = 2, *, key):
+        keys = jax.random.split(key, depth + 2)
+        self.embed = eqx.nn.Embedding(vocab, dim, key=keys[0])
+        self.blocks = [Block(dim, key=k) for k in keys[2:]]
+        self.ln_f = eqx.nn.LayerNorm(dim)
+        self.head = eqx.nn.Linear(dim, vocab, key=keys[1])
+
+
+class Pair(NamedTuple):
+    left: object
+    right: object
+
+
+@pytest.fixture
+def transformer():
+    return Transformer(key=jax.random.key(0))
+
+
+@pytest.fixture
+def params(transformer):
+    return eqx.filter(transformer, eqx.is_array)
+
+
+@pytest.fixture
+def mixed_tree():
+    return {
+        "layers": [{"w": np.zeros((3, 2)), "b": np.zeros(2)}, {"w": np.zeros((2, 2)), "b": np.zeros(2)}],
+        "norm": Pair(left=np.ones(2), right=None),
+        "meta": {"step": 3, "name": "run"},
+    }

@@ -1,0 +1,100 @@
+"""Paths (SPEC §1): rendering, quoting, Equinox specifics, the round-trip invariant."""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import treeglob as tg
+
+
+class Point(NamedTuple):
+    x: object
+    y: object
+
+
+@jtu.register_pytree_node_class
+class Node:
+    """A custom node registered without keys: children get FlattenedIndexKey."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def tree_flatten(self):
+        return (self.a, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@pytest.mark.parametrize(
+    "tree, expected",
+    [
+        ({"params": {"Dense_0": {"kernel": 0, "bias": 1}}}, ["params.Dense_0.bias", "params.Dense_0.kernel"]),
+        ([1, [2, 3]], ["0", "1.0", "1.1"]),
+        ((1, {"a": 2}), ["0", "1.a"]),
+        ({0: "x", 10: "y"}, ["0", "10"]),
+        ({"0": "x", "10": "y"}, ["0", "10"]),
+        (Point(1, Point(2, 3)), ["x", "y.x", "y.y"]),
+        ({"a": None, "b": 1}, ["b"]),
+        (Node(1, [2]), ["0", "1.0"]),
+        (jax.ShapeDtypeStruct((2,), jnp.float32), [""]),
+        ({"conv.1": 1, "": 2, "a b": 3, 'q"t': 4, "x*": 5, "back\\": 6},
+         ['""', '"a b"', '"back\\\\"', '"conv.1"', '"q\\"t"', '"x*"']),
+    ],
+)
+def test_paths(tree, expected):
+    assert tg.paths(tree) == expected
+
+
+def test_equinox_modules():
+    key = jax.random.key(0)
+    assert tg.paths(eqx.nn.MLP(2, 2, 3, 1, key=key)) == [
+        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "activation", "final_activation",
+    ]
+    seq = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=key), eqx.nn.Lambda(jax.nn.relu)])
+    assert tg.paths(seq) == ["layers.0.weight", "layers.0.bias", "layers.1.fn"]
+    assert tg.paths(eqx.nn.Conv2d(1, 2, 3, key=key)) == ["weight", "bias"]
+    assert tg.paths(eqx.filter(eqx.nn.MultiheadAttention(2, 4, key=key), eqx.is_array)) == [
+        "query_proj.weight", "key_proj.weight", "value_proj.weight", "output_proj.weight",
+    ]
+
+
+def test_batchnorm_state_has_index_only_paths():
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+    assert tg.paths(eqx.filter(bn, eqx.is_array)) == ["weight", "bias"]
+    assert tg.paths(state) == ["0", "1.0", "1.1"]
+
+
+def test_shared_keeps_the_tied_weight_once():
+    class Tied(eqx.Module):
+        shared: eqx.nn.Shared
+
+        def __init__(self, key):
+            emb, head = eqx.nn.Embedding(5, 3, key=key), eqx.nn.Linear(3, 5, key=key)
+            self.shared = eqx.nn.Shared((emb, head), lambda p: p[1].weight, lambda p: p[0].weight)
+
+    params = eqx.filter(Tied(jax.random.key(0)), eqx.is_array)
+    assert tg.paths(params) == ["shared.pytree.0.weight", "shared.pytree.1.bias"]
+
+
+def test_every_path_selects_exactly_its_leaf(transformer):
+    tree = {
+        "model": eqx.filter(transformer, eqx.is_array),
+        "weird": {"conv.1": 1, "": 2, "a b": [3, 4], 'q"t': 5, "{x}": 6, "^y$": 7, "b\\s": 8, "07": 9},
+    }
+    all_paths = tg.paths(tree)
+    assert len(set(all_paths)) == len(all_paths)
+    for p in all_paths:
+        selected = [q for q, m in zip(all_paths, jax.tree.leaves(tg.mask(tree, "^" + p + "$")), strict=True) if m]
+        assert selected == [p]
+
+
+def test_mixed_key_types_give_a_clear_error():
+    with pytest.raises(TypeError, match="mixes key types"):
+        tg.paths({1: "a", "b": 2})
