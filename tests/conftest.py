@@ -21,6 +21,11 @@ class Block(eqx.Module):
         self.ln2 = eqx.nn.LayerNorm(dim)
         self.mlp = eqx.nn.MLP(dim, dim, 2 * dim, 1, key=k2)
 
+    def __call__(self, x):
+        h = jax.vmap(self.ln1)(x)
+        x = x + self.attn(h, h, h)
+        return x + jax.vmap(self.mlp)(jax.vmap(self.ln2)(x))
+
 
 class Transformer(eqx.Module):
     embed: eqx.nn.Embedding
@@ -34,6 +39,12 @@ class Transformer(eqx.Module):
         self.blocks = [Block(dim, key=k) for k in keys[2:]]
         self.ln_f = eqx.nn.LayerNorm(dim)
         self.head = eqx.nn.Linear(dim, vocab, key=keys[1])
+
+    def __call__(self, tokens):
+        x = jax.vmap(self.embed)(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return jax.vmap(lambda t: self.head(self.ln_f(t)))(x)
 
 
 class Pair(NamedTuple):
