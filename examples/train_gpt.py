@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pydoc_data.topics
 import time
 
 import equinox as eqx
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pydoc_data.topics
 
 import treeglob as tg
 
@@ -82,7 +82,9 @@ def corpus() -> str:
     return "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
 
-def main(steps: int = 300, batch: int = 16, context: int = 64, seed: int = 0, log_every: int = 50) -> list[float]:
+def main(
+    steps: int = 300, batch: int = 16, context: int = 64, seed: int = 0, log_every: int = 50
+) -> list[float]:
     text = corpus()
     chars = sorted(set(text))
     data = np.array([chars.index(c) for c in text[:200_000]], np.int32)
@@ -127,7 +129,9 @@ def main(steps: int = 300, batch: int = 16, context: int = 64, seed: int = 0, lo
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,10 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 def test_train_gpt_prints_the_report_and_the_loss_falls():
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_gpt.py"), "--steps", "60"],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     out = result.stdout
     assert "blocks.1.attn.query_proj.weight" in out and "no_decay" in out

@@ -24,13 +24,17 @@ def hand_written_decay_mask(params):
             return jtu.tree_map(lambda _: False, x)
         return jtu.tree_map(lambda _: True, x)
 
-    return jtu.tree_map(set_mask, params, is_leaf=lambda x: isinstance(x, eqx.nn.Linear | eqx.nn.LayerNorm | eqx.nn.Embedding))
+    return jtu.tree_map(
+        set_mask, params, is_leaf=lambda x: isinstance(x, eqx.nn.Linear | eqx.nn.LayerNorm | eqx.nn.Embedding)
+    )
 
 
 def grads_like(params, seed):
     leaves, treedef = jtu.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jtu.tree_unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+    return jtu.tree_unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    )
 
 
 def run(tx, params, steps=3):
@@ -73,7 +77,11 @@ def test_masked_adamw_equals_optax_with_a_hand_mask(params):
 
 
 def test_multi_transform_equals_partition_with_hand_labels(params):
-    transforms = {"decay": optax.adamw(1e-2, weight_decay=0.1), "no_decay": optax.adam(1e-2), "frozen": optax.set_to_zero()}
+    transforms = {
+        "decay": optax.adamw(1e-2, weight_decay=0.1),
+        "no_decay": optax.adam(1e-2),
+        "frozen": optax.set_to_zero(),
+    }
     rules = [("embed", "frozen"), (NO_DECAY, "no_decay")]
     ours = tg.multi_transform(transforms, rules, default="decay")
     hand = jtu.tree_map(lambda d: "decay" if d else "no_decay", hand_written_decay_mask(params))
@@ -112,7 +120,9 @@ def test_nested_inside_other_combinators(params):
 
 def test_inject_hyperparams_with_a_static_mask(params):
     m = tg.mask(params, ~NO_DECAY)
-    tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(learning_rate=1e-2, weight_decay=0.1, mask=m)
+    tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=1e-2, weight_decay=0.1, mask=m
+    )
     reference = optax.adamw(1e-2, weight_decay=0.1, mask=m)
     assert_trees_close(run(tx, params)[0], run(reference, params)[0])
 
@@ -129,11 +139,24 @@ def test_identical_jaxpr_to_a_hand_written_mask(params):
 @pytest.mark.parametrize(
     "transforms, rules, default, message",
     [
-        ({"decay": optax.sgd(1.0)}, [("*.bias", "no_decay")], "decay", r"labels with no transform: \['no_decay'\]"),
-        ({"decay": optax.sgd(1.0), "no_decay": optax.sgd(1.0), "frozen": optax.sgd(0.0)},
-         [("*.bias", "no_decay")], "decay", r"transforms no rule or default produces: \['frozen'\]"),
-        ({"decay": optax.sgd(1.0), "no_decy": optax.sgd(1.0)},
-         [("*.bias", "no_decay")], "decay", r"(?s)labels with no transform: \['no_decay'\].*produces: \['no_decy'\]"),
+        (
+            {"decay": optax.sgd(1.0)},
+            [("*.bias", "no_decay")],
+            "decay",
+            r"labels with no transform: \['no_decay'\]",
+        ),
+        (
+            {"decay": optax.sgd(1.0), "no_decay": optax.sgd(1.0), "frozen": optax.sgd(0.0)},
+            [("*.bias", "no_decay")],
+            "decay",
+            r"transforms no rule or default produces: \['frozen'\]",
+        ),
+        (
+            {"decay": optax.sgd(1.0), "no_decy": optax.sgd(1.0)},
+            [("*.bias", "no_decay")],
+            "decay",
+            r"(?s)labels with no transform: \['no_decay'\].*produces: \['no_decy'\]",
+        ),
     ],
 )
 def test_transforms_and_labels_must_agree(transforms, rules, default, message):

@@ -6,7 +6,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 import pytest
 
 import treeglob as tg
@@ -44,8 +43,10 @@ class Node:
         ({"a": None, "b": 1}, ["b"]),
         (Node(1, [2]), ["0", "1.0"]),
         (jax.ShapeDtypeStruct((2,), jnp.float32), [""]),
-        ({"conv.1": 1, "": 2, "a b": 3, 'q"t': 4, "x*": 5, "back\\": 6},
-         ['""', '"a b"', '"back\\\\"', '"conv.1"', '"q\\"t"', '"x*"']),
+        (
+            {"conv.1": 1, "": 2, "a b": 3, 'q"t': 4, "x*": 5, "back\\": 6},
+            ['""', '"a b"', '"back\\\\"', '"conv.1"', '"q\\"t"', '"x*"'],
+        ),
     ],
 )
 def test_paths(tree, expected):
@@ -55,13 +56,21 @@ def test_paths(tree, expected):
 def test_equinox_modules():
     key = jax.random.key(0)
     assert tg.paths(eqx.nn.MLP(2, 2, 3, 1, key=key)) == [
-        "layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "activation", "final_activation",
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+        "activation",
+        "final_activation",
     ]
     seq = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=key), eqx.nn.Lambda(jax.nn.relu)])
     assert tg.paths(seq) == ["layers.0.weight", "layers.0.bias", "layers.1.fn"]
     assert tg.paths(eqx.nn.Conv2d(1, 2, 3, key=key)) == ["weight", "bias"]
     assert tg.paths(eqx.filter(eqx.nn.MultiheadAttention(2, 4, key=key), eqx.is_array)) == [
-        "query_proj.weight", "key_proj.weight", "value_proj.weight", "output_proj.weight",
+        "query_proj.weight",
+        "key_proj.weight",
+        "value_proj.weight",
+        "output_proj.weight",
     ]
 
 
@@ -91,7 +100,9 @@ def test_every_path_selects_exactly_its_leaf(transformer):
     all_paths = tg.paths(tree)
     assert len(set(all_paths)) == len(all_paths)
     for p in all_paths:
-        selected = [q for q, m in zip(all_paths, jax.tree.leaves(tg.mask(tree, "^" + p + "$")), strict=True) if m]
+        selected = [
+            q for q, m in zip(all_paths, jax.tree.leaves(tg.mask(tree, "^" + p + "$")), strict=True) if m
+        ]
         assert selected == [p]
 
 

@@ -32,9 +32,12 @@ def test_labels_partition_the_tree(params):
     flat = dict(zip(tg.paths(params), jax.tree.leaves(got), strict=True))
     for path, label in flat.items():
         expected = (
-            "a" if path.startswith("blocks.0.")
-            else "b" if path.startswith("blocks.")
-            else "c" if path.startswith("head.")
+            "a"
+            if path.startswith("blocks.0.")
+            else "b"
+            if path.startswith("blocks.")
+            else "c"
+            if path.startswith("head.")
             else "d"
         )
         assert label == expected, path
@@ -45,7 +48,9 @@ def test_labels_partition_the_tree(params):
 
 def test_labels_of_any_leaf_type(params):
     specs = tg.labels(params, [("*.weight" & (tg.ndim == 2), P(None, "model"))], default=P())
-    flat = dict(zip(tg.paths(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)), strict=True))
+    flat = dict(
+        zip(tg.paths(params), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)), strict=True)
+    )
     assert flat["head.weight"] == P(None, "model")
     assert flat["head.bias"] == P()
     scales = tg.labels(params, [("blocks.0", 0.5), ("blocks.1", 0.75)], default=1.0)
@@ -61,31 +66,45 @@ def test_label_must_be_a_leaf(bad):
 
 
 def test_uncovered_leaves_are_listed(transformer):
-    with pytest.raises(ValueError, match=r"(?s)8 of 39 leaves match no rule.*blocks\.0\.attn\.dropout\.p.*"
-                                         r"eqx\.filter\(model, eqx\.is_array\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)8 of 39 leaves match no rule.*blocks\.0\.attn\.dropout\.p.*"
+        r"eqx\.filter\(model, eqx\.is_array\)",
+    ):
         tg.labels(transformer, WD_RULES)
 
 
 def test_rule_matching_nothing_is_an_error_with_suggestions(params):
-    with pytest.raises(tg.NoMatchError, match=r"(?s)The selector of rule 0 \(label 'no_decay'\) glob\('\*\.bais'\) "
-                                              r"matches no leaf.*Close matches in the tree: bias\."):
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"(?s)The selector of rule 0 \(label 'no_decay'\) glob\('\*\.bais'\) "
+        r"matches no leaf.*Close matches in the tree: bias\.",
+    ):
         tg.labels(params, [("*.bais", "no_decay")], default="decay")
     assert issubclass(tg.NoMatchError, ValueError)
 
 
 def test_negated_operand_matching_nothing_is_an_error(params):
-    with pytest.raises(tg.NoMatchError, match=r"(?s)In rule 0 \(label 'decay'\), the right side of '-' "
-                                              r"glob\('wtee'\) matches no leaf"):
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"(?s)In rule 0 \(label 'decay'\), the right side of '-' "
+        r"glob\('wtee'\) matches no leaf",
+    ):
         tg.labels(params, [((tg.ndim >= 2) - "wtee", "decay")], default="no")
-    with pytest.raises(tg.NoMatchError, match=r"The negated selector glob\('embedd'\) matches no leaf.*\n"
-                                              r"Close matches in the tree: embed\."):
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"The negated selector glob\('embedd'\) matches no leaf.*\n"
+        r"Close matches in the tree: embed\.",
+    ):
         tg.mask(params, ~tg.glob("embedd"))
 
 
 def test_any_of_parts_may_match_nothing_unless_asked(params):
     shared_exclusions = tg.any_of("*.bias", "pos_embed", "cls_token")
     assert "no_decay" in jax.tree.leaves(tg.labels(params, [(shared_exclusions, "no_decay")], default="d"))
-    with pytest.raises(tg.NoMatchError, match=r"A part of any_of\(..., require_each=True\) glob\('pos_embed'\)"):
+    with pytest.raises(
+        tg.NoMatchError, match=r"A part of any_of\(..., require_each=True\) glob\('pos_embed'\)"
+    ):
         tg.mask(params, tg.any_of("*.bias", "pos_embed", require_each=True))
 
 
@@ -98,7 +117,9 @@ def test_optional_rules_and_the_per_call_opt_out(params):
 
 
 def test_swapped_rule_pair_gets_a_hint(params):
-    with pytest.raises(tg.NoMatchError, match=r"Its label '\*\.bias' does match paths: rules are \(selector, label\)"):
+    with pytest.raises(
+        tg.NoMatchError, match=r"Its label '\*\.bias' does match paths: rules are \(selector, label\)"
+    ):
         tg.labels(params, [("no_decay", "*.bias")], default="decay")
 
 
@@ -129,14 +150,22 @@ def test_explain_report(params):
     for path in tg.paths(params):
         assert path in text
     assert "(shadowed: earlier rules take all its leaves)" in text
-    assert report.summary == {"no_decay": {"leaves": 18, "elements": 127},
-                              "decay": {"leaves": 13, "elements": 300}}
+    assert report.summary == {
+        "no_decay": {"leaves": 18, "elements": 127},
+        "decay": {"leaves": 13, "elements": 300},
+    }
     row = next(r for r in report.rows if r.path == "head.weight")
     assert (row.shape, row.dtype, row.size, row.label, row.rule) == ((11, 4), "float32", 44, "decay", 1)
     data = report.to_dict()
     assert set(data) == {"leaves", "rules", "summary"}
-    assert data["rules"][2] == {"index": 2, "label": "never", "selector": "glob('head')", "matched": 2,
-                                "decided": 0, "shadowed": True}
+    assert data["rules"][2] == {
+        "index": 2,
+        "label": "never",
+        "selector": "glob('head')",
+        "matched": 2,
+        "decided": 0,
+        "shadowed": True,
+    }
     header = text.splitlines()[0]
     assert header.split() == ["path", "shape", "dtype", "size", "label", "rule"]
 

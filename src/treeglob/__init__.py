@@ -2,27 +2,24 @@
 
 import importlib.metadata
 
-from ._errors import NoMatchError as NoMatchError, ShadowedRuleWarning as ShadowedRuleWarning
-from ._optax import masked as masked, multi_transform as multi_transform
-from ._paths import paths as paths
-from ._pattern import translate as translate
-from ._report import Explanation as Explanation
-from ._rules import explain as explain, labels as labels, mask as mask
-from ._selector import (
-    Selector as Selector,
-    all_of as all_of,
-    any_of as any_of,
+from ._conditions import (
     dtype as dtype,
     glob as glob,
     inside as inside,
     ndim as ndim,
-    optional as optional,
     owned_by as owned_by,
     regex as regex,
     shape as shape,
     size as size,
     where as where,
 )
+from ._errors import NoMatchError as NoMatchError, ShadowedRuleWarning as ShadowedRuleWarning
+from ._optax import masked as masked, multi_transform as multi_transform
+from ._paths import paths as paths
+from ._pattern import translate as translate
+from ._report import Explanation as Explanation
+from ._rules import explain as explain, labels as labels, mask as mask
+from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
 
 __version__ = importlib.metadata.version("treeglob")
 

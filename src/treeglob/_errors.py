@@ -30,10 +30,7 @@ def pattern_error(pattern: str, pos: int, problem: str, fix: str) -> ValueError:
     # +1 for the opening quote of repr; escapes before `pos` shift the caret too.
     caret = len(repr(pattern[:pos])) - 1
     return ValueError(
-        f"Invalid pattern {shown} at position {pos}: {problem}\n"
-        f"    {shown}\n"
-        f"    {' ' * caret}^\n"
-        f"{fix}"
+        f"Invalid pattern {shown} at position {pos}: {problem}\n    {shown}\n    {' ' * caret}^\n{fix}"
     )
 
 

@@ -22,7 +22,9 @@ from ._selector import coerce
 __all__ = ["masked", "multi_transform"]
 
 
-def masked(inner: optax.GradientTransformation, selector: Any, *, strict: bool = True) -> optax.GradientTransformation:
+def masked(
+    inner: optax.GradientTransformation, selector: Any, *, strict: bool = True
+) -> optax.GradientTransformation:
     """Apply `inner` only to the leaves `selector` selects (`optax.masked`).
 
     The mask is computed from the params given to `init` and from the
@@ -85,7 +87,9 @@ def multi_transform(
         {'emb': [0.0, 0.0], 'w': [-0.5, -0.5]}
     """
     if not isinstance(transforms, Mapping):
-        raise TypeError(f"transforms must be a dict {{label: transformation}}, got {type(transforms).__name__}.")
+        raise TypeError(
+            f"transforms must be a dict {{label: transformation}}, got {type(transforms).__name__}."
+        )
     normalized = normalize_rules(rules)
     produced = [r.label for r in normalized]
     if default is not MISSING:

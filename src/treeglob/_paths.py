@@ -93,7 +93,9 @@ class TreeView:
 
     @functools.cached_property
     def dtypes(self) -> list[Any]:
-        return [leaf.dtype if s is not None else None for leaf, s in zip(self.leaves, self.shapes, strict=True)]
+        return [
+            leaf.dtype if s is not None else None for leaf, s in zip(self.leaves, self.shapes, strict=True)
+        ]
 
     @functools.cached_property
     def ndims(self) -> list[int | None]:

@@ -23,60 +23,12 @@ import re
 from dataclasses import dataclass
 
 from ._errors import pattern_error
+from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Class, DoubleStar, Lit, Range, SegmentMatcher, Sep
 
 __all__ = ["MAX_ALTERNATIVES", "CompiledGlob", "compile_glob", "compile_regex", "translate"]
 
 #: Upper bound on the alternatives that braces spanning segments may expand to.
 MAX_ALTERNATIVES = 256
-
-
-# ----------------------------------------------------------------------------
-# Parsed form. A segment is a tuple of items; these are the item kinds.
-
-
-@dataclass(frozen=True, slots=True)
-class _Lit:
-    char: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Class:
-    regex: str  # a one-character regex class, e.g. "[a-z]"
-
-
-@dataclass(frozen=True, slots=True)
-class _Alt:
-    options: tuple[tuple[object, ...], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Range:
-    lo: int
-    hi: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Sep:
-    pos: int
-
-
-@dataclass(frozen=True, slots=True)
-class _DoubleStar:
-    pos: int
-
-
-class _Marker:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-_STAR = _Marker("*")
-_ANY1 = _Marker("?")
-#: The segment token for `**`: zero or more whole segments.
-ANY_SEGMENTS = _Marker("**")
 
 
 class _Parser:
@@ -116,12 +68,12 @@ class _Parser:
                         "the pattern ends with a lone '\\'.",
                         "Remove it, or write '\\\\' to match a backslash.",
                     )
-                items.append(_Lit(body[self.i]))
+                items.append(Lit(body[self.i]))
                 self.i += 1
             elif c == '"':
                 items.extend(self.quoted(start))
             elif c == ".":
-                items.append(_Sep(start))
+                items.append(Sep(start))
             elif c == "*":
                 if body.startswith("*", self.i):
                     if body.startswith("*", self.i + 1):
@@ -131,38 +83,38 @@ class _Parser:
                             "Use '*' inside a segment or '**' as a whole segment.",
                         )
                     self.i += 1
-                    items.append(_DoubleStar(start))
+                    items.append(DoubleStar(start))
                 else:
-                    items.append(_STAR)
+                    items.append(STAR)
             elif c == "?":
-                items.append(_ANY1)
+                items.append(ANY1)
             elif c == "[":
                 items.append(self.char_class(start))
             elif c == "{":
                 items.append(self.braces(start))
             else:
-                items.append(_Lit(c))
+                items.append(Lit(c))
         return items
 
-    def quoted(self, start: int) -> list[_Lit]:
+    def quoted(self, start: int) -> list[Lit]:
         body, chars = self.body, []
         while self.i < len(body):
             c = body[self.i]
             self.i += 1
             if c == '"':
                 # An empty quoted key still occupies its segment.
-                return [_Lit(ch) for ch in chars] or [_Lit("")]
+                return [Lit(ch) for ch in chars] or [Lit("")]
             if c == "\\" and self.i < len(body):
                 c = body[self.i]
                 self.i += 1
             chars.append(c)
         raise self.fail(
             start,
-            'unterminated quoted segment.',
+            "unterminated quoted segment.",
             'Close the quote: a quoted segment such as "conv.1" matches a key literally.',
         )
 
-    def char_class(self, start: int) -> _Class:
+    def char_class(self, start: int) -> Class:
         body = self.body
         j = self.i
         if body.startswith("^", j):
@@ -194,9 +146,9 @@ class _Parser:
                 )
         self.i = end + 1
         escaped = "".join("\\" + ch if ch in "\\^[]" else ch for ch in members)
-        return _Class("[" + ("^" if negate else "") + escaped + "]")
+        return Class("[" + ("^" if negate else "") + escaped + "]")
 
-    def braces(self, start: int) -> _Alt | _Range:
+    def braces(self, start: int) -> Alt | Range:
         body = self.body
         m = re.compile(r"(\d+)\.\.(\d+)\}").match(body, self.i)
         if m:
@@ -208,7 +160,7 @@ class _Parser:
                     f"Write the smaller bound first: {{{hi}..{lo}}}.",
                 )
             self.i = m.end()
-            return _Range(lo, hi)
+            return Range(lo, hi)
         options = [self.sequence(in_braces=True)]
         while self.i < len(body) and body[self.i] == ",":
             self.i += 1
@@ -228,14 +180,14 @@ class _Parser:
                 else "List two or more alternatives, e.g. '{qkv,proj}', or escape the braces as '\\{' and '\\}'."
             )
             raise self.fail(start, f"the brace group '{{{content}}}' has a single alternative.", hint)
-        return _Alt(tuple(tuple(o) for o in options))
+        return Alt(tuple(tuple(o) for o in options))
 
 
 def _spans_segments(items: tuple[object, ...] | list[object]) -> bool:
     for item in items:
-        if isinstance(item, _Sep | _DoubleStar):
+        if isinstance(item, Sep | DoubleStar):
             return True
-        if isinstance(item, _Alt) and any(_spans_segments(o) for o in item.options):
+        if isinstance(item, Alt) and any(_spans_segments(o) for o in item.options):
             return True
     return False
 
@@ -244,7 +196,7 @@ def _expand(items: list[object], pattern: str) -> list[list[object]]:
     """Expand the brace groups that span segments into whole alternatives."""
     results: list[list[object]] = [[]]
     for item in items:
-        if isinstance(item, _Alt) and _spans_segments([item]):
+        if isinstance(item, Alt) and _spans_segments([item]):
             choices = [alt for option in item.options for alt in _expand(list(option), pattern)]
             results = [r + c for r, c in itertools.product(results, choices)]
         else:
@@ -264,7 +216,7 @@ def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
     segments: list[list[object]] = [[]]
     seps: list[int] = []
     for item in items:
-        if isinstance(item, _Sep):
+        if isinstance(item, Sep):
             segments.append([])
             seps.append(item.pos)
         else:
@@ -276,10 +228,9 @@ def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
             raise parser.fail(
                 pos,
                 "empty segment: a path segment cannot be empty.",
-                "Remove the extra '.', or use '**' for any number of segments "
-                "(e.g. 'blocks.**.weight').",
+                "Remove the extra '.', or use '**' for any number of segments (e.g. 'blocks.**.weight').",
             )
-        stars = [it for it in segment if isinstance(it, _DoubleStar)]
+        stars = [it for it in segment if isinstance(it, DoubleStar)]
         if stars and len(segment) > 1:
             raise parser.fail(
                 stars[0].pos,
@@ -291,181 +242,8 @@ def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
             if not tokens or tokens[-1] is not ANY_SEGMENTS:  # '**.**' is one '**'
                 tokens.append(ANY_SEGMENTS)
         else:
-            tokens.append(_SegmentMatcher(tuple(segment)))
+            tokens.append(SegmentMatcher(tuple(segment)))
     return tuple(tokens)
-
-
-# ----------------------------------------------------------------------------
-# Integer ranges as digit classes, e.g. {0..11} -> [0-9] | 1[0-1].
-
-
-def _same_width(a: str, b: str) -> list[list[tuple[str, str]]]:
-    """Digit-class sequences covering the equal-width decimals from `a` to `b`."""
-    if len(a) == 1:
-        return [[(a, b)]]
-    if a[0] == b[0]:
-        return [[(a[0], a[0]), *rest] for rest in _same_width(a[1:], b[1:])]
-    n = len(a) - 1
-    low_full, high_full = a[1:] == "0" * n, b[1:] == "9" * n
-    out = [] if low_full else [[(a[0], a[0]), *r] for r in _same_width(a[1:], "9" * n)]
-    first = a[0] if low_full else chr(ord(a[0]) + 1)
-    last = b[0] if high_full else chr(ord(b[0]) - 1)
-    if first <= last:
-        out.append([(first, last)] + [("0", "9")] * n)
-    if not high_full:
-        out += [[(b[0], b[0]), *r] for r in _same_width("0" * n, b[1:])]
-    return out
-
-
-def _range_sequences(lo: int, hi: int) -> list[list[tuple[str, str]]]:
-    out = []
-    for width in range(len(str(lo)), len(str(hi)) + 1):
-        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
-        b = min(hi, 10**width - 1)
-        out += _same_width(str(a), str(b))
-    return out
-
-
-def _range_regex(lo: int, hi: int) -> str:
-    def digit(r: tuple[str, str]) -> str:
-        return r[0] if r[0] == r[1] else f"[{r[0]}-{r[1]}]"
-
-    alts = []
-    for seq in _range_sequences(lo, hi):
-        parts = [digit(r) for r in seq]
-        text = ""
-        for p, g in itertools.groupby(parts):
-            count = len(list(g))
-            text += p if count == 1 else f"{p}{{{count}}}"
-        alts.append(text)
-    return "(?:" + "|".join(alts) + ")"
-
-
-# ----------------------------------------------------------------------------
-# One segment: a Thompson NFA over characters, memoised per segment text.
-
-
-class _SegmentMatcher:
-    """Matches one path segment against the items of one pattern segment."""
-
-    __slots__ = ("items", "literal", "_tests", "_next", "_eps", "_closure", "_accept", "_memo")
-
-    def __init__(self, items: tuple[object, ...]):
-        self.items = items
-        self.literal = (
-            "".join(it.char for it in items)  # type: ignore[attr-defined]
-            if all(isinstance(it, _Lit) for it in items)
-            else None
-        )
-        self._memo: dict[str, bool] = {}
-        if self.literal is None:
-            self._tests: list[object] = []
-            self._next: list[int] = []
-            self._eps: list[list[int]] = []
-            start = self._state(None)
-            self._accept = self._build(items, start)
-            self._closure = [self._close(s) for s in range(len(self._tests))]
-
-    def _state(self, test: object) -> int:
-        self._tests.append(test)
-        self._next.append(-1)
-        self._eps.append([])
-        return len(self._tests) - 1
-
-    def _consume(self, s: int, test: object) -> int:
-        c = self._state(test)
-        self._eps[s].append(c)
-        n = self._state(None)
-        self._next[c] = n
-        return n
-
-    def _build(self, items: tuple[object, ...], s: int) -> int:
-        for item in items:
-            if isinstance(item, _Lit):
-                if item.char:
-                    s = self._consume(s, item.char)
-            elif item is _ANY1:
-                s = self._consume(s, True)
-            elif isinstance(item, _Class):
-                s = self._consume(s, re.compile(item.regex).fullmatch)
-            elif item is _STAR:
-                loop = self._state(True)
-                self._eps[s].append(loop)
-                self._next[loop] = s
-            elif isinstance(item, _Range):
-                options = tuple(
-                    tuple(_Class(f"[{a}-{b}]") for a, b in seq)
-                    for seq in _range_sequences(item.lo, item.hi)
-                )
-                s = self._alt(options, s)
-            elif isinstance(item, _Alt):
-                s = self._alt(item.options, s)
-            else:  # pragma: no cover - the parser produces nothing else
-                raise AssertionError(item)
-        return s
-
-    def _alt(self, options: tuple[tuple[object, ...], ...], s: int) -> int:
-        end = self._state(None)
-        for option in options:
-            branch = self._state(None)
-            self._eps[s].append(branch)
-            self._eps[self._build(option, branch)].append(end)
-        return end
-
-    def _close(self, s: int) -> frozenset[int]:
-        seen, stack = {s}, [s]
-        while stack:
-            for t in self._eps[stack.pop()]:
-                if t not in seen:
-                    seen.add(t)
-                    stack.append(t)
-        return frozenset(seen)
-
-    def match(self, text: str) -> bool:
-        if self.literal is not None:
-            return text == self.literal
-        hit = self._memo.get(text)
-        if hit is None:
-            hit = self._run(text)
-            if len(self._memo) > 65536:  # bound memory on adversarial inputs
-                self._memo.clear()
-            self._memo[text] = hit
-        return hit
-
-    def _run(self, text: str) -> bool:
-        current = self._closure[0]
-        tests, nxt, closure = self._tests, self._next, self._closure
-        for ch in text:
-            following: set[int] = set()
-            for s in current:
-                test = tests[s]
-                if test is None:
-                    continue
-                if test is True or test == ch or (callable(test) and test(ch)):
-                    following |= closure[nxt[s]]
-            if not following:
-                return False
-            current = following
-        return self._accept in current
-
-    def regex(self) -> str:
-        return "".join(_item_regex(it) for it in self.items)
-
-
-def _item_regex(item: object) -> str:
-    if isinstance(item, _Lit):
-        return re.escape(item.char)
-    if item is _ANY1:
-        return "[^.]"
-    if item is _STAR:
-        return "[^.]*"
-    if isinstance(item, _Class):
-        return item.regex
-    if isinstance(item, _Range):
-        return _range_regex(item.lo, item.hi)
-    if isinstance(item, _Alt):
-        return "(?:" + "|".join("".join(_item_regex(i) for i in o) for o in item.options) + ")"
-    raise AssertionError(item)  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------
@@ -631,4 +409,3 @@ def translate(pattern: str | re.Pattern[str], *, ignore_case: bool = False) -> s
     if isinstance(pattern, str) and pattern.startswith("re:"):
         return compile_regex(pattern[3:], ignore_case).pattern
     return compile_glob(pattern, ignore_case).regex()
-

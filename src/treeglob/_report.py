@@ -46,7 +46,9 @@ class Explanation:
     summary: dict[Any, dict[str, int]]  # label -> {"leaves": n, "elements": n}
 
     @classmethod
-    def build(cls, view: TreeView, deciders: list[Rule | None], default: Any, rules: list[RuleRow]) -> Explanation:
+    def build(
+        cls, view: TreeView, deciders: list[Rule | None], default: Any, rules: list[RuleRow]
+    ) -> Explanation:
         rows = []
         for path, shape, dtype, size, rule in zip(
             view.paths, view.shapes, view.dtypes, view.sizes, deciders, strict=True
@@ -105,7 +107,9 @@ class Explanation:
         total = sum(v["elements"] for v in self.summary.values()) or 1
         summary = [("label", "leaves", "elements", "share")]
         for label, v in self.summary.items():
-            summary.append((str(label), str(v["leaves"]), str(v["elements"]), f"{100 * v['elements'] / total:.1f}%"))
+            summary.append(
+                (str(label), str(v["leaves"]), str(v["elements"]), f"{100 * v['elements'] / total:.1f}%")
+            )
         return "\n".join(lines + [""] + _align(summary, right={1, 2, 3}))
 
 
@@ -113,6 +117,8 @@ def _align(table: list[tuple[str, ...]], right: set[int]) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = []
     for row in table:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
     return lines

@@ -1,0 +1,448 @@
+"""The leaf conditions: path patterns, layer types, array metadata, predicates.
+
+Each condition evaluates on a whole `TreeView` into one NumPy bool per leaf,
+reading static metadata only (paths, node types, shapes, dtypes), never
+array values.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._context import Context
+from ._pattern import CompiledGlob, compile_glob, compile_regex
+from ._selector import _BOOL_MESSAGE, Selector
+
+__all__ = ["dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
+
+
+# ----------------------------------------------------------------------------
+# Paths
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Glob(Selector):
+    compiled: CompiledGlob
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        match = self.compiled.match
+        return np.fromiter((match(s) for s in ctx.view.segments), bool, len(ctx.view))
+
+    def _patterns(self) -> list[str]:
+        return [self.compiled.pattern]
+
+    def __repr__(self) -> str:
+        flag = ", ignore_case=True" if self.compiled.ignore_case else ""
+        return f"glob({self.compiled.pattern!r}{flag})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Regex(Selector):
+    compiled: re.Pattern[str]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        match = self.compiled.fullmatch
+        return np.fromiter((match(p) is not None for p in ctx.view.paths), bool, len(ctx.view))
+
+    def _patterns(self) -> list[str]:
+        return [self.compiled.pattern]
+
+    def __repr__(self) -> str:
+        return f"regex({self.compiled.pattern!r})"
+
+
+def glob(pattern: str, *, ignore_case: bool = False) -> Selector:
+    """Select leaves by a glob over path segments (SPEC §2).
+
+    `*` matches within one segment, `?` one character, `[a-z]` / `[!a-z]`
+    a class, `{qkv,proj}` alternatives (which may span segments),
+    `{0..11}` a decimal integer range, `**` any number of whole segments,
+    `"conv.1"` one key literally. The pattern matches a leaf when it matches
+    some run of consecutive whole segments of its path, so matching a node
+    selects every leaf under it; `^` anchors at the root, `$` at the leaf.
+
+    Args:
+        pattern: the glob.
+        ignore_case: match case-insensitively.
+
+    Raises:
+        ValueError: the pattern is malformed (the message shows where).
+
+    Examples:
+        >>> import treeglob
+        >>> tree = {"blocks": [{"w": 1, "b": 2}] * 3, "head": {"w": 3}}
+        >>> treeglob.mask(tree, treeglob.glob("blocks.{1..2}.w"))
+        {'blocks': [{'b': False, 'w': False}, {'b': False, 'w': True}, {'b': False, 'w': True}], 'head': {'w': False}}
+    """
+    return _Glob(compile_glob(pattern, ignore_case))
+
+
+def regex(pattern: str | re.Pattern[str], *, ignore_case: bool = False) -> Selector:
+    """Select leaves whose whole rendered path matches a regex (`re.fullmatch`).
+
+    A regex gets no subtree semantics: `regex("head")` does not select
+    `head.weight`. A `re:` prefix on a string is accepted and removed.
+
+    Examples:
+        >>> import treeglob
+        >>> tree = {"head": {"weight": 1, "bias": 2}}
+        >>> treeglob.mask(tree, treeglob.regex(r"head\\.(weight|kernel)"))
+        {'head': {'bias': False, 'weight': True}}
+    """
+    if isinstance(pattern, str) and pattern.startswith("re:"):
+        pattern = pattern[3:]
+    if not isinstance(pattern, str | re.Pattern):
+        raise TypeError(f"regex() takes a str or re.Pattern, got {type(pattern).__name__}: {pattern!r}.")
+    return _Regex(compile_regex(pattern, ignore_case))
+
+
+# ----------------------------------------------------------------------------
+# Layer types
+
+
+def _check_classes(classes: tuple[Any, ...], name: str) -> tuple[type, ...]:
+    flat: list[type] = []
+    for c in classes:
+        if isinstance(c, types.UnionType):
+            flat.extend(c.__args__)
+        elif isinstance(c, type):
+            flat.append(c)
+        else:
+            raise TypeError(f"{name}() takes classes, got {type(c).__name__}: {c!r}.")
+    if not flat:
+        raise TypeError(f"{name}() needs at least one class, e.g. {name}(eqx.nn.LayerNorm).")
+    return tuple(flat)
+
+
+def _names(classes: tuple[type, ...]) -> str:
+    return ", ".join(c.__name__ for c in classes)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Inside(Selector):
+    classes: tuple[type, ...]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        # Flatten with instances of the classes as leaves: the outermost
+        # instances come out in leaf order, each standing for a contiguous run
+        # of the real leaves, which are exactly the leaves inside it.
+        out = np.zeros(len(ctx.view), bool)
+        is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
+        i = 0
+        for item in jtu.tree_leaves(ctx.view.tree, is_leaf=is_instance):
+            n = jtu.tree_structure(item).num_leaves if is_instance(item) else 1
+            if is_instance(item):
+                out[i : i + n] = True
+            i += n
+        return out
+
+    def __repr__(self) -> str:
+        return f"inside({_names(self.classes)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _OwnedBy(Selector):
+    classes: tuple[type, ...]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        out = np.zeros(len(ctx.view), bool)
+        is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
+
+        def scan(subtree: Any, start: int) -> None:
+            i = start
+            for item in jtu.tree_leaves(subtree, is_leaf=is_instance):
+                n = jtu.tree_structure(item).num_leaves
+                if is_instance(item) and jtu.tree_structure(item).num_nodes > 1:
+                    own(item, i)
+                i += n
+
+        def own(node: Any, start: int) -> None:
+            # One level down: `is_leaf` stops at every child (None stays empty).
+            children = jtu.tree_leaves(node, is_leaf=lambda x: x is not node and x is not None)
+            i = start
+            for child in children:
+                structure = jtu.tree_structure(child)
+                if structure.num_nodes == 1 and structure.num_leaves == 1:
+                    out[i] = True
+                else:
+                    scan(child, i)
+                i += structure.num_leaves
+
+        scan(ctx.view.tree, 0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"owned_by({_names(self.classes)})"
+
+
+def inside(*classes: type) -> Selector:
+    """Select every leaf that lies inside an instance of one of `classes`.
+
+    Any enclosing node counts, the root included, and any PyTree node class
+    works (not only `eqx.Module`). A bare class, a `A | B` union or a tuple
+    of classes coerces to this selector.
+
+    Examples:
+        >>> import equinox as eqx, jax, treeglob
+        >>> mlp = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(0))
+        >>> [p for p, m in zip(treeglob.paths(mlp), jax.tree.leaves(treeglob.mask(mlp, eqx.nn.Linear))) if m]
+        ['layers.0.weight', 'layers.0.bias', 'layers.1.weight', 'layers.1.bias']
+    """
+    return _Inside(_check_classes(classes, "inside"))
+
+
+def owned_by(*classes: type) -> Selector:
+    """Select the leaves whose direct parent node is an instance of `classes`.
+
+    Unlike `inside`, containers are not skipped: the list inside an
+    `eqx.nn.Sequential` owns its layers, the layers own their arrays.
+
+    Examples:
+        >>> import equinox as eqx, jax, treeglob
+        >>> mlp = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(0))
+        >>> [p for p, m in zip(treeglob.paths(mlp), jax.tree.leaves(treeglob.mask(mlp, treeglob.owned_by(eqx.nn.MLP)))) if m]
+        ['activation', 'final_activation']
+    """
+    return _OwnedBy(_check_classes(classes, "owned_by"))
+
+
+# ----------------------------------------------------------------------------
+# Array metadata
+
+
+_OPS = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Compare(Selector):
+    metric: str  # "ndim" or "size"
+    op: str
+    value: int
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        op, value = _OPS[self.op], self.value
+        values = ctx.view.ndims if self.metric == "ndim" else ctx.view.sizes
+        return np.fromiter((v is not None and op(v, value) for v in values), bool, len(ctx.view))
+
+    def __repr__(self) -> str:
+        return f"({self.metric} {self.op} {self.value})"
+
+
+class _Metric:
+    """`ndim` / `size` of array leaves: compare with an int to get a selector.
+
+    Supports `==, !=, <, <=, >, >=`. Non-array leaves never match. Put
+    comparisons in parentheses when combining them with `&`, `|`, `-`.
+
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> tree = {"w": np.zeros((2, 3)), "b": np.zeros(3), "act": "relu"}
+        >>> treeglob.mask(tree, treeglob.ndim >= 2)
+        {'act': False, 'b': False, 'w': True}
+        >>> treeglob.mask(tree, (treeglob.size < 5) | "act")
+        {'act': True, 'b': True, 'w': False}
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def _compare(self, op: str, value: Any) -> Selector:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(
+                f"treeglob.{self._name} {op} ... needs an int on the right, got "
+                f"{type(value).__name__}: {value!r}. If this came from `a & {self._name} {op} b`, "
+                f"add parentheses: `a & ({self._name} {op} b)`."
+            )
+        return _Compare(self._name, op, int(value))
+
+    def __eq__(self, value: Any) -> Selector:  # type: ignore[override]
+        return self._compare("==", value)
+
+    def __ne__(self, value: Any) -> Selector:  # type: ignore[override]
+        return self._compare("!=", value)
+
+    def __lt__(self, value: Any) -> Selector:
+        return self._compare("<", value)
+
+    def __le__(self, value: Any) -> Selector:
+        return self._compare("<=", value)
+
+    def __gt__(self, value: Any) -> Selector:
+        return self._compare(">", value)
+
+    def __ge__(self, value: Any) -> Selector:
+        return self._compare(">=", value)
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+    def __bool__(self) -> bool:
+        raise TypeError(_BOOL_MESSAGE)
+
+    def _misuse(self, other: Any) -> Selector:
+        raise TypeError(
+            f"treeglob.{self._name} must be compared with an int before it is combined: write "
+            f"`({self._name} >= 2) & other`, with the parentheses."
+        )
+
+    __and__ = __rand__ = __or__ = __ror__ = __sub__ = __rsub__ = _misuse
+
+    def __repr__(self) -> str:
+        return f"treeglob.{self._name}"
+
+
+ndim = _Metric("ndim")
+size = _Metric("size")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Shape(Selector):
+    dims: tuple[int | None | types.EllipsisType, ...]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        return np.fromiter((s is not None and self._fits(s) for s in ctx.view.shapes), bool, len(ctx.view))
+
+    def _fits(self, shape: tuple[int, ...]) -> bool:
+        if ... in self.dims:
+            k = self.dims.index(...)
+            head, tail = self.dims[:k], self.dims[k + 1 :]
+            if len(shape) < len(head) + len(tail):
+                return False
+            return _dims_fit(head, shape[: len(head)]) and _dims_fit(tail, shape[len(shape) - len(tail) :])
+        return len(shape) == len(self.dims) and _dims_fit(self.dims, shape)
+
+    def __repr__(self) -> str:
+        return "shape(" + ", ".join("..." if d is ... else repr(d) for d in self.dims) + ")"
+
+
+def _dims_fit(pattern: tuple[Any, ...], shape: tuple[int, ...]) -> bool:
+    return all(p is None or p == d for p, d in zip(pattern, shape, strict=True))
+
+
+def shape(*dims: int | None | types.EllipsisType) -> Selector:
+    """Select array leaves of a given shape; `None` is any size, `...` any dims.
+
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> tree = {"qkv": np.zeros((8, 24)), "out": np.zeros((8, 8)), "b": np.zeros(8)}
+        >>> treeglob.mask(tree, treeglob.shape(None, 24))
+        {'b': False, 'out': False, 'qkv': True}
+        >>> treeglob.mask(tree, treeglob.shape(..., 8))
+        {'b': True, 'out': True, 'qkv': False}
+    """
+    if sum(d is ... for d in dims) > 1:
+        raise TypeError(f"shape() takes at most one `...`, got {dims!r}.")
+    for d in dims:
+        if not (d is None or d is ... or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
+            raise TypeError(f"shape() takes non-negative ints, None or ..., got {d!r} in {dims!r}.")
+    return _Shape(tuple(dims))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _DType(Selector):
+    kinds: tuple[Any, ...]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        return np.fromiter(
+            (d is not None and any(jnp.issubdtype(d, k) for k in self.kinds) for d in ctx.view.dtypes),
+            bool,
+            len(ctx.view),
+        )
+
+    def __repr__(self) -> str:
+        return "dtype(" + ", ".join(getattr(k, "__name__", str(k)) for k in self.kinds) + ")"
+
+
+def dtype(*kinds: Any) -> Selector:
+    """Select array leaves whose dtype is (a subtype of) one of `kinds`.
+
+    Kinds are dtypes (`jnp.bfloat16`, `"float32"`) or abstract NumPy types
+    (`jnp.floating`, `jnp.integer`).
+
+    Examples:
+        >>> import numpy as np, jax.numpy as jnp, treeglob
+        >>> tree = {"w": np.zeros(2, np.float32), "step": np.zeros((), np.int32)}
+        >>> treeglob.mask(tree, treeglob.dtype(jnp.floating))
+        {'step': False, 'w': True}
+    """
+    checked = []
+    for k in kinds:
+        if isinstance(k, type) and issubclass(k, np.generic):
+            checked.append(k)
+            continue
+        try:
+            checked.append(np.dtype(k))
+        except TypeError as exc:
+            raise TypeError(
+                f"dtype() takes dtypes or NumPy scalar types such as jnp.floating, got {k!r}."
+            ) from exc
+    if not checked:
+        raise TypeError("dtype() needs at least one dtype, e.g. dtype(jnp.floating).")
+    return _DType(tuple(checked))
+
+
+# ----------------------------------------------------------------------------
+# Predicates
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Where(Selector):
+    fn: Callable[[str, Any], bool]
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        out = np.zeros(len(ctx.view), bool)
+        for i, (path, leaf) in enumerate(zip(ctx.view.paths, ctx.view.leaves, strict=True)):
+            try:
+                result = self.fn(path, leaf)
+            except Exception as exc:
+                exc.add_note(
+                    f"treeglob: raised by the where() predicate {self.fn!r} on the leaf at path {path!r}."
+                )
+                raise
+            if not isinstance(result, bool | np.bool_):
+                raise TypeError(
+                    f"The where() predicate {self.fn!r} returned {type(result).__name__} {result!r} for the "
+                    f"leaf at path {path!r}; it must return a bool. (Masks are static: a traced or "
+                    "array value cannot decide them.)"
+                )
+            out[i] = result
+        return out
+
+    def __repr__(self) -> str:
+        return f"where({getattr(self.fn, '__name__', self.fn)!r})"
+
+
+def where(fn: Callable[[str, Any], bool]) -> Selector:
+    """Select leaves for which `fn(path, leaf)` returns True.
+
+    `fn` is called on every leaf, array or not. An exception inside it is
+    re-raised with a note naming the path being tested; a non-bool result
+    is a `TypeError`.
+
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> tree = {"a": np.zeros(3), "b": np.zeros(300)}
+        >>> treeglob.mask(tree, treeglob.where(lambda path, leaf: leaf.size > 100))
+        {'a': False, 'b': True}
+    """
+    if not callable(fn):
+        raise TypeError(f"where() takes a function fn(path, leaf) -> bool, got {type(fn).__name__}: {fn!r}.")
+    return _Where(fn)
