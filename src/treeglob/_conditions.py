@@ -139,10 +139,12 @@ class _Inside(Selector):
         is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
         i = 0
         for item in jtu.tree_leaves(ctx.view.tree, is_leaf=is_instance):
-            n = jtu.tree_structure(item).num_leaves if is_instance(item) else 1
             if is_instance(item):
+                n = jtu.tree_structure(item).num_leaves
                 out[i : i + n] = True
-            i += n
+                i += n
+            else:
+                i += 1
         return out
 
     def __repr__(self) -> str:
