@@ -16,7 +16,7 @@ from typing import Any
 
 import optax
 
-from ._rules import MISSING, _check_label, labels, mask, normalize_rules
+from ._rules import MISSING, labels, mask, normalize_rules
 from ._selector import coerce
 
 __all__ = ["masked", "multi_transform"]
@@ -90,11 +90,8 @@ def multi_transform(
         raise TypeError(
             f"transforms must be a dict {{label: transformation}}, got {type(transforms).__name__}."
         )
-    normalized = normalize_rules(rules)
-    produced = [r.label for r in normalized]
-    if default is not MISSING:
-        _check_label(default, "default")
-        produced.append(default)
+    normalized = normalize_rules(rules, default)
+    produced = [r.label for r in normalized] + ([] if default is MISSING else [default])
     missing = [label for label in dict.fromkeys(produced) if label not in transforms]
     unused = [label for label in transforms if label not in produced]
     if missing or unused:

@@ -52,8 +52,13 @@ def _check_label(label: Any, where: str) -> None:
         )
 
 
-def normalize_rules(rules: Any) -> list[Rule]:
-    """Accept a dict `{label: selector}` or a sequence of `(selector, label)` pairs."""
+def normalize_rules(rules: Any, default: Any = MISSING) -> list[Rule]:
+    """Accept a dict `{label: selector}` or a sequence of `(selector, label)` pairs.
+
+    Also checks that every label, and `default` when given, is a PyTree leaf.
+    """
+    if default is not MISSING:
+        _check_label(default, "default")
     if isinstance(rules, Selector | str):
         raise TypeError(
             f"rules must be a dict {{label: selector}} or a list of (selector, label) pairs, "
@@ -207,9 +212,7 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
         {'emb': 0.1, 'fc': {'b': 0.1, 'w': 1.0}}
     """
     view = _view(tree, "labels")
-    rules = normalize_rules(rules)
-    if default is not MISSING:
-        _check_label(default, "default")
+    rules = normalize_rules(rules, default)
     decided, _, shadowed = _decide(view, rules, default, strict)
     for rule in shadowed:
         warnings.warn(
@@ -249,9 +252,7 @@ def explain(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = Tru
         frozen         1        40  66.7%
     """
     view = _view(tree, "explain")
-    rules = normalize_rules(rules)
-    if default is not MISSING:
-        _check_label(default, "default")
+    rules = normalize_rules(rules, default)
     decided, matches, shadowed = _decide(view, rules, default, strict)
     rule_rows = [
         RuleRow(
