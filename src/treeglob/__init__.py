@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import presets as presets
 from ._conditions import (
     dtype as dtype,
     glob as glob,
@@ -14,12 +15,19 @@ from ._conditions import (
     where as where,
 )
 from ._errors import NoMatchError as NoMatchError, ShadowedRuleWarning as ShadowedRuleWarning
+from ._layer_decay import (
+    layer_decay as layer_decay,
+    layer_decay_scales as layer_decay_scales,
+    layer_ids as layer_ids,
+)
 from ._optax import masked as masked, multi_transform as multi_transform
 from ._paths import paths as paths
 from ._pattern import translate as translate
+from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
 from ._report import Explanation as Explanation
 from ._rules import explain as explain, labels as labels, mask as mask
 from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
+from ._sharding import shardings as shardings
 
 __version__ = importlib.metadata.version("treeglob")
 
@@ -30,11 +38,16 @@ __all__ = [
     "ShadowedRuleWarning",
     "all_of",
     "any_of",
+    "decay_mask",
     "dtype",
     "explain",
+    "freeze",
     "glob",
     "inside",
     "labels",
+    "layer_decay",
+    "layer_decay_scales",
+    "layer_ids",
     "mask",
     "masked",
     "multi_transform",
@@ -42,8 +55,11 @@ __all__ = [
     "optional",
     "owned_by",
     "paths",
+    "presets",
     "regex",
+    "scale_by_rules",
     "shape",
+    "shardings",
     "size",
     "translate",
     "where",

@@ -135,7 +135,7 @@ class _Inside(Selector):
         # Flatten with instances of the classes as leaves: the outermost
         # instances come out in leaf order, each standing for a contiguous run
         # of the real leaves, which are exactly the leaves inside it.
-        out = np.zeros(len(ctx.view), bool)
+        out = np.zeros(ctx.view.num_leaves, bool)
         is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
         i = 0
         for item in jtu.tree_leaves(ctx.view.tree, is_leaf=is_instance):
@@ -145,7 +145,7 @@ class _Inside(Selector):
                 i += n
             else:
                 i += 1
-        return out
+        return ctx.view.rows_of(out)
 
     def __repr__(self) -> str:
         return f"inside({_names(self.classes)})"
@@ -156,7 +156,7 @@ class _OwnedBy(Selector):
     classes: tuple[type, ...]
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        out = np.zeros(len(ctx.view), bool)
+        out = np.zeros(ctx.view.num_leaves, bool)
         is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
 
         def scan(subtree: Any, start: int) -> None:
@@ -180,7 +180,7 @@ class _OwnedBy(Selector):
                 i += structure.num_leaves
 
         scan(ctx.view.tree, 0)
-        return out
+        return ctx.view.rows_of(out)
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"

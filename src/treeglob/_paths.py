@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax.tree_util as jtu
+import numpy as np
 
-__all__ = ["TreeView", "paths", "render_key"]
+__all__ = ["TreeView", "paths", "render_key", "shape_of", "split_path"]
 
 _SPECIAL = frozenset("*?[]{}.\"'\\^$")
 
@@ -56,40 +57,65 @@ def _flatten_with_path(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
         raise TypeError(f"treeglob could not flatten the tree: {exc}{hint}") from exc
 
 
+def split_path(path: str) -> tuple[str, ...]:
+    """The rendered segments of a rendered path: split on dots outside quotes."""
+    if path == "":
+        return ()
+    out, start, quoted, escaped = [], 0, False, False
+    for i, c in enumerate(path):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = quoted
+        elif c == '"':
+            quoted = not quoted
+        elif c == "." and not quoted:
+            out.append(path[start:i])
+            start = i + 1
+    out.append(path[start:])
+    return tuple(out)
+
+
 @dataclass(frozen=True, eq=False)
 class TreeView:
-    """A tree flattened once: leaves, key paths, segments and rendered paths.
+    """A tree flattened once: one *row* per leaf, with everything selectors read.
 
-    Everything a selector reads is computed here, once per call, from static
-    metadata only (no array value is touched).
+    Rows are the leaves, except under subtrees declared stacked (see
+    `_stacked.py`), where each leaf becomes one row per layer slice.
+    `origin[row]` is the index of the leaf a row comes from (None when rows
+    are the leaves themselves). Only static metadata is read, never values.
     """
 
     tree: Any
     treedef: Any
-    leaves: list[Any]
-    key_paths: list[tuple[Any, ...]]
-    segments: list[tuple[str, ...]]
-    paths: list[str]
+    leaves: list[Any]  # per row: the leaf, or a ShapeDtypeStruct of one slice
+    segments: list[tuple[str, ...]]  # per row: raw key texts, what patterns see
+    rendered: list[tuple[str, ...]]  # per row: the same segments, quoted where needed
+    paths: list[str]  # per row: the rendered segments joined with "."
+    origin: np.ndarray | None = None
+    slices: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # per leaf: (first row, stack shape)
+    stacked_paths: list[str] | None = None  # per leaf: its path before the layer index was inserted
 
     @classmethod
-    def of(cls, tree: Any) -> TreeView:
+    def of(cls, tree: Any, stacked: Any = None) -> TreeView:
         flat, treedef = _flatten_with_path(tree)
-        key_paths = [kp for kp, _ in flat]
         leaves = [leaf for _, leaf in flat]
         segments, rendered = [], []
-        for kp in key_paths:
+        for kp, _ in flat:
             pairs = [render_key(k) for k in kp]
             segments.append(tuple(p[0] for p in pairs))
-            rendered.append(".".join(p[1] for p in pairs))
-        return cls(tree, treedef, leaves, key_paths, segments, rendered)
+            rendered.append(tuple(p[1] for p in pairs))
+        view = cls(tree, treedef, leaves, segments, rendered, [".".join(r) for r in rendered])
+        if stacked is not None:
+            from ._stacked import expand
+
+            view = expand(view, stacked)
+        return view
 
     @functools.cached_property
     def shapes(self) -> list[tuple[int, ...] | None]:
-        """Static shape of each array-like leaf (has `shape` and `dtype`), else None."""
-        return [
-            tuple(leaf.shape) if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else None
-            for leaf in self.leaves
-        ]
+        """Static shape of each array-like row (has `shape` and `dtype`), else None."""
+        return [shape_of(leaf) for leaf in self.leaves]
 
     @functools.cached_property
     def dtypes(self) -> list[Any]:
@@ -108,11 +134,47 @@ class TreeView:
     def __len__(self) -> int:
         return len(self.leaves)
 
-    def unflatten(self, values: list[Any]) -> Any:
-        return jtu.tree_unflatten(self.treedef, values)
+    @property
+    def num_leaves(self) -> int:
+        return self.treedef.num_leaves
+
+    def rows_of(self, per_leaf: np.ndarray) -> np.ndarray:
+        """Spread one value per leaf to one value per row."""
+        return per_leaf if self.origin is None else per_leaf[self.origin]
+
+    @property
+    def leaf_paths(self) -> list[str]:
+        """One path per leaf (a stacked leaf's path has no layer index)."""
+        return self.paths if self.stacked_paths is None else self.stacked_paths
+
+    def leaf_rows(self) -> list[tuple[int, tuple[int, ...]]]:
+        """Per leaf: its first row and its stack shape (`()` when not stacked)."""
+        return [(i, ()) for i in range(len(self))] if self.slices is None else list(self.slices)
+
+    def subtrees(self) -> list[str]:
+        """The paths of all inner nodes, to suggest close matches."""
+        return sorted({".".join(r[:n]) for r in self.rendered for n in range(1, len(r))})
+
+    def per_leaf(self, values: list[Any], merge: Any) -> list[Any]:
+        """One value per leaf from one value per row: `merge(first_row, row_values,
+        stack_shape)` turns the rows of a stacked leaf into one value."""
+        if self.slices is None:
+            return values
+        return [
+            values[start] if not stack else merge(start, values[start : start + math.prod(stack)], stack)
+            for start, stack in self.slices
+        ]
+
+    def unflatten(self, per_leaf: list[Any]) -> Any:
+        return jtu.tree_unflatten(self.treedef, per_leaf)
 
 
-def paths(tree: Any) -> list[str]:
+def shape_of(leaf: Any) -> tuple[int, ...] | None:
+    """The static shape of an array-like leaf (with `shape` and `dtype`), else None."""
+    return tuple(leaf.shape) if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else None
+
+
+def paths(tree: Any, *, stacked: Any = None) -> list[str]:
     """The dotted path of every leaf of `tree`, in `jax.tree_util` leaf order.
 
     `None` is an empty subtree, as in JAX. A leaf at the root has the path
@@ -128,9 +190,12 @@ def paths(tree: Any) -> list[str]:
 
     Args:
         tree: any PyTree.
+        stacked: `{path: axes}` for subtrees whose leaves carry leading
+            stacked layer axes; each such leaf then shows one path per layer
+            (`blocks.0.attn.weight`, `blocks.1.attn.weight`, ...).
 
     Returns:
-        A list of `str`, one per leaf.
+        A list of `str`, one per leaf (per layer slice under `stacked`).
 
     Examples:
         >>> import treeglob
@@ -139,4 +204,4 @@ def paths(tree: Any) -> list[str]:
         >>> treeglob.paths(5)
         ['']
     """
-    return TreeView.of(tree).paths
+    return TreeView.of(tree, stacked).paths

@@ -15,6 +15,7 @@ from ._errors import ShadowedRuleWarning
 from ._paths import TreeView
 from ._report import Explanation, RuleRow
 from ._selector import Selector, coerce
+from ._stacked import merge_labels, merge_mask
 
 __all__ = ["MISSING", "Rule", "explain", "labels", "mask", "normalize_rules"]
 
@@ -70,6 +71,8 @@ def normalize_rules(rules: Any, default: Any = MISSING) -> list[Rule]:
     elif isinstance(rules, Sequence):
         pairs = []
         for i, pair in enumerate(rules):
+            if isinstance(pair, Rule):  # already normalized, e.g. by a recipe
+                pair = (pair.selector, pair.label)
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
                 raise TypeError(
                     f"rules[{i}] is {pair!r}; each rule is a (selector, label) pair, e.g. "
@@ -88,16 +91,16 @@ def normalize_rules(rules: Any, default: Any = MISSING) -> list[Rule]:
     return out
 
 
-def _view(tree: Any, name: str) -> TreeView:
+def _view(tree: Any, name: str, stacked: Any) -> TreeView:
     if isinstance(tree, Selector):
         raise TypeError(
             f"{name}() got a selector ({tree!r}) where the tree goes. The tree comes first: "
             f"treeglob.{name}(tree, ...)."
         )
-    return TreeView.of(tree)
+    return TreeView.of(tree, stacked)
 
 
-def mask(tree: Any, selector: Any, *, strict: bool = True) -> Any:
+def mask(tree: Any, selector: Any, *, strict: bool = True, stacked: Any = None) -> Any:
     """A tree of Python `bool` with exactly the structure of `tree`.
 
     True marks the leaves `selector` selects. The result works as an
@@ -111,6 +114,11 @@ def mask(tree: Any, selector: Any, *, strict: bool = True) -> Any:
             `re.Pattern`, class, list/tuple, bool).
         strict: raise `NoMatchError` when the selector, or a negated operand
             inside it, matches no leaf. Pass False to allow empty selections.
+        stacked: `{path: axes}` for subtrees whose leaves carry leading
+            stacked layer axes (e.g. `{"blocks": 1}` for blocks built with
+            `eqx.filter_vmap`): patterns see `blocks.0...`, `blocks.1...` and
+            `ndim`/`shape` see the per-layer shape. A selection that splits a
+            stacked leaf is an error here (use `labels` for per-layer values).
 
     Raises:
         NoMatchError: (a `ValueError`) the selection is empty; the message
@@ -128,10 +136,10 @@ def mask(tree: Any, selector: Any, *, strict: bool = True) -> Any:
         treeglob.NoMatchError: The selector given to mask() glob('*.bais') matches no leaf of the tree (4 leaves).
         If matching nothing is intended (e.g. a shared rule list naming parts this model lacks), wrap it in treeglob.optional(...), or pass strict=False to switch the check off.
     """
-    view = _view(tree, "mask")
+    view = _view(tree, "mask", stacked)
     selector = coerce(selector)
     hit = Context(view, strict=strict).require(selector, "the selector given to mask()")
-    return view.unflatten(hit.tolist())
+    return view.unflatten(view.per_leaf(hit.tolist(), merge_mask(view)))
 
 
 def _decide(
@@ -181,7 +189,7 @@ def _swap_hint(ctx: Context, rule: Rule) -> str:
     return ""
 
 
-def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True) -> Any:
+def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True, stacked: Any = None) -> Any:
     """A tree of labels, one per leaf: **the first rule that matches decides**.
 
     Args:
@@ -194,6 +202,10 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
             leaf is an error that lists the uncovered paths.
         strict: raise `NoMatchError` when a rule (or a negated operand in
             it) matches no leaf. Mark single rules with `treeglob.optional`.
+        stacked: `{path: axes}` for subtrees with leading stacked layer axes
+            (see `mask`). Layers of one stacked leaf that get different
+            numeric labels yield an array of shape `stack + (1,) * ndim`
+            that broadcasts over the leaf; other differing labels are an error.
 
     Raises:
         NoMatchError: a rule matches nothing (with close matches).
@@ -211,7 +223,12 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
         >>> treeglob.labels(params, {1.0: "*.w", 0.1: "**"})
         {'emb': 0.1, 'fc': {'b': 0.1, 'w': 1.0}}
     """
-    view = _view(tree, "labels")
+    view = _view(tree, "labels", stacked)
+    return view.unflatten(leaf_labels(view, rules, default, strict))
+
+
+def leaf_labels(view: TreeView, rules: Any, default: Any, strict: bool) -> list[Any]:
+    """`labels` on a view, as a list with one label per leaf."""
     rules = normalize_rules(rules, default)
     decided, _, shadowed = _decide(view, rules, default, strict)
     for rule in shadowed:
@@ -219,19 +236,23 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
             f"{rule.describe()} never decides a label: every leaf it matches is taken by an "
             "earlier rule (the first matching rule wins). Move it up or remove it.",
             ShadowedRuleWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return view.unflatten([rules[d].label if d >= 0 else default for d in decided])
+    rows = [rules[d].label if d >= 0 else default for d in decided]
+    return view.per_leaf(rows, merge_labels(view))
 
 
-def explain(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True) -> Explanation:
+def explain(
+    tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True, stacked: Any = None
+) -> Explanation:
     """Report which leaf gets which label, and which rule decided it.
 
     Applies exactly the semantics (and raises exactly the errors) of
     `labels`. `str()` of the result is an aligned table in which every full
     path appears verbatim, followed by a summary per label; `.rows`,
     `.rules`, `.summary` and `.to_dict()` give the same as plain data.
-    Shadowed rules are marked instead of warned about.
+    Shadowed rules are marked instead of warned about. With `stacked`, the
+    report has one row per layer slice.
 
     Examples:
         >>> import numpy as np, treeglob
@@ -251,7 +272,7 @@ def explain(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = Tru
         decay          1        16  26.7%
         frozen         1        40  66.7%
     """
-    view = _view(tree, "explain")
+    view = _view(tree, "explain", stacked)
     rules = normalize_rules(rules, default)
     decided, matches, shadowed = _decide(view, rules, default, strict)
     rule_rows = [

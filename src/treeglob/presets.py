@@ -1,0 +1,95 @@
+"""Ready-made rule lists: weight decay conventions and timm's ViT layer ids.
+
+Every preset is a plain list of `(selector, label)` rules, to read, print
+and extend: rules put in front win (the first matching rule decides), e.g.
+`[("^cls_token$", "no_decay"), *treeglob.presets.TIMM]`. The weight-decay
+presets label every array leaf `"decay"` or `"no_decay"`; feed them to
+`treeglob.decay_mask` (one AdamW, decay on the `"decay"` leaves) or to
+`treeglob.multi_transform`. Their exclusion rule is one optional any-of, so
+a preset may name parts a model lacks (no embedding, no norm) without
+tripping the strictness check, while a typo in a rule you add still does.
+
+Examples:
+    >>> import numpy as np, treeglob
+    >>> params = {"emb": {"weight": np.zeros((10, 4))}, "fc": {"weight": np.zeros((4, 4)), "bias": np.zeros(4)}}
+    >>> treeglob.labels(params, treeglob.presets.NANOGPT)
+    {'emb': {'weight': 'decay'}, 'fc': {'bias': 'no_decay', 'weight': 'decay'}}
+    >>> treeglob.labels(params, [("emb", "no_decay"), *treeglob.presets.TIMM])
+    {'emb': {'weight': 'no_decay'}, 'fc': {'bias': 'no_decay', 'weight': 'decay'}}
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+
+from ._conditions import glob, inside, ndim, regex
+from ._selector import any_of, optional
+
+__all__ = ["DEFAULT", "HF", "NANOGPT", "TIMM", "TIMM_VIT_LAYERS"]
+
+#: Normalisation layers of Equinox, excluded from decay by type.
+NORM_LAYERS = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
+
+_EVERYTHING_ELSE = glob("**")
+
+#: The usual exclusions: no decay for biases, normalisation layers (by type
+#: and by name), embeddings (by type and by the usual names) and any
+#: parameter with at most one dimension; decay for the rest.
+DEFAULT = [
+    (
+        optional(
+            any_of(
+                glob("bias"),
+                inside(*NORM_LAYERS),
+                glob("{*norm*,ln,ln_*,ln[0-9]*}", ignore_case=True),
+                inside(eqx.nn.Embedding),
+                # Token and position tables, not the patch-embedding convolution.
+                glob("{embed,embedding,embeddings,wte,wpe,*_embed,*_embedding,*_embeddings,*_token}")
+                - optional(glob("patch_embed*")),
+                ndim <= 1,
+            )
+        ),
+        "no_decay",
+    ),
+    (_EVERYTHING_ELSE, "decay"),
+]
+
+#: nanoGPT (`configure_optimizers`): decay every parameter with `ndim >= 2`.
+NANOGPT = [
+    (ndim >= 2, "decay"),
+    (optional(ndim <= 1), "no_decay"),
+]
+
+#: timm `param_groups_weight_decay`: no decay for `ndim <= 1` and for names
+#: ending in `.bias`. timm's `no_weight_decay_list` holds exact names: put
+#: them in front, e.g. `[(treeglob.optional(["^pos_embed$", "^cls_token$"]), "no_decay"), *TIMM]`.
+TIMM = [
+    (optional(any_of(ndim <= 1, glob("*.bias$"))), "no_decay"),
+    (_EVERYTHING_ELSE, "decay"),
+]
+
+#: Hugging Face `Trainer.get_decay_parameter_names`: no decay inside
+#: `LayerNorm` layers or for names that contain, in any case, `bias`,
+#: `layernorm`, `rmsnorm`, a `norm` segment or a segment ending `_norm`.
+#: Everything else decays, embeddings included.
+HF = [
+    (
+        optional(
+            any_of(
+                inside(eqx.nn.LayerNorm),
+                regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
+            )
+        ),
+        "no_decay",
+    ),
+    (_EVERYTHING_ELSE, "decay"),
+]
+
+#: timm's ViT `group_matcher` as layer-id rules for `treeglob.layer_decay`:
+#: the stem (class/distillation/register tokens, position and patch
+#: embeddings) is layer 0 and the final norm joins the last block (-2);
+#: everything else outside the blocks (the head) takes the default, -1.
+TIMM_VIT_LAYERS = [
+    (optional(glob("^{cls_token,pos_embed,patch_embed,dist_token,reg_token}")), 0),
+    (optional(glob("^norm")), -2),
+]
