@@ -66,9 +66,11 @@ def _layer_id_list(
     num_blocks = indices[-1] + 1
     top = num_blocks + 1
     normalized = normalize_rules(rules)
+    # Blocks take precedence: the rules see only the leaves outside them, and
+    # come first so that errors number them as the caller wrote them.
+    outside = [(r.selector - glob(f"^{blocks}"), _resolve(r.label, top, r.describe())) for r in normalized]
     block_rules = [(glob(f"^{blocks}.{i}"), i + 1) for i in indices]
-    other_rules = [(r.selector, _resolve(r.label, top, r.describe())) for r in normalized]
-    ids = leaf_labels(view, block_rules + other_rules, _resolve(default, top, "default"), strict)
+    ids = leaf_labels(view, outside + block_rules, _resolve(default, top, "default"), strict)
     return ids, num_blocks
 
 

@@ -71,16 +71,21 @@ def expand(view: TreeView, stacked: Any) -> TreeView:
             raise ValueError(
                 f"stacked subtree {path!r} holds no array leaf to take the number of layers from."
             )
+        for i in arrays:
+            if len(view.shapes[i]) < axes:
+                raise ValueError(
+                    f"stacked={{{path!r}: {axes}}}: {view.paths[i]} has shape {view.shapes[i]}, fewer than "
+                    f"{axes} axes, so it cannot hold a stack of layers. Check the number of stacked axes."
+                )
         first = arrays[0]
         stack = view.shapes[first][:axes]
         for i in arrays:
-            shape = view.shapes[i]
-            if len(shape) < axes or shape[:axes] != stack:
+            if view.shapes[i][:axes] != stack:
                 raise ValueError(
                     f"stacked={{{path!r}: {axes}}} needs every array under {path!r} to share the "
                     f"leading {axes} axes: {view.paths[first]} has shape {view.shapes[first]} but "
-                    f"{view.paths[i]} has shape {shape}. Check the number of stacked axes, or declare "
-                    "a smaller subtree."
+                    f"{view.paths[i]} has shape {view.shapes[i]}. Check the number of stacked axes, or "
+                    "declare a smaller subtree."
                 )
         for i in members:
             stack_of[i] = (len(prefix), stack)
