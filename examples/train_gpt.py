@@ -1,9 +1,10 @@
 """Weight decay on a small Equinox GPT, configured with treeglob rules.
 
 Builds a character-level Transformer, prints the `explain` report of the
-usual weight-decay rule set (decay the weight matrices; no decay for biases,
-normalisation layers and embeddings), then trains it with AdamW on the text
-of Python's own documentation (`pydoc_data.topics`, shipped with CPython).
+usual weight-decay rule set (`treeglob.presets.DEFAULT`: decay the weight
+matrices; no decay for biases, normalisation layers and embeddings), then
+trains it with one AdamW whose decay mask comes from those rules, on the
+text of Python's own documentation (`pydoc_data.topics`, shipped with CPython).
 
     python examples/train_gpt.py --steps 300
 """
@@ -70,55 +71,56 @@ class GPT(eqx.Module):
         return jax.vmap(lambda t: self.head(self.ln_f(t)))(x)
 
 
-#: The usual weight-decay rules: first match wins, so exclusions come first.
-WEIGHT_DECAY_RULES = [
-    (tg.any_of("*.bias", eqx.nn.LayerNorm, eqx.nn.Embedding, "pos_embed"), "no_decay"),
-    (tg.ndim >= 2, "decay"),
-]
+def corpus() -> tuple[np.ndarray, list[str]]:
+    """English prose that ships with every CPython, the pydoc topic pages, as character ids."""
+    text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    return np.array([lookup[c] for c in text[:400_000]], np.int32), chars
 
 
-def corpus() -> str:
-    """English prose that ships with every CPython: the pydoc topic pages."""
-    return "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+def batches(data: np.ndarray, batch: int, context: int, seed: int):
+    """Endless random (inputs, next-character targets) windows of `data`."""
+    rng = np.random.default_rng(seed)
+    while True:
+        idx = rng.integers(0, len(data) - context - 1, batch)
+        yield (
+            np.stack([data[j : j + context] for j in idx]),
+            np.stack([data[j + 1 : j + context + 1] for j in idx]),
+        )
+
+
+def loss_fn(params, static, x, y):
+    logits = jax.vmap(eqx.combine(params, static))(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_step(optimizer: optax.GradientTransformation, static):
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, static, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
 
 
 def main(
     steps: int = 300, batch: int = 16, context: int = 64, seed: int = 0, log_every: int = 50
 ) -> list[float]:
-    text = corpus()
-    chars = sorted(set(text))
-    data = np.array([chars.index(c) for c in text[:200_000]], np.int32)
-    key = jax.random.key(seed)
-    model = GPT(vocab=len(chars), dim=64, depth=2, heads=4, context=context, key=key)
+    data, chars = corpus()
+    model = GPT(vocab=len(chars), dim=64, depth=2, heads=4, context=context, key=jax.random.key(seed))
     params, static = eqx.partition(model, eqx.is_array)
 
-    print(tg.explain(params, WEIGHT_DECAY_RULES))
+    # The usual exclusions: no decay for biases, norms, embeddings, 1-D params.
+    print(tg.explain(params, tg.presets.DEFAULT))
     print()
-    optimizer = tg.multi_transform(
-        {
-            "decay": optax.adamw(3e-3, weight_decay=0.1),
-            "no_decay": optax.adamw(3e-3, weight_decay=0.0),
-        },
-        WEIGHT_DECAY_RULES,
-    )
+    optimizer = optax.adamw(3e-3, weight_decay=0.1, mask=tg.decay_mask(tg.presets.DEFAULT))
     opt_state = optimizer.init(params)
+    step = make_step(optimizer, static)
 
-    @eqx.filter_jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = jax.vmap(eqx.combine(p, static))(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
     losses, start = [], time.perf_counter()
-    for i in range(1, steps + 1):
-        idx = rng.integers(0, len(data) - context - 1, batch)
-        x = np.stack([data[j : j + context] for j in idx])
-        y = np.stack([data[j + 1 : j + context + 1] for j in idx])
+    for i, (x, y) in zip(range(1, steps + 1), batches(data, batch, context, seed), strict=False):
         params, opt_state, loss = step(params, opt_state, x, y)
         losses.append(float(loss))
         if i == 1 or i % log_every == 0 or i == steps:

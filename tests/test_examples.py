@@ -1,21 +1,61 @@
 """The example scripts run, end to end, with a small step count."""
 
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_train_gpt_prints_the_report_and_the_loss_falls():
+def run(script, *args, env=None):
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_gpt.py"), "--steps", "60"],
+        [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        check=True,
+        env=env,
     )
-    out = result.stdout
-    assert "blocks.1.attn.query_proj.weight" in out and "no_decay" in out
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def final_loss(out):
     first, last = (float(x) for x in out.rsplit("loss ", 1)[1].split(" (")[0].split(" -> "))
+    return first, last
+
+
+def test_train_gpt_prints_the_report_and_the_loss_falls():
+    out = run("train_gpt.py", "--steps", "60")
+    assert "blocks.1.attn.query_proj.weight" in out and "no_decay" in out
+    first, last = final_loss(out)
     assert last < first - 1.0, out
+
+
+def test_lora_moves_only_adapters_and_keeps_state_small():
+    out = run("lora_finetune.py", "--pretrain-steps", "20", "--steps", "20")
+    with_freeze, without = (int(x.replace(",", "")) for x in re.findall(r"([\d,]+) bytes", out))
+    assert with_freeze * 10 < without, out
+    assert "24 adapter leaves, nothing else" in out
+
+
+def test_vit_finetune_prints_timm_layer_scales():
+    out = run("vit_finetune.py", "--pretrain-steps", "20", "--steps", "20")
+    assert re.search(r"^\s+0\s+0\.2373\s+cls_token, pos_embed", out, re.M), out
+    assert re.search(r"^\s+5\s+1\.0000\s+head.weight, head.bias", out, re.M), out
+
+
+def test_scanned_gpt_freezes_the_first_layers():
+    out = run("scanned_gpt.py", "--steps", "20")
+    assert "[0.2621 0.3277 0.4096 0.512  0.64   0.8   ]" in out
+    assert "layers 0-1 unchanged, layers 2-5 trained" in out
+    first, last = final_loss(out)
+    assert last < first, out
+
+
+def test_sharded_train_on_8_host_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = run("sharded_train.py", "--steps", "3", env=env)
+    assert "blocks.0.fc.weight (256, 64) -> P('model', None), (64, 64) per device" in out
+    assert "sharded and single-device losses agree over 3 steps" in out

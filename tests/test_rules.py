@@ -178,3 +178,15 @@ def test_explain_raises_like_labels(params):
 def test_dict_rules_keep_insertion_order():
     tree = {"a": np.zeros(2), "b": np.zeros((2, 2))}
     assert tg.labels(tree, {"first": "b", "second": "**"}) == {"a": "second", "b": "first"}
+
+
+def test_explain_summary_counts_a_label_shared_by_two_rules_once():
+    tree = {"a": np.zeros(2), "b": np.zeros(3), "c": np.zeros(4)}
+    report = tg.explain(tree, [("a", "x"), ("b", "x")], default="y")
+    assert report.summary == {"x": {"leaves": 2, "elements": 5}, "y": {"leaves": 1, "elements": 4}}
+
+
+def test_explain_summary_with_array_labels():
+    label = np.array([1.0, 2.0])
+    report = tg.explain({"a": np.zeros(2)}, [("a", label)])
+    assert list(report.summary.values()) == [{"leaves": 1, "elements": 2}]

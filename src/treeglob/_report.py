@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from ._paths import TreeView
     from ._rules import Rule
 
-__all__ = ["Explanation", "LeafRow", "RuleRow"]
+__all__ = ["Explanation", "LeafRow", "RuleRow", "same_label"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,25 @@ class RuleRow:
     matched: int
     decided: int
     shadowed: bool
+
+
+def same_label(a: Any, b: Any) -> bool:
+    """Equal labels of the same type; labels whose `==` is not a bool compare by identity."""
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):  # e.g. NumPy array labels
+        return False
+
+
+def _key(label: Any) -> Any:
+    """The label as a summary key: itself, or its repr when it is unhashable (an array)."""
+    try:
+        hash(label)
+    except TypeError:
+        return repr(label)
+    return label
 
 
 @dataclass(frozen=True)
@@ -65,12 +84,15 @@ class Explanation:
                 )
             )
         # Labels in rule order, the default last: the order a reader wrote them.
-        order = [r.label for r in rules] + [default]
+        order: list[Any] = []
+        for label in [r.label for r in rules] + [default]:
+            if not any(same_label(label, seen) for seen in order):
+                order.append(label)
         summary: dict[Any, dict[str, int]] = {}
         for label in order:
             for row in rows:
-                if row.label == label and type(row.label) is type(label):
-                    entry = summary.setdefault(label, {"leaves": 0, "elements": 0})
+                if same_label(row.label, label):
+                    entry = summary.setdefault(_key(label), {"leaves": 0, "elements": 0})
                     entry["leaves"] += 1
                     entry["elements"] += row.size or 0
         return cls(tuple(rows), tuple(rules), summary)

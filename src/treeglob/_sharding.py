@@ -14,7 +14,7 @@ __all__ = ["shardings"]
 _REPLICATED = PartitionSpec()
 
 
-def _check_spec(path: str, shape: tuple[int, ...], spec: Any, mesh: Mesh, stack: int) -> None:
+def _check_spec(path: str, shape: tuple[int, ...], spec: Any, mesh: Mesh) -> None:
     where = f"The PartitionSpec {spec!r} of {path} (shape {shape})"
     if len(spec) > len(shape):
         raise ValueError(
@@ -33,9 +33,8 @@ def _check_spec(path: str, shape: tuple[int, ...], spec: Any, mesh: Mesh, stack:
             )
         parts = math.prod(mesh.shape[n] for n in names)
         if size % parts:
-            layer = " (a stacked layer axis)" if dim < stack else ""
             raise ValueError(
-                f"{where} splits dimension {dim}{layer} of size {size} over {entry!r} ({parts} devices), "
+                f"{where} splits dimension {dim} of size {size} over {entry!r} ({parts} devices), "
                 f"which does not divide it. Shard another dimension or replicate this one (None)."
             )
 
@@ -91,6 +90,6 @@ def shardings(
                 "Filter the tree first: eqx.filter(model, eqx.is_array)."
             )
         full = PartitionSpec(*(None,) * len(stack), *spec)
-        _check_spec(path, stack + view.shapes[row], full, mesh, len(stack))
+        _check_spec(path, stack + view.shapes[row], full, mesh)
         out.append(NamedSharding(mesh, full))
     return view.unflatten(out)

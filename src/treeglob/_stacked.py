@@ -23,6 +23,7 @@ import numpy as np
 
 from ._errors import suggest
 from ._paths import TreeView, shape_of, split_path
+from ._report import same_label
 
 __all__ = ["expand"]
 
@@ -136,16 +137,7 @@ def _layers_of(view: TreeView, start: int) -> str:
 
 
 def _all_equal(values: list[Any]) -> bool:
-    first = values[0]
-    for v in values[1:]:
-        if v is first:
-            continue
-        try:
-            if not (type(v) is type(first) and bool(v == first)):
-                return False
-        except (TypeError, ValueError):  # e.g. array labels: compare by identity only
-            return False
-    return True
+    return all(same_label(v, values[0]) for v in values[1:])
 
 
 def merge_mask(view: TreeView):
