@@ -198,3 +198,18 @@ def test_mismatched_layer_counts_are_caught():
         match=r"share the leading 1 axes: blocks.b has shape \(5, 3\) but blocks.w has shape \(4, 3\)",
     ):
         tg.labels(tree, [("**", 1.0)], stacked={"blocks": 1})
+
+
+def test_multi_transform_and_masked_take_the_declaration(stacked_tree):
+    params = jax.tree.map(jnp.ones_like, stacked_tree)
+    tx = tg.multi_transform(
+        {"decay": optax.add_decayed_weights(0.5), "none": optax.identity()},
+        [(tg.ndim >= 2, "decay")],
+        default="none",
+        stacked={"blocks": 1},
+    )
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(updates["blocks"]["b"].sum()) == 0 and float(updates["blocks"]["w"].min()) == 0.5
+    tx = tg.masked(optax.add_decayed_weights(0.5), tg.ndim >= 2, stacked={"blocks": 1})
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(updates["blocks"]["b"].sum()) == 0 and float(updates["head"].min()) == 0.5

@@ -23,7 +23,7 @@ __all__ = ["masked", "multi_transform"]
 
 
 def masked(
-    inner: optax.GradientTransformation, selector: Any, *, strict: bool = True
+    inner: optax.GradientTransformation, selector: Any, *, strict: bool = True, stacked: Any = None
 ) -> optax.GradientTransformation:
     """Apply `inner` only to the leaves `selector` selects (`optax.masked`).
 
@@ -36,6 +36,7 @@ def masked(
         inner: the transformation for the selected leaves.
         selector: a selector or a value that coerces to one.
         strict: as in `treeglob.mask`.
+        stacked: as in `treeglob.mask`.
 
     Examples:
         >>> import jax.numpy as jnp, optax, treeglob
@@ -46,7 +47,7 @@ def masked(
         {'b': [1.0, 1.0], 'w': [-0.5, -0.5]}
     """
     selector = coerce(selector)
-    return optax.masked(inner, lambda tree: mask(tree, selector, strict=strict))
+    return optax.masked(inner, lambda tree: mask(tree, selector, strict=strict, stacked=stacked))
 
 
 def multi_transform(
@@ -55,6 +56,7 @@ def multi_transform(
     *,
     default: Any = MISSING,
     strict: bool = True,
+    stacked: Any = None,
 ) -> optax.GradientTransformation:
     """One transformation per label, labels from rules (`optax.partition`).
 
@@ -72,6 +74,8 @@ def multi_transform(
         rules: as in `treeglob.labels`.
         default: the label of leaves no rule matches.
         strict: as in `treeglob.labels`.
+        stacked: as in `treeglob.labels` (all layers of a stacked leaf need
+            the same label: one leaf goes to one transform).
 
     Raises:
         ValueError: a label without a transform, or a transform no rule produces.
@@ -108,5 +112,6 @@ def multi_transform(
         )
     rule_pairs = [(r.selector, r.label) for r in normalized]
     return optax.partition(
-        dict(transforms), lambda tree: labels(tree, rule_pairs, default=default, strict=strict)
+        dict(transforms),
+        lambda tree: labels(tree, rule_pairs, default=default, strict=strict, stacked=stacked),
     )
