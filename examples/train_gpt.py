@@ -79,6 +79,13 @@ def corpus() -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[c] for c in text[:400_000]], np.int32), chars
 
 
+def build_model(seed: int = 0) -> GPT:
+    """The Quick start model. Also a factory for the command line, which builds it
+    abstractly: `treeglob explain examples/train_gpt.py:build_model --preset default`."""
+    _, chars = corpus()
+    return GPT(vocab=len(chars), dim=64, depth=2, heads=4, context=64, key=jax.random.key(seed))
+
+
 def batches(data: np.ndarray, batch: int, context: int, seed: int):
     """Endless random (inputs, next-character targets) windows of `data`."""
     rng = np.random.default_rng(seed)
@@ -106,11 +113,10 @@ def make_step(optimizer: optax.GradientTransformation, static):
 
 
 def main(
-    steps: int = 300, batch: int = 16, context: int = 64, seed: int = 0, log_every: int = 50
+    steps: int = 300, batch: int = 16, seed: int = 0, log_every: int = 50, context: int = 64
 ) -> list[float]:
     data, chars = corpus()
-    model = GPT(vocab=len(chars), dim=64, depth=2, heads=4, context=context, key=jax.random.key(seed))
-    params, static = eqx.partition(model, eqx.is_array)
+    params, static = eqx.partition(build_model(seed), eqx.is_array)
 
     # The usual exclusions: no decay for biases, norms, embeddings, 1-D params.
     print(tg.explain(params, tg.presets.DEFAULT))

@@ -14,6 +14,7 @@ from ._conditions import (
     size as size,
     where as where,
 )
+from ._config import RuleConfig as RuleConfig, RulesFileError as RulesFileError, load_rules as load_rules
 from ._errors import NoMatchError as NoMatchError, ShadowedRuleWarning as ShadowedRuleWarning
 from ._layer_decay import (
     layer_decay as layer_decay,
@@ -32,6 +33,8 @@ from ._sharding import shardings as shardings
 __version__ = importlib.metadata.version("treeglob")
 
 __all__ = [
+    "RuleConfig",
+    "RulesFileError",
     "Explanation",
     "NoMatchError",
     "Selector",
@@ -48,6 +51,7 @@ __all__ = [
     "layer_decay",
     "layer_decay_scales",
     "layer_ids",
+    "load_rules",
     "mask",
     "masked",
     "multi_transform",

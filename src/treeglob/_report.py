@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,41 +107,110 @@ class Explanation:
         }
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, width: int | None = None, color: bool = False, rows: Any = None) -> str:
+        """The report as text.
+
+        Args:
+            width: the line width to fit; a table wider than it puts each
+                path (and each rule's selector) on a line of its own, above
+                its other columns, so long paths stay verbatim and readable.
+            color: ANSI colours for a terminal (labels, headers).
+            rows: the leaf rows to show (e.g. a filtered subset); all by default.
+        """
+        labels = list(self.summary)
         table = [("path", "shape", "dtype", "size", "label", "rule")]
-        for r in self.rows:
+        for r in self.rows if rows is None else rows:
             table.append(
                 (
                     r.path or "<root>",
                     "-" if r.shape is None else str(r.shape),
                     r.dtype or "-",
-                    "-" if r.size is None else str(r.size),
+                    "-" if r.size is None else f"{r.size:,}",
                     str(r.label),
                     "default" if r.rule is None else str(r.rule),
                 )
             )
-        lines = _align(table, right={3})
+        paint = _painter(color, [str(label) for label in labels])
+        lines = render_table(table, right={3}, long=0, width=width, paint=paint(4))
         if self.rules:
             rules = [("rule", "label", "matched", "decided", "selector")]
             for r in self.rules:
                 mark = "  (shadowed: earlier rules take all its leaves)" if r.shadowed else ""
                 mark = "  (optional: matches nothing)" if r.matched == 0 else mark
                 rules.append((str(r.index), str(r.label), str(r.matched), str(r.decided), r.selector + mark))
-            lines += [""] + _align(rules, right={0, 2, 3})
+            lines += [""] + render_table(
+                rules, right={0, 2, 3}, long=4, width=width, paint=paint(1), wrap=True
+            )
         total = sum(v["elements"] for v in self.summary.values()) or 1
         summary = [("label", "leaves", "elements", "share")]
         for label, v in self.summary.items():
             summary.append(
-                (str(label), str(v["leaves"]), str(v["elements"]), f"{100 * v['elements'] / total:.1f}%")
+                (str(label), str(v["leaves"]), f"{v['elements']:,}", f"{100 * v['elements'] / total:.1f}%")
             )
-        return "\n".join(lines + [""] + _align(summary, right={1, 2, 3}))
+        return "\n".join(
+            lines + [""] + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=paint(0))
+        )
 
 
-def _align(table: list[tuple[str, ...]], right: set[int]) -> list[str]:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = []
-    for row in table:
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
+_COLORS = ("32", "33", "36", "35", "34", "31")  # green, yellow, cyan, magenta, blue, red
+
+
+def _painter(color: bool, labels: list[str]):
+    """`paint(label_column)` -> a cell styler: bold headers, one colour per label."""
+
+    def for_column(label_column: int):
+        def style(row: int, col: int, cell: str, text: str) -> str:
+            if not color:
+                return cell
+            if row == 0:
+                return f"\033[1m{cell}\033[0m"
+            if col == label_column and text in labels:
+                return f"\033[{_COLORS[labels.index(text) % len(_COLORS)]}m{cell}\033[0m"
+            return cell
+
+        return style
+
+    return for_column
+
+
+def render_table(
+    table: list[tuple[str, ...]],
+    right: set[int],
+    long: int,
+    width: int | None = None,
+    paint: Any = None,
+    wrap: bool = False,
+) -> list[str]:
+    """Aligned columns (row 0 is the header). When wider than `width`, column
+    `long` goes on a line of its own (wrapped to `width` if `wrap`; paths are
+    never wrapped), the other columns aligned on an indented line below it.
+    `paint(row, col, padded, text)` may style a cell."""
+    paint = paint or (lambda row, col, padded, text: padded)
+
+    def align(cols: list[int], indent: str) -> list[str]:
+        widths = {c: max(len(r[c]) for r in table) for c in cols}
+        out = []
+        for i, r in enumerate(table):
+            cells = [
+                paint(i, c, r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]), r[c])
+                for c in cols
+            ]
+            out.append((indent + "  ".join(cells)).rstrip())
+        return out
+
+    columns = range(len(table[0]))
+    full_width = sum(max(len(r[c]) for r in table) for c in columns) + 2 * (len(columns) - 1)
+    if width is None or full_width <= width:
+        return align(list(columns), "")
+    rest = align([c for c in columns if c != long], "    ")
+    out = []
+    for i, r in enumerate(table):
+        pieces = (
+            textwrap.wrap(r[long], width, subsequent_indent="  ", break_on_hyphens=False)
+            if wrap
+            else [r[long]]
+        )
+        out += [paint(i, long, piece, r[long]) for piece in pieces or [""]] + [rest[i]]
+    return out

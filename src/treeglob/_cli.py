@@ -1,0 +1,189 @@
+"""`treeglob` / `python -m treeglob`: dry-run an optimizer configuration before training.
+
+    treeglob paths SOURCE [--filter PATTERN] [--json]
+    treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--json]
+
+SOURCE is a `.safetensors` or `.npz` checkpoint (headers only) or a
+`module:function` / `file.py:function` model factory (evaluated abstractly).
+Exit status: 0 fine; 1 the rules do not fit the tree (a rule or the filter
+matches nothing, a leaf is left uncovered); 2 bad input (a missing or
+unreadable file, a malformed rules file or pattern).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+from ._config import _PRESETS, RuleConfig, load_rules
+from ._context import Context
+from ._paths import TreeView
+from ._report import render_table
+from ._rules import MISSING, explain
+from ._selector import coerce
+from ._sources import load_source
+
+__all__ = ["main"]
+
+
+class _BadInput(Exception):
+    """The command line is wrong (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treeglob",
+        description="Check parameter-selection rules against a checkpoint or a model before training.",
+        epilog="Exit status: 0 fine, 1 the rules do not fit the tree, 2 bad input.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("source", metavar="SOURCE", help="a .safetensors or .npz file, or module:function")
+    common.add_argument("--filter", metavar="PATTERN", help="show only the leaves this pattern selects")
+    common.add_argument(
+        "--stacked",
+        metavar="PATH=AXES",
+        action="append",
+        default=[],
+        help="a subtree with stacked layer axes",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
+    common.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+
+    commands.add_parser("paths", parents=[common], help="list the array leaves: path, shape, dtype, size")
+    ex = commands.add_parser("explain", parents=[common], help="which leaf gets which label, and why")
+    ex.add_argument("--rules", metavar="FILE", help="a rules file (.toml or .json)")
+    ex.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
+    ex.add_argument(
+        "--rule", metavar="LABEL=PATTERN", action="append", default=[], help="a rule (repeatable)"
+    )
+    ex.add_argument("--preset", choices=sorted(_PRESETS), help="append a weight-decay preset's rules")
+    ex.add_argument("--default", metavar="LABEL", help="the label of leaves no rule matches")
+    ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
+    return parser
+
+
+def _stacked(items: list[str]) -> dict[str, int] | None:
+    out = {}
+    for item in items:
+        path, sep, axes = item.rpartition("=")
+        if not sep or not axes.isdecimal():
+            raise _BadInput(f"--stacked {item!r}: write PATH=AXES, e.g. --stacked blocks=1.")
+        out[path] = int(axes)
+    return out or None
+
+
+def _rules(args: argparse.Namespace) -> RuleConfig:
+    rules: list[tuple[Any, Any]] = []
+    for item in args.rule:
+        label, sep, pattern = item.partition("=")
+        if not sep or not label or not pattern:
+            raise _BadInput(f"--rule {item!r}: write LABEL=PATTERN, e.g. --rule 'no_decay=*.bias'.")
+        rules.append((coerce(pattern), label))
+    default = MISSING
+    if args.rules:
+        config = load_rules(args.rules, key=args.key)
+        rules += config.rules
+        default = config.default
+    elif args.key:
+        raise _BadInput("--key needs --rules FILE.")
+    if args.preset:
+        rules += _PRESETS[args.preset]
+    if not rules:
+        raise _BadInput("explain needs rules: --rules FILE, --rule LABEL=PATTERN or --preset NAME.")
+    return RuleConfig(rules, default if args.default is None else args.default)
+
+
+def _selected(view: TreeView, pattern: str | None) -> list[int]:
+    if pattern is None:
+        return list(range(len(view)))
+    hit = Context(view, strict=True).require(coerce(pattern), "the --filter pattern")
+    return [i for i, h in enumerate(hit) if h]
+
+
+def _paths(args: argparse.Namespace, tree: Any, stacked: Any) -> dict[str, Any]:
+    view = TreeView.of(tree, stacked)
+    rows = [
+        {
+            "path": view.paths[i],
+            "shape": list(view.shapes[i]),
+            "dtype": str(view.dtypes[i]),
+            "size": view.sizes[i],
+        }
+        for i in _selected(view, args.filter)
+        if view.shapes[i] is not None
+    ]
+    return {"leaves": rows, "count": len(rows), "elements": sum(r["size"] for r in rows)}
+
+
+def _print_paths(result: dict[str, Any], width: int | None, color: bool) -> None:
+    table = [("path", "shape", "dtype", "size")]
+    table += [(r["path"], str(tuple(r["shape"])), r["dtype"], f"{r['size']:,}") for r in result["leaves"]]
+    bold = (
+        (lambda row, col, padded, text: f"\033[1m{padded}\033[0m" if row == 0 else padded) if color else None
+    )
+    print("\n".join(render_table(table, right={3}, long=0, width=width, paint=bold)))
+    print(f"\n{result['count']} array leaves, {result['elements']:,} elements")
+
+
+def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Any]:
+    """Everything the command line names: errors here are bad input (status 2)."""
+    stacked = _stacked(args.stacked)
+    config = _rules(args) if args.command == "explain" else None
+    if args.filter is not None:
+        coerce(args.filter)  # a malformed pattern, caught before the source is read
+    return stacked, config, load_source(args.source)
+
+
+def _check(
+    args: argparse.Namespace,
+    stacked: Any,
+    config: RuleConfig | None,
+    tree: Any,
+    width: int | None,
+    color: bool,
+):
+    """The rules against the tree: errors here mean they do not fit (status 1)."""
+    if config is None:
+        result = _paths(args, tree, stacked)
+        if not args.json:
+            _print_paths(result, width, color)
+        return result
+    report = explain(tree, config.rules, default=config.default, strict=not args.no_strict, stacked=stacked)
+    shown = _selected(TreeView.of(tree, stacked), args.filter)
+    result = report.to_dict()
+    result["leaves"] = [result["leaves"][i] for i in shown]
+    if not args.json:
+        print(report.format(width=width, color=color, rows=[report.rows[i] for i in shown]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    tty = sys.stdout.isatty()
+    width = args.width or (shutil.get_terminal_size().columns if tty else None)
+    color = args.color == "always" or (args.color == "auto" and tty and "NO_COLOR" not in os.environ)
+    try:
+        inputs = _read_inputs(args)
+    except (_BadInput, ValueError, TypeError) as exc:
+        return _fail(args, 2, type(exc).__name__, str(exc))
+    try:
+        result = _check(args, *inputs, width, color)
+    except (ValueError, TypeError) as exc:
+        return _fail(args, 1, type(exc).__name__, str(exc))
+    if args.json:
+        print(json.dumps({"source": args.source, **result}, default=str, indent=1))
+    return 0
+
+
+def _fail(args: argparse.Namespace, status: int, kind: str, message: str) -> int:
+    if args.json:
+        print(json.dumps({"source": args.source, "error": {"kind": kind, "message": message}}, indent=1))
+    else:
+        print(f"treeglob {args.command}: {message}", file=sys.stderr)
+    return status

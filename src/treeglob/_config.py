@@ -1,0 +1,232 @@
+"""Rules as data: a rule list in a TOML or JSON file, or a dict of the same shape.
+
+    default = "decay"            # optional: the label of leaves no rule matches
+    preset = "timm"              # optional: append a preset's rules after these
+
+    [[rules]]
+    match = "*.bias"             # a pattern, or a list of them (any of); "re:" for a regex
+    label = "no_decay"
+
+    [[rules]]
+    type = "equinox.nn.LayerNorm"    # a dotted import path, or a list of them
+    ndim = "<=1"                     # an int, or a comparison: "==1", "!=2", "<3", "<=1", ">2", ">=2"
+    label = "no_decay"
+    optional = true                  # this rule may match nothing
+
+The conditions of an entry (`match`, `type`, `ndim`) are ANDed; each entry
+needs at least one. Loading gives exactly the selectors the Python API
+builds: `match` -> `glob`/`regex` (`any_of` for a list), `type` -> `inside`,
+`ndim` -> `treeglob.ndim` comparison, `optional` -> `treeglob.optional`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from . import presets
+from ._conditions import inside, ndim
+from ._errors import suggest
+from ._rules import MISSING, _check_label
+from ._selector import Selector, all_of, any_of, coerce, optional
+
+__all__ = ["RuleConfig", "load_rules"]
+
+_ENTRY_KEYS = ("match", "type", "ndim", "label", "optional")
+_TOP_KEYS = ("rules", "default", "preset")
+_PRESETS = {"default": presets.DEFAULT, "nanogpt": presets.NANOGPT, "timm": presets.TIMM, "hf": presets.HF}
+_COMPARISON = re.compile(r"\s*(==|!=|<=|>=|<|>)?\s*(\d+)\s*")
+
+
+class RuleConfig(NamedTuple):
+    """Rules loaded from data: pass `rules` and `default` on to `labels`, `explain`, ..."""
+
+    rules: list[tuple[Selector, Any]]
+    default: Any = MISSING
+
+
+class RulesFileError(ValueError):
+    """A rules file or dict that cannot be read as rules: names the file, the entry and the problem."""
+
+    __module__ = "treeglob"
+
+
+def _unknown_key(key: str, allowed: tuple[str, ...], where: str) -> RulesFileError:
+    close = suggest(key, allowed)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return RulesFileError(f"{where}: unknown key {key!r}.{hint} Allowed keys: {', '.join(allowed)}.")
+
+
+def _import_type(path: Any, where: str) -> type:
+    if not isinstance(path, str) or "." not in path:
+        raise RulesFileError(
+            f"{where}: type must be a dotted import path such as 'equinox.nn.LayerNorm', got {path!r}."
+        )
+    module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RulesFileError(f"{where}: cannot import the module of type {path!r}: {exc}.") from None
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        found = "it does not exist" if cls is None else f"it is a {type(cls).__name__}, not a class"
+        close = suggest(name, [n for n in dir(module) if isinstance(getattr(module, n, None), type)])
+        hint = f" Did you mean {module_name}.{close[0]}?" if close else ""
+        raise RulesFileError(f"{where}: type {path!r} is not a class: {found}.{hint}")
+    return cls
+
+
+def _ndim(value: Any, where: str) -> Selector:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ndim == value
+    m = _COMPARISON.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise RulesFileError(
+            f"{where}: ndim must be an int or a comparison such as '>=2' or '<=1', got {value!r}."
+        )
+    op, number = m.group(1) or "==", int(m.group(2))
+    return {
+        "==": ndim == number,
+        "!=": ndim != number,
+        "<": ndim < number,
+        "<=": ndim <= number,
+        ">": ndim > number,
+        ">=": ndim >= number,
+    }[op]
+
+
+def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
+    if not isinstance(entry, Mapping):
+        raise RulesFileError(
+            f"{where}: a rule is a table such as {{match = '*.bias', label = 'no_decay'}}, got {entry!r}."
+        )
+    for key in entry:
+        if key not in _ENTRY_KEYS:
+            raise _unknown_key(key, _ENTRY_KEYS, where)
+    if "label" not in entry:
+        raise RulesFileError(f'{where}: the rule has no label; add label = "...".')
+    parts: list[Selector] = []
+    if "match" in entry:
+        patterns = entry["match"]
+        patterns = patterns if isinstance(patterns, list) else [patterns]
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise RulesFileError(
+                f"{where}: match must be a pattern string or a list of them, got {entry['match']!r}."
+            )
+        try:
+            parts.append(coerce(patterns[0]) if len(patterns) == 1 else any_of(*patterns))
+        except ValueError as exc:
+            raise RulesFileError(f"{where}: bad pattern in match:\n{exc}") from None
+    if "type" in entry:
+        types_ = entry["type"] if isinstance(entry["type"], list) else [entry["type"]]
+        parts.append(inside(*(_import_type(t, where) for t in types_)))
+    if "ndim" in entry:
+        parts.append(_ndim(entry["ndim"], where))
+    if not parts:
+        raise RulesFileError(
+            f'{where}: the rule has no condition; give match, type or ndim (match = "**" selects everything).'
+        )
+    selector = parts[0] if len(parts) == 1 else all_of(*parts)
+    flag = entry.get("optional", False)
+    if not isinstance(flag, bool):
+        raise RulesFileError(f"{where}: optional must be true or false, got {flag!r}.")
+    label = entry["label"]
+    try:
+        _check_label(label, where)
+    except TypeError as exc:
+        raise RulesFileError(str(exc)) from None
+    return (optional(selector) if flag else selector), label
+
+
+def _from_data(data: Any, origin: str) -> RuleConfig:
+    if not isinstance(data, Mapping):
+        raise RulesFileError(f"{origin}: expected a table with a `rules` list, got {type(data).__name__}.")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise _unknown_key(key, _TOP_KEYS, origin)
+    entries = data.get("rules", [])
+    if not isinstance(entries, list):
+        raise RulesFileError(f"{origin}: `rules` must be a list of rule tables ([[rules]] in TOML).")
+    rules = [_entry(e, f"{origin}, rules[{i}]") for i, e in enumerate(entries)]
+    if "preset" in data:
+        name = data["preset"]
+        if name not in _PRESETS:
+            raise RulesFileError(f"{origin}: unknown preset {name!r}; the presets are {', '.join(_PRESETS)}.")
+        rules += _PRESETS[name]
+    if not rules:
+        raise RulesFileError(f"{origin}: no rules; add [[rules]] entries or a preset.")
+    default = data.get("default", MISSING)
+    if default is not MISSING:
+        try:
+            _check_label(default, "default")
+        except TypeError as exc:
+            raise RulesFileError(f"{origin}: {exc}") from None
+    return RuleConfig(rules, default)
+
+
+def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> RuleConfig:
+    """Read a rule list from a `.toml` or `.json` file, or from a dict of the same shape.
+
+    Args:
+        source: a path, or a dict `{"rules": [...], "default": ..., "preset": ...}`.
+        key: a dotted key of the table holding the rules inside a larger
+            config file, e.g. `"optimizer.weight_decay"`.
+
+    Returns:
+        A `RuleConfig(rules, default)`; `rules` is a list of `(selector, label)`
+        pairs, equal to the ones written with the Python API.
+
+    Raises:
+        RulesFileError: (a `ValueError`) the file is missing, not valid TOML
+            or JSON, or an entry is wrong; the message names the file, the
+            entry and the problem.
+
+    Examples:
+        >>> import treeglob
+        >>> config = treeglob.load_rules({
+        ...     "rules": [{"match": "*.bias", "label": "no_decay"}, {"ndim": ">=2", "label": "decay"}],
+        ...     "default": "no_decay"})
+        >>> config.rules == [(treeglob.glob("*.bias"), "no_decay"), (treeglob.ndim >= 2, "decay")]
+        True
+        >>> treeglob.load_rules({"rules": [{"match": "*.bias", "lable": "x"}]})
+        Traceback (most recent call last):
+        ...
+        treeglob.RulesFileError: <dict>, rules[0]: unknown key 'lable'. Did you mean 'label'? Allowed keys: match, type, ndim, label, optional.
+    """
+    if isinstance(source, Mapping):
+        data, origin = source, "<dict>"
+    else:
+        path = pathlib.Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RulesFileError(f"{origin}: no such rules file.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RulesFileError(f"{origin}: cannot read the rules file: {exc}.") from None
+        if path.suffix == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise RulesFileError(f"{origin}: not valid TOML: {exc}.") from None
+        elif path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RulesFileError(f"{origin}: not valid JSON: {exc}.") from None
+        else:
+            raise RulesFileError(
+                f"{origin}: rules files are .toml or .json, got {path.suffix or 'no suffix'!r}."
+            )
+    if key:
+        for part in key.split("."):
+            if not isinstance(data, Mapping) or part not in data:
+                raise RulesFileError(f"{origin}: no table {key!r} (missing {part!r}).")
+            data = data[part]
+        origin = f"{origin} [{key}]"
+    return _from_data(data, origin)
