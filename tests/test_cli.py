@@ -1,0 +1,276 @@
+"""The command line on checkpoints the tests write and on model factories."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import treeglob as tg
+from treeglob._cli import main
+from treeglob._sources import load_source
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+CHECKPOINT = {
+    "embed.weight": np.zeros((10, 4), np.float32),
+    "blocks.0.attn.qkv.weight": np.zeros((12, 4), np.float32),
+    "blocks.0.attn.qkv.bias": np.zeros(12, np.float32),
+    "blocks.0.norm.weight": np.ones(4, np.float32),
+    "blocks.1.attn.qkv.weight": np.zeros((12, 4), np.float32),
+    "blocks.1.attn.qkv.bias": np.zeros(12, np.float32),
+    "blocks.1.norm.weight": np.ones(4, np.float32),
+    "head.weight": np.zeros((3, 4), np.float16),
+}
+
+RULES = """
+default = "decay"
+
+[[rules]]
+match = ["*.bias", "*norm*"]
+label = "no_decay"
+
+[[rules]]
+match = "embed"
+label = "frozen"
+"""
+
+
+@pytest.fixture
+def st_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(CHECKPOINT, str(path))
+    return path
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    path = tmp_path / "model.npz"
+    np.savez(path, **{k.replace(".", "/"): v for k, v in CHECKPOINT.items()})
+    return path
+
+
+@pytest.fixture
+def rules_file(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text(RULES)
+    return path
+
+
+def cli(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("fixture", ["st_file", "npz_file"])
+def test_paths_of_checkpoints(request, capsys, fixture):
+    status, out, _ = cli(capsys, "paths", request.getfixturevalue(fixture))
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["path", "shape", "dtype", "size"]
+    assert "blocks.1.attn.qkv.weight  (12, 4)  float32    48" in out
+    assert "head.weight               (3, 4)   float16    12" in out
+    assert lines[-1] == "8 array leaves, 180 elements"
+
+
+def test_checkpoint_paths_match_patterns_like_model_paths(st_file, npz_file):
+    for source in (st_file, npz_file):
+        tree = load_source(str(source))
+        assert tg.mask(tree, "blocks.{0..0}.attn")["blocks"]["0"]["attn"]["qkv"]["weight"] is True
+        assert sorted(tg.paths(tree)) == sorted(CHECKPOINT)
+
+
+def test_sources_read_headers_only(tmp_path):
+    big = {"w": np.ones((2048, 2048), np.float32)}  # 16 MiB of data
+    save_file(big, str(tmp_path / "big.safetensors"))
+    np.savez(tmp_path / "big.npz", **big)
+    for name in ("big.safetensors", "big.npz"):
+        tracemalloc.start()
+        tree = load_source(str(tmp_path / name))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert tree["w"].shape == (2048, 2048)
+        assert peak < 1 << 20, f"{name}: {peak} bytes allocated while reading"
+
+
+def test_paths_json_schema_and_filter(capsys, npz_file):
+    status, out, _ = cli(capsys, "paths", npz_file, "--json", "--filter", "*.bias")
+    assert status == 0
+    data = json.loads(out)
+    assert set(data) == {"source", "leaves", "count", "elements"}
+    assert data["leaves"] == [
+        {"path": f"blocks.{i}.attn.qkv.bias", "shape": [12], "dtype": "float32", "size": 12} for i in (0, 1)
+    ]
+    assert data["count"] == 2 and data["elements"] == 24
+
+
+def test_explain_with_a_rules_file(capsys, st_file, rules_file):
+    status, out, _ = cli(capsys, "explain", st_file, "--rules", rules_file)
+    assert status == 0
+    assert "embed.weight              (10, 4)  float32    40  frozen    1" in out
+    assert "no_decay       4        32  17.8%" in out
+
+
+def test_explain_json_schema(capsys, st_file, rules_file):
+    status, out, _ = cli(capsys, "explain", st_file, "--rules", rules_file, "--json")
+    assert status == 0
+    data = json.loads(out)
+    assert set(data) == {"source", "leaves", "rules", "summary"}
+    assert set(data["leaves"][0]) == {"path", "shape", "dtype", "size", "label", "rule", "selector"}
+    assert set(data["rules"][0]) == {"index", "label", "selector", "matched", "decided", "shadowed"}
+    assert data["summary"] == {
+        "no_decay": {"leaves": 4, "elements": 32},
+        "frozen": {"leaves": 1, "elements": 40},
+        "decay": {"leaves": 3, "elements": 108},
+    }
+
+
+def test_explain_with_rules_on_the_command_line_and_a_preset(capsys, npz_file):
+    status, out, _ = cli(capsys, "explain", npz_file, "--rule", "frozen=embed", "--preset", "nanogpt")
+    assert status == 0
+    assert "embed.weight" in out and "frozen" in out and "no_decay" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--rule", "no_decay=*.bais", "--default", "decay"],
+            r"glob\('\*.bais'\) matches no leaf.*\nClose matches in the tree: bias",
+        ),
+        (["--rule", "no_decay=*.bias"], r"6 of 8 leaves match no rule and no default label was given"),
+        (["--rule", "x=**", "--filter", "blcks"], r"The --filter pattern glob\('blcks'\) matches no leaf"),
+    ],
+)
+def test_rules_that_do_not_fit_exit_1(capsys, npz_file, argv, message):
+    import re
+
+    status, out, err = cli(capsys, "explain", npz_file, *argv)
+    assert status == 1 and out == ""
+    assert re.search(message, err), err
+
+
+def test_no_strict_lets_a_rule_match_nothing(capsys, npz_file):
+    status, out, _ = cli(capsys, "explain", npz_file, "--rule", "x=nothing", "--default", "y", "--no-strict")
+    assert status == 0 and "(optional: matches nothing)" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["paths", "missing.safetensors"], r"missing.safetensors: no such file"),
+        (["paths", "model.npz.txt"], r"not a .safetensors or .npz file, nor a module:function factory"),
+        (["explain", "{npz}", "--rule", "nolabel"], r"--rule 'nolabel': write LABEL=PATTERN"),
+        (["explain", "{npz}", "--rule", "x=a..b"], r"empty segment"),
+        (["explain", "{npz}"], r"explain needs rules"),
+        (["explain", "{npz}", "--rules", "{bad_rules}"], r"bad.toml, rules\[0\]: unknown key 'patern'"),
+        (["paths", "{garbage}"], r"garbage.safetensors: not a readable .safetensors file"),
+        (["paths", "{garbage_npz}"], r"garbage.npz: not a readable .npz file"),
+        (["paths", "nosuchmodule_xyz:build"], r"cannot import 'nosuchmodule_xyz'"),
+        (["paths", "{npz}", "--stacked", "blocks"], r"--stacked 'blocks': write PATH=AXES"),
+    ],
+)
+def test_bad_input_exits_2(capsys, tmp_path, npz_file, argv, message):
+    import re
+
+    (tmp_path / "bad.toml").write_text('[[rules]]\npatern = "*.bias"\nlabel = "x"\n')
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    names = {"npz": npz_file, "bad_rules": tmp_path / "bad.toml", "garbage": tmp_path / "garbage.safetensors"}
+    names["garbage_npz"] = tmp_path / "garbage.npz"
+    status, out, err = cli(capsys, *(a.format(**names) for a in argv))
+    assert status == 2 and out == ""
+    assert re.search(message, err), err
+
+
+def test_errors_as_json(capsys, npz_file):
+    status, out, _ = cli(capsys, "explain", npz_file, "--rule", "x=nothing", "--json")
+    assert status == 1
+    data = json.loads(out)
+    assert data["source"] == str(npz_file) and data["error"]["kind"] == "NoMatchError"
+    assert "glob('nothing') matches no leaf" in data["error"]["message"]
+
+
+def test_80_columns_keep_full_paths_and_wrap_the_rest(capsys, tmp_path):
+    long_name = "encoder.layers.11.self_attention.query_key_value_projection.lora_adapter_a.weight"
+    save_file(
+        {long_name: np.zeros((8, 4), np.float32), "head.weight": np.zeros((2, 8), np.float32)},
+        str(tmp_path / "m.safetensors"),
+    )
+    status, out, _ = cli(
+        capsys, "explain", tmp_path / "m.safetensors", "--preset", "default", "--width", "80"
+    )
+    assert status == 0
+    lines = out.splitlines()
+    assert long_name in lines  # verbatim, on a line of its own
+    assert all(len(line) <= 80 for line in lines if line != long_name), out
+
+
+def test_color_only_when_asked_or_on_a_terminal(capsys, npz_file):
+    assert "\033[" not in cli(capsys, "explain", npz_file, "--preset", "default")[1]
+    assert "\033[1mpath" in cli(capsys, "explain", npz_file, "--preset", "default", "--color", "always")[1]
+
+
+def test_stacked_checkpoint(capsys, tmp_path):
+    np.savez(tmp_path / "scan.npz", **{"blocks/w": np.zeros((3, 4, 4)), "blocks/b": np.zeros((3, 4))})
+    status, out, _ = cli(
+        capsys, "explain", tmp_path / "scan.npz", "--preset", "nanogpt", "--stacked", "blocks=1"
+    )
+    assert status == 0
+    assert "blocks.2.b  (4,)    float64     4  no_decay  1" in out
+
+
+# ----------------------------------------------------------------------------
+# As a program: python -m treeglob, the installed script, model factories
+
+FACTORY = textwrap.dedent(
+    """
+    import equinox as eqx, jax
+
+    def build():
+        return eqx.nn.MLP(4096, 4096, 4096, 2, key=jax.random.key(0))  # 50M params, never allocated
+    """
+)
+
+
+def test_python_m_treeglob_on_a_factory_module(tmp_path):
+    (tmp_path / "tinymodel.py").write_text(FACTORY)
+    result = subprocess.run(
+        [sys.executable, "-m", "treeglob", "paths", "tinymodel:build", "--filter", "layers.0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "layers.0.weight  (4096, 4096)  float32  16,777,216" in result.stdout
+
+
+def test_installed_script_explains_the_quick_start_model():
+    script = shutil.which("treeglob", path=os.path.dirname(sys.executable)) or shutil.which("treeglob")
+    assert script, "the treeglob script is not installed"
+    result = subprocess.run(
+        [
+            script,
+            "explain",
+            str(EXAMPLES / "train_gpt.py") + ":build_model",
+            "--preset",
+            "default",
+            "--width",
+            "80",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "blocks.1.attn.query_proj.weight   (64, 64)   float32   4,096  decay     1" in result.stdout
+    assert "no_decay      21    12,327  10.5%" in result.stdout
