@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny Equinox Transformer and a mixed container tree."""
+"""Shared fixtures: a tiny Equinox Transformer and a mixed container tree; hypothesis profiles."""
 
+import os
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# A bounded number of examples in CI; HYPOTHESIS_PROFILE=thorough locally for a deeper search.
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "thorough", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class Block(eqx.Module):

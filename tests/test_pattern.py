@@ -181,6 +181,7 @@ MALFORMED = [
     (".a", 0, "empty segment"),
     ("a.", 1, "empty segment"),
     ("x.{.a,b}", 3, "empty segment"),
+    ("{a.b,}", 0, "empty segment"),  # found by the mutation fuzzer: was an IndexError
     ("a.**b", 2, r"'\*\*' must be a whole segment"),
     ("x**", 1, r"'\*\*' must be a whole segment"),
     ("***", 0, r"'\*\*\*' is not a wildcard"),

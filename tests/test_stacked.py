@@ -195,7 +195,7 @@ def test_mismatched_layer_counts_are_caught():
     tree = {"blocks": {"w": np.zeros((4, 3)), "b": np.zeros((5, 3))}}
     with pytest.raises(
         ValueError,
-        match=r"share the leading 1 axes: blocks.b has shape \(5, 3\) but blocks.w has shape \(4, 3\)",
+        match=r"have the same leading axis \(the layers\): blocks.b has shape \(5, 3\) but blocks.w has shape \(4, 3\)",
     ):
         tg.labels(tree, [("**", 1.0)], stacked={"blocks": 1})
 

@@ -416,12 +416,12 @@ class _Where(Selector):
                 result = self.fn(path, leaf)
             except Exception as exc:
                 exc.add_note(
-                    f"treeglob: raised by the where() predicate {self.fn!r} on the leaf at path {path!r}."
+                    f"treeglob: raised by the where() predicate {_name(self.fn)} on the leaf at path {path!r}."
                 )
                 raise
             if not isinstance(result, bool | np.bool_):
                 raise TypeError(
-                    f"The where() predicate {self.fn!r} returned {type(result).__name__} {result!r} for the "
+                    f"The where() predicate {_name(self.fn)} returned {type(result).__name__} {result!r} for the "
                     f"leaf at path {path!r}; it must return a bool. (Masks are static: a traced or "
                     "array value cannot decide them.)"
                 )
@@ -429,7 +429,12 @@ class _Where(Selector):
         return out
 
     def __repr__(self) -> str:
-        return f"where({getattr(self.fn, '__name__', self.fn)!r})"
+        return f"where({_name(self.fn)})"
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """A stable name for a predicate in messages (a repr would show a memory address)."""
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def where(fn: Callable[[str, Any], bool]) -> Selector:

@@ -45,7 +45,7 @@ def _block_indices(view: TreeView, blocks: str) -> list[int]:
         raise NoMatchError(
             f"blocks={blocks!r} names no subtree of the tree.{hint} Give the path of the block "
             "sequence as treeglob.paths() prints it; for blocks stacked with eqx.filter_vmap, also "
-            f"pass stacked={{{blocks!r}: 1}}."
+            "pass stacked={'<that path>': 1}."
         )
     return sorted(found)
 

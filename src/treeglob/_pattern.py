@@ -29,6 +29,9 @@ __all__ = ["MAX_ALTERNATIVES", "CompiledGlob", "compile_glob", "compile_regex", 
 
 #: Upper bound on the alternatives that braces spanning segments may expand to.
 MAX_ALTERNATIVES = 256
+#: Upper bound on brace nesting: deeper patterns are machine-made mistakes, and
+#: the parser and the matchers recurse once per level.
+MAX_NESTING = 32
 
 
 class _Parser:
@@ -39,6 +42,7 @@ class _Parser:
         self.body = body
         self.offset = offset  # position of body[0] inside pattern
         self.i = 0
+        self.depth = 0  # brace nesting
 
     def fail(self, pos: int, problem: str, fix: str) -> ValueError:
         return pattern_error(self.pattern, pos + self.offset, problem, fix)
@@ -161,6 +165,13 @@ class _Parser:
                 )
             self.i = m.end()
             return Range(lo, hi)
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.fail(
+                start,
+                f"braces are nested more than {MAX_NESTING} deep.",
+                "Flatten the alternatives, or escape literal braces as '\\{' and '\\}'.",
+            )
         options = [self.sequence(in_braces=True)]
         while self.i < len(body) and body[self.i] == ",":
             self.i += 1
@@ -172,6 +183,7 @@ class _Parser:
                 "Close the group, e.g. '{qkv,proj}' or '{0..11}', or escape a literal brace as '\\{'.",
             )
         self.i += 1  # the closing "}"
+        self.depth -= 1
         if len(options) < 2:
             content = body[start + 1 : self.i - 1]
             hint = (
@@ -224,7 +236,9 @@ def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
     tokens: list[object] = []
     for k, segment in enumerate(segments):
         if not segment:
-            pos = seps[k] if k < len(seps) else seps[k - 1]
+            # The separator after the empty segment, else the one before it; an
+            # alternative with no separator at all (the empty one of '{a.b,}') has neither.
+            pos = seps[k] if k < len(seps) else seps[k - 1] if seps else 0
             raise parser.fail(
                 pos,
                 "empty segment: a path segment cannot be empty.",

@@ -45,9 +45,9 @@ class Rule:
 
 def _check_label(label: Any, where: str) -> None:
     if label is None or not jtu.treedef_is_leaf(jtu.tree_structure(label)):
-        kind = "None" if label is None else f"a {type(label).__name__} container"
+        kind = "None" if label is None else f"a {type(label).__name__} container ({label!r})"
         raise TypeError(
-            f"The label of {where} is {kind} ({label!r}). A label must be a PyTree leaf "
+            f"The label of {where} is {kind}. A label must be a PyTree leaf "
             "(a string, number, PartitionSpec, ...): None or a container would change the "
             "structure of the label tree."
         )

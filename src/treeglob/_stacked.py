@@ -83,8 +83,9 @@ def expand(view: TreeView, stacked: Any) -> TreeView:
         for i in arrays:
             if view.shapes[i][:axes] != stack:
                 raise ValueError(
-                    f"stacked={{{path!r}: {axes}}} needs every array under {path!r} to share the "
-                    f"leading {axes} axes: {view.paths[first]} has shape {view.shapes[first]} but "
+                    f"stacked={{{path!r}: {axes}}} needs every array under {path!r} to have the same "
+                    f"leading {'axis' if axes == 1 else f'{axes} axes'} (the layers): {view.paths[first]} has "
+                    f"shape {view.shapes[first]} but "
                     f"{view.paths[i]} has shape {view.shapes[i]}. Check the number of stacked axes, or "
                     "declare a smaller subtree."
                 )
