@@ -255,7 +255,10 @@ META = "*?[]{}.,!^$\\\"'-0123456789ab"
 def test_arbitrary_text_builds_a_selector_or_raises_value_error(text):
     for build in (tg.glob, lambda t: tg.regex("re:" + t), tg.translate):
         try:
-            build(text)
+            with warnings.catch_warnings():
+                # Python's own advice on an ambiguous regex ("Possible nested set") stays a warning.
+                warnings.simplefilter("ignore", FutureWarning)
+                build(text)
         except ValueError:
             pass
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 
 from ._context import Context
-from ._pattern import CompiledGlob, compile_glob, compile_regex
+from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
 from ._selector import _BOOL_MESSAGE, Selector
+from ._structure import LEAF, Node, per_leaf
 
 __all__ = ["dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 
@@ -34,8 +34,17 @@ class _Glob(Selector):
     compiled: CompiledGlob
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        match = self.compiled.match
-        return np.fromiter((match(s) for s in ctx.view.segments), bool, len(ctx.view))
+        glob, root = self.compiled, ctx.view.structure
+        if root is None or ctx.view.origin is not None:  # stacked rows, or a tree too deep to walk
+            return np.fromiter((glob.match(s) for s in ctx.view.segments), bool, len(ctx.view))
+        hits = per_leaf(
+            root,
+            glob.start(),
+            lambda state, segment, child: glob.step(state, segment),
+            glob.accepts,
+            lambda state: True if state is MATCHED else False if glob.dead(state) else None,
+        )
+        return np.array(hits, bool)
 
     def _patterns(self) -> list[str]:
         return [self.compiled.pattern]
@@ -127,24 +136,31 @@ def _names(classes: tuple[type, ...]) -> str:
     return ", ".join(c.__name__ for c in classes)
 
 
+def _structure(ctx: Context, name: str) -> Node:
+    root = ctx.view.structure
+    if root is None:
+        raise ValueError(f"{name}() cannot walk this tree: it is nested too deep for Python's recursion limit.")
+    return root
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class _Inside(Selector):
     classes: tuple[type, ...]
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        # Flatten with instances of the classes as leaves: the outermost
-        # instances come out in leaf order, each standing for a contiguous run
-        # of the real leaves, which are exactly the leaves inside it.
-        out = np.zeros(ctx.view.num_leaves, bool)
-        is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
-        i = 0
-        for item in jtu.tree_leaves(ctx.view.tree, is_leaf=is_instance):
-            if is_instance(item):
-                n = jtu.tree_structure(item).num_leaves
-                out[i : i + n] = True
-                i += n
-            else:
-                i += 1
+        # The state is "inside an instance already"; the root counts, and so
+        # does a leaf that is itself an instance.
+        is_kind = lambda node: node.kind is not None and issubclass(node.kind, self.classes)  # noqa: E731
+        root = _structure(ctx, "inside")
+        hits = per_leaf(
+            root,
+            is_kind(root),
+            lambda inside, segment, child: inside or is_kind(child),
+            lambda inside: inside,
+            lambda inside: True if inside else None,
+        )
+        leaves = ctx.view.tree_leaves or ctx.view.leaves
+        out = np.array(hits, bool) | np.fromiter((isinstance(x, self.classes) for x in leaves), bool, len(leaves))
         return ctx.view.rows_of(out)
 
     def __repr__(self) -> str:
@@ -156,31 +172,17 @@ class _OwnedBy(Selector):
     classes: tuple[type, ...]
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        out = np.zeros(ctx.view.num_leaves, bool)
-        is_instance = lambda x: isinstance(x, self.classes)  # noqa: E731
-
-        def scan(subtree: Any, start: int) -> None:
-            i = start
-            for item in jtu.tree_leaves(subtree, is_leaf=is_instance):
-                n = jtu.tree_structure(item).num_leaves
-                if is_instance(item) and jtu.tree_structure(item).num_nodes > 1:
-                    own(item, i)
-                i += n
-
-        def own(node: Any, start: int) -> None:
-            # One level down: `is_leaf` stops at every child (None stays empty).
-            children = jtu.tree_leaves(node, is_leaf=lambda x: x is not node and x is not None)
-            i = start
-            for child in children:
-                structure = jtu.tree_structure(child)
-                if structure.num_nodes == 1 and structure.num_leaves == 1:
-                    out[i] = True
-                else:
-                    scan(child, i)
-                i += structure.num_leaves
-
-        scan(ctx.view.tree, 0)
-        return ctx.view.rows_of(out)
+        # The state is "the node being walked is an instance": a leaf child inherits it.
+        is_kind = lambda node: node.kind is not None and issubclass(node.kind, self.classes)  # noqa: E731
+        root = _structure(ctx, "owned_by")
+        hits = per_leaf(
+            root,
+            False if root is LEAF else is_kind(root),
+            lambda owner, segment, child: owner if child is LEAF else is_kind(child),
+            lambda owner: owner,
+            lambda owner: None,
+        )
+        return ctx.view.rows_of(np.array(hits, bool))
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"

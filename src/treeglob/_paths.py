@@ -44,9 +44,9 @@ def render_key(key: Any) -> tuple[str, str]:
     return text, _quote(text)
 
 
-def _flatten_with_path(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+def _flatten(flatten: Any, tree: Any) -> Any:
     try:
-        return jtu.tree_flatten_with_path(tree)
+        return flatten(tree)
     except (TypeError, ValueError) as exc:
         hint = ""
         if "'<' not supported" in str(exc) or "sort" in str(exc):
@@ -83,34 +83,67 @@ class TreeView:
     Rows are the leaves, except under subtrees declared stacked (see
     `_stacked.py`), where each leaf becomes one row per layer slice.
     `origin[row]` is the index of the leaf a row comes from (None when rows
-    are the leaves themselves). Only static metadata is read, never values.
+    are the leaves themselves). Paths are rendered only when something asks
+    for them: globs, `inside` and `owned_by` walk the compressed structure
+    (`_structure.py`) instead. Only static metadata is read, never values.
     """
 
     tree: Any
     treedef: Any
     leaves: list[Any]  # per row: the leaf, or a ShapeDtypeStruct of one slice
-    segments: list[tuple[str, ...]]  # per row: raw key texts, what patterns see
-    rendered: list[tuple[str, ...]]  # per row: the same segments, quoted where needed
-    paths: list[str]  # per row: the rendered segments joined with "."
+    row_keys: tuple[list[tuple[str, ...]], list[tuple[str, ...]]] | None = None  # given for stacked views
     origin: np.ndarray | None = None
     slices: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # per leaf: (first row, stack shape)
     stacked_paths: list[str] | None = None  # per leaf: its path before the layer index was inserted
+    tree_leaves: list[Any] | None = None  # the leaves themselves, when rows differ from them
 
     @classmethod
     def of(cls, tree: Any, stacked: Any = None) -> TreeView:
-        flat, treedef = _flatten_with_path(tree)
-        leaves = [leaf for _, leaf in flat]
-        segments, rendered = [], []
-        for kp, _ in flat:
-            pairs = [render_key(k) for k in kp]
-            segments.append(tuple(p[0] for p in pairs))
-            rendered.append(tuple(p[1] for p in pairs))
-        view = cls(tree, treedef, leaves, segments, rendered, [".".join(r) for r in rendered])
+        leaves, treedef = _flatten(jtu.tree_flatten, tree)
+        view = cls(tree, treedef, leaves)
         if stacked is not None:
             from ._stacked import expand
 
             view = expand(view, stacked)
         return view
+
+    @functools.cached_property
+    def key_paths(self) -> list[tuple[Any, ...]]:
+        """Per leaf (not per row): its JAX key path."""
+        return [key_path for key_path, _ in _flatten(jtu.tree_flatten_with_path, self.tree)[0]]
+
+    @functools.cached_property
+    def _keys(self) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+        if self.row_keys is not None:
+            return self.row_keys
+        segments, rendered = [], []
+        for key_path in self.key_paths:
+            pairs = [render_key(k) for k in key_path]
+            segments.append(tuple(p[0] for p in pairs))
+            rendered.append(tuple(p[1] for p in pairs))
+        return segments, rendered
+
+    @property
+    def segments(self) -> list[tuple[str, ...]]:
+        """Per row: the raw key texts, what patterns see."""
+        return self._keys[0]
+
+    @property
+    def rendered(self) -> list[tuple[str, ...]]:
+        """Per row: the segments, quoted where needed."""
+        return self._keys[1]
+
+    @functools.cached_property
+    def paths(self) -> list[str]:
+        """Per row: the rendered segments joined with "."."""
+        return [".".join(r) for r in self.rendered]
+
+    @functools.cached_property
+    def structure(self) -> Any:
+        """The compressed structure of the tree (per leaf, not per row), or None."""
+        from ._structure import build
+
+        return build(self.treedef, lambda: self.key_paths)
 
     @functools.cached_property
     def shapes(self) -> list[tuple[int, ...] | None]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._errors import pattern_error
 from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Class, DoubleStar, Lit, Range, SegmentMatcher, Sep
@@ -264,53 +264,93 @@ def _split_segments(items: list[object], parser: _Parser) -> tuple[object, ...]:
 # A whole glob.
 
 
+#: The state of a glob that has matched a run of segments: with an unanchored
+#: end, every leaf below is selected whatever follows.
+MATCHED: frozenset[tuple[int, int]] = frozenset({(-1, -1)})
+_MAX_TRANSITIONS = 65536
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledGlob:
-    """A parsed glob: alternatives of segment tokens plus anchors."""
+    """A parsed glob: alternatives of segment tokens plus anchors.
+
+    Matching is a deterministic walk over segments: `start()`, then
+    `step(state, segment)` per segment, then `accepts(state)`. A state is
+    the frozenset of `(alternative, token index)` positions reached (the
+    set-of-states simulation of the NFA, so no backtracking), or `MATCHED`.
+    Transitions are memoised per (state, segment text), which is what makes
+    walking a model's many identical subtrees cheap.
+    """
 
     pattern: str
     alternatives: tuple[tuple[object, ...], ...]
     anchored_start: bool
     anchored_end: bool
     ignore_case: bool
+    _transitions: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def start(self) -> frozenset[tuple[int, int]]:
+        return self._settle({(a, 0) for a in range(len(self.alternatives))})
+
+    def _settle(self, positions: set[tuple[int, int]]) -> frozenset[tuple[int, int]]:
+        # `**` may match zero segments: reaching it also reaches the next token.
+        for a, k in list(positions):
+            tokens = self.alternatives[a]
+            while k < len(tokens) and tokens[k] is ANY_SEGMENTS:
+                k += 1
+                positions.add((a, k))
+        if not self.anchored_end and self._complete(positions):
+            return MATCHED
+        return frozenset(positions)
+
+    def _complete(self, positions: frozenset[tuple[int, int]] | set[tuple[int, int]]) -> bool:
+        return any(k == len(self.alternatives[a]) for a, k in positions)
+
+    def step(self, state: frozenset[tuple[int, int]], segment: str) -> frozenset[tuple[int, int]]:
+        """The state after one more segment."""
+        if state is MATCHED:
+            return MATCHED
+        key = (state, segment)
+        following = self._transitions.get(key)
+        if following is None:
+            if len(self._transitions) > _MAX_TRANSITIONS:  # bound memory on adversarial inputs
+                self._transitions.clear()
+            following = self._transitions[key] = self._advance(state, segment)
+        return following
+
+    def _advance(self, state: frozenset[tuple[int, int]], segment: str) -> frozenset[tuple[int, int]]:
+        text = segment.casefold() if self.ignore_case else segment
+        following = set() if self.anchored_start else {(a, 0) for a in range(len(self.alternatives))}
+        for a, k in state:
+            tokens = self.alternatives[a]
+            if k == len(tokens):
+                continue
+            token = tokens[k]
+            if token is ANY_SEGMENTS:
+                following.add((a, k))
+            elif token.match(text):  # type: ignore[attr-defined]
+                following.add((a, k + 1))
+        return self._settle(following)
+
+    def accepts(self, state: frozenset[tuple[int, int]]) -> bool:
+        """Whether a leaf whose path led to `state` is selected."""
+        # With an unanchored end, a complete state has already become MATCHED.
+        return state is MATCHED or (self.anchored_end and self._complete(state))
+
+    def dead(self, state: frozenset[tuple[int, int]]) -> bool:
+        """Whether no leaf below can be selected (an anchored start that failed)."""
+        return not state and self.anchored_start
 
     def match(self, segments: tuple[str, ...]) -> bool:
         """Whether the pattern matches a run of whole segments of `segments`."""
-        if self.ignore_case:
-            segments = tuple(s.casefold() for s in segments)
-        return any(self._match_one(tokens, segments) for tokens in self.alternatives)
-
-    def _match_one(self, tokens: tuple[object, ...], segments: tuple[str, ...]) -> bool:
-        m = len(tokens)
-        free_start, free_end = not self.anchored_start, not self.anchored_end
-
-        def close(states: set[int]) -> set[int]:
-            # `**` may match zero segments: reaching it also reaches the next token.
-            for k in sorted(states):
-                while k < m and tokens[k] is ANY_SEGMENTS:
-                    k += 1
-                    states.add(k)
-            return states
-
-        current = close({0})
-        if m in current and (free_end or not segments):
-            return True
-        for seg in segments:
-            following = {0} if free_start else set()
-            for k in current:
-                if k == m:
-                    continue
-                token = tokens[k]
-                if token is ANY_SEGMENTS:
-                    following.add(k)
-                elif token.match(seg):  # type: ignore[attr-defined]
-                    following.add(k + 1)
-            current = close(following)
-            if m in current and free_end:
+        state = self.start()
+        for segment in segments:
+            state = self.step(state, segment)
+            if state is MATCHED:
                 return True
-            if not current:
+            if self.dead(state):
                 return False
-        return m in current
+        return self.accepts(state)
 
     def regex(self) -> str:
         """An equivalent regex over the rendered path, for `re.fullmatch`."""

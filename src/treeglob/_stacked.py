@@ -116,12 +116,11 @@ def expand(view: TreeView, stacked: Any) -> TreeView:
         view.tree,
         view.treedef,
         leaves,
-        segments,
-        rendered,
-        [".".join(r) for r in rendered],
+        row_keys=(segments, rendered),
         origin=np.asarray(origin),
         slices=tuple(slices),
         stacked_paths=view.paths,
+        tree_leaves=view.leaves,
     )
 
 
