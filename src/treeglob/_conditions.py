@@ -159,8 +159,11 @@ class _Inside(Selector):
             lambda inside: inside,
             lambda inside: True if inside else None,
         )
-        leaves = ctx.view.tree_leaves or ctx.view.leaves
-        out = np.array(hits, bool) | np.fromiter((isinstance(x, self.classes) for x in leaves), bool, len(leaves))
+        out = np.array(hits, bool)
+        leaf_kinds = [t for t in ctx.view.leaf_types if issubclass(t, self.classes)]
+        if leaf_kinds:  # rare: leaves that are themselves instances (checked per type, not per leaf)
+            leaves = ctx.view.tree_leaves or ctx.view.leaves
+            out |= np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves))
         return ctx.view.rows_of(out)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 __all__ = ["TreeView", "paths", "render_key", "shape_of", "split_path"]
+
+_STRUCTURES: dict[Any, Any] = {}  # treedef -> compressed structure, most recent last
+_STRUCTURES_LOCK = threading.Lock()
 
 _SPECIAL = frozenset("*?[]{}.\"'\\^$")
 
@@ -139,11 +143,26 @@ class TreeView:
         return [".".join(r) for r in self.rendered]
 
     @functools.cached_property
+    def leaf_types(self) -> set[type]:
+        """The distinct types of the leaves (not rows)."""
+        return set(map(type, self.tree_leaves or self.leaves))
+
+    @functools.cached_property
     def structure(self) -> Any:
         """The compressed structure of the tree (per leaf, not per row), or None."""
         from ._structure import build
 
-        return build(self.treedef, lambda: self.key_paths)
+        # Equal treedefs have equal structures: a training loop asks about the same tree
+        # again and again (every optax init and update), so keep the last few.
+        with _STRUCTURES_LOCK:
+            cached = _STRUCTURES.pop(self.treedef, None)
+        if cached is None:
+            cached = build(self.treedef, lambda: self.key_paths)
+        with _STRUCTURES_LOCK:
+            _STRUCTURES[self.treedef] = cached
+            while len(_STRUCTURES) > 8:
+                del _STRUCTURES[next(iter(_STRUCTURES))]
+        return cached
 
     @functools.cached_property
     def shapes(self) -> list[tuple[int, ...] | None]:
