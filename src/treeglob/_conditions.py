@@ -139,7 +139,9 @@ def _names(classes: tuple[type, ...]) -> str:
 def _structure(ctx: Context, name: str) -> Node:
     root = ctx.view.structure
     if root is None:
-        raise ValueError(f"{name}() cannot walk this tree: it is nested too deep for Python's recursion limit.")
+        raise ValueError(
+            f"{name}() cannot walk this tree: it is nested too deep for Python's recursion limit."
+        )
     return root
 
 

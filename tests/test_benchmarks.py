@@ -1,0 +1,23 @@
+"""The benchmark script runs (tiny configuration); its timings are not asserted here."""
+
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def test_benchmark_script_runs_in_its_quick_configuration():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for section in (
+        "## Label building",
+        "## Compiled step",
+        "## Layer-wise LR decay",
+        "## Adversarial patterns",
+        "## Targets",
+    ):
+        assert section in result.stdout
+    assert "jaxpr identical to the hand-written mask: True" in result.stdout
