@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import pytest
 
 import treeglob as tg
@@ -109,3 +110,42 @@ def test_every_path_selects_exactly_its_leaf(transformer):
 def test_mixed_key_types_give_a_clear_error():
     with pytest.raises(TypeError, match="mixes key types"):
         tg.paths({1: "a", "b": 2})
+
+
+class Picky:
+    """A custom node whose unflatten refuses int leaves (the placeholders a one-level rebuild uses)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+def _picky_unflatten(aux, children):
+    if any(type(c) is int for c in children):
+        raise TypeError("Picky holds no ints")
+    return Picky(*children)
+
+
+jax.tree_util.register_pytree_with_keys(
+    Picky,
+    lambda p: (((jax.tree_util.GetAttrKey("a"), p.a), (jax.tree_util.GetAttrKey("b"), p.b)), None),
+    _picky_unflatten,
+)
+
+
+def test_custom_nodes_that_refuse_placeholders_still_select_by_path_and_type():
+    tree = {"x": Picky(np.zeros(2), np.zeros(3)), "y": [Picky(np.zeros(1), np.zeros((2, 2)))]}
+    assert tg.paths(tree) == ["x.a", "x.b", "y.0.a", "y.0.b"]
+    assert [p for p, m in zip(tg.paths(tree), jax.tree.leaves(tg.mask(tree, "*.b")), strict=True) if m] == [
+        "x.b",
+        "y.0.b",
+    ]
+    assert jax.tree.leaves(tg.mask(tree, tg.inside(Picky) & "y")) == [False, False, True, True]
+    assert jax.tree.leaves(tg.mask(tree, tg.owned_by(list), strict=False)) == [False] * 4
+
+
+def test_structure_is_shared_by_equal_treedefs_and_follows_changes():
+    a = {"blocks": [{"w": np.zeros(2)}] * 3}
+    b = {"blocks": [{"w": np.zeros(2)}] * 4}
+    assert jax.tree.leaves(tg.mask(a, "blocks.{2..9}")) == [False, False, True]
+    assert jax.tree.leaves(tg.mask(b, "blocks.{2..9}")) == [False, False, True, True]
+    assert jax.tree.leaves(tg.mask(a, "blocks.{2..9}")) == [False, False, True]
