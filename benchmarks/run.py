@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 from train_gpt import GPT  # noqa: E402
 
 import treeglob as tg  # noqa: E402
-from treeglob import _paths, _pattern  # noqa: E402
+from treeglob import _pattern, _structure  # noqa: E402
 
 LEAVES_PER_BLOCK, OTHER_LEAVES = 14, 6
 
@@ -73,7 +73,7 @@ def clear_caches() -> None:
     """Forget compiled patterns and structures: the next call is a cold one."""
     _pattern.compile_glob.cache_clear()
     _pattern.compile_regex.cache_clear()
-    _paths._STRUCTURES.clear()
+    _structure._CACHE.clear()
 
 
 # ----------------------------------------------------------------------------

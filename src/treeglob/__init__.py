@@ -33,10 +33,10 @@ from ._sharding import shardings as shardings
 __version__ = importlib.metadata.version("treeglob")
 
 __all__ = [
-    "RuleConfig",
-    "RulesFileError",
     "Explanation",
     "NoMatchError",
+    "RuleConfig",
+    "RulesFileError",
     "Selector",
     "ShadowedRuleWarning",
     "all_of",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,6 @@ import numpy as np
 
 __all__ = ["TreeView", "paths", "render_key", "shape_of", "split_path"]
 
-_STRUCTURES: dict[Any, Any] = {}  # treedef -> compressed structure, most recent last
-_STRUCTURES_LOCK = threading.Lock()
 
 _SPECIAL = frozenset("*?[]{}.\"'\\^$")
 
@@ -150,19 +147,9 @@ class TreeView:
     @functools.cached_property
     def structure(self) -> Any:
         """The compressed structure of the tree (per leaf, not per row), or None."""
-        from ._structure import build
+        from ._structure import structure_of
 
-        # Equal treedefs have equal structures: a training loop asks about the same tree
-        # again and again (every optax init and update), so keep the last few.
-        with _STRUCTURES_LOCK:
-            cached = _STRUCTURES.pop(self.treedef, None)
-        if cached is None:
-            cached = build(self.treedef, lambda: self.key_paths)
-        with _STRUCTURES_LOCK:
-            _STRUCTURES[self.treedef] = cached
-            while len(_STRUCTURES) > 8:
-                del _STRUCTURES[next(iter(_STRUCTURES))]
-        return cached
+        return structure_of(self.treedef, lambda: self.key_paths)
 
     @functools.cached_property
     def shapes(self) -> list[tuple[int, ...] | None]:

@@ -54,8 +54,6 @@ _NPY_HEADER_READERS = {
 class SourceError(ValueError):
     """A checkpoint or model factory that cannot be read."""
 
-    __module__ = "treeglob"
-
 
 def _nest(entries: dict[str, Any], sep: str, origin: str) -> dict[str, Any]:
     tree: dict[str, Any] = {}

@@ -10,6 +10,7 @@ a node's children come from flattening a one-level copy of it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax.tree_util as jtu
 
 from ._paths import render_key
 
-__all__ = ["LEAF", "Node", "build", "per_leaf"]
+__all__ = ["LEAF", "Node", "build", "per_leaf", "structure_of"]
 
 
 class Node:
@@ -76,6 +77,24 @@ def build(treedef: Any, key_paths: Callable[[], list[tuple[Any, ...]]]) -> Node 
         return node(treedef, 0, 0)
     except RecursionError:
         return None
+
+
+_CACHE: dict[Any, Node | None] = {}  # treedef -> structure, most recently used last
+_CACHE_LOCK = threading.Lock()
+
+
+def structure_of(treedef: Any, key_paths: Callable[[], list[tuple[Any, ...]]]) -> Node | None:
+    """`build`, remembered for the last few treedefs: a training loop asks about the
+    same tree again and again (every optax init and update)."""
+    with _CACHE_LOCK:
+        cached = _CACHE.pop(treedef, None)
+    if cached is None:
+        cached = build(treedef, key_paths)
+    with _CACHE_LOCK:
+        _CACHE[treedef] = cached
+        while len(_CACHE) > 8:
+            del _CACHE[next(iter(_CACHE))]
+    return cached
 
 
 def per_leaf(
