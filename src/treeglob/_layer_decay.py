@@ -16,7 +16,7 @@ import optax
 
 from . import presets
 from ._conditions import glob
-from ._errors import NoMatchError, suggest
+from ._errors import NoMatchError
 from ._paths import TreeView, split_path
 from ._recipes import _scale_updates
 from ._rules import leaf_labels, normalize_rules
@@ -40,10 +40,8 @@ def _block_indices(view: TreeView, blocks: str) -> list[int]:
             )
         found.add(int(segs[n]))
     if not found:
-        close = suggest(blocks, view.subtrees())
-        hint = f" Close matches: {', '.join(close)}." if close else ""
         raise NoMatchError(
-            f"blocks={blocks!r} names no subtree of the tree.{hint} Give the path of the block "
+            f"blocks={blocks!r} names no subtree of the tree.{view.close_subtrees(blocks)} Give the path of the block "
             "sequence as treeglob.paths() prints it; for blocks stacked with eqx.filter_vmap, also "
             "pass stacked={'<that path>': 1}."
         )

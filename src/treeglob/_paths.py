@@ -190,9 +190,12 @@ class TreeView:
         """Per leaf: its first row and its stack shape (`()` when not stacked)."""
         return [(i, ()) for i in range(len(self))] if self.slices is None else list(self.slices)
 
-    def subtrees(self) -> list[str]:
-        """The paths of all inner nodes, to suggest close matches."""
-        return sorted({".".join(r[:n]) for r in self.rendered for n in range(1, len(r))})
+    def close_subtrees(self, path: str) -> str:
+        """` Close matches: a, b.` from the paths of the inner nodes, or ``."""
+        from ._errors import suggest
+
+        close = suggest(path, sorted({".".join(r[:n]) for r in self.rendered for n in range(1, len(r))}))
+        return f" Close matches: {', '.join(close)}." if close else ""
 
     def per_leaf(self, values: list[Any], merge: Any) -> list[Any]:
         """One value per leaf from one value per row: `merge(first_row, row_values,

@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import suggest
 from ._paths import TreeView, shape_of, split_path
 from ._report import same_label
 
@@ -61,10 +60,9 @@ def expand(view: TreeView, stacked: Any) -> TreeView:
     for path, prefix, axes in declared:
         members = [i for i, r in enumerate(view.rendered) if r[: len(prefix)] == prefix]
         if not members:
-            close = suggest(path, view.subtrees())
-            hint = f" Close matches: {', '.join(close)}." if close else ""
             raise ValueError(
-                f"stacked names the subtree {path!r}, which is not in the tree.{hint} Give the path of "
+                f"stacked names the subtree {path!r}, which is not in the tree.{view.close_subtrees(path)} "
+                "Give the path of "
                 "the stacked node as treeglob.paths() prints it, e.g. {'blocks': 1}."
             )
         arrays = [i for i in members if view.shapes[i] is not None]
