@@ -152,12 +152,11 @@ class _Inside(Selector):
     def _eval(self, ctx: Context) -> np.ndarray:
         # The state is "inside an instance already"; the root counts, and so
         # does a leaf that is itself an instance.
-        is_kind = lambda node: node.kind is not None and issubclass(node.kind, self.classes)  # noqa: E731
         root = _structure(ctx, "inside")
         hits = per_leaf(
             root,
-            is_kind(root),
-            lambda inside, segment, child: inside or is_kind(child),
+            root.is_a(self.classes),
+            lambda inside, segment, child: inside or child.is_a(self.classes),
             lambda inside: inside,
             lambda inside: True if inside else None,
         )
@@ -178,12 +177,11 @@ class _OwnedBy(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         # The state is "the node being walked is an instance": a leaf child inherits it.
-        is_kind = lambda node: node.kind is not None and issubclass(node.kind, self.classes)  # noqa: E731
         root = _structure(ctx, "owned_by")
         hits = per_leaf(
             root,
-            False if root is LEAF else is_kind(root),
-            lambda owner, segment, child: owner if child is LEAF else is_kind(child),
+            root.is_a(self.classes),
+            lambda owner, segment, child: owner if child is LEAF else child.is_a(self.classes),
             lambda owner: owner,
             lambda owner: None,
         )

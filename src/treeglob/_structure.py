@@ -31,6 +31,10 @@ class Node:
         self.n = n
         self.children = children  # (raw segment text, child); children without leaves are left out
 
+    def is_a(self, classes: tuple[type, ...]) -> bool:
+        """Whether this node is an instance of one of `classes` (a leaf never is)."""
+        return self.kind is not None and issubclass(self.kind, classes)
+
 
 LEAF = Node(None, 1, ())
 _ONE_LEAF = jtu.tree_structure(0)
