@@ -163,7 +163,7 @@ class _Inside(Selector):
         out = np.array(hits, bool)
         leaf_kinds = [t for t in ctx.view.leaf_types if issubclass(t, self.classes)]
         if leaf_kinds:  # rare: leaves that are themselves instances (checked per type, not per leaf)
-            leaves = ctx.view.tree_leaves or ctx.view.leaves
+            leaves = ctx.view.tree_leaves
             out |= np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves))
         return ctx.view.rows_of(out)
 

@@ -96,12 +96,12 @@ class TreeView:
     origin: np.ndarray | None = None
     slices: tuple[tuple[int, tuple[int, ...]], ...] | None = None  # per leaf: (first row, stack shape)
     stacked_paths: list[str] | None = None  # per leaf: its path before the layer index was inserted
-    tree_leaves: list[Any] | None = None  # the leaves themselves, when rows differ from them
+    tree_leaves: list[Any] | None = None  # the leaves themselves (rows may be layer slices of them)
 
     @classmethod
     def of(cls, tree: Any, stacked: Any = None) -> TreeView:
         leaves, treedef = _flatten(jtu.tree_flatten, tree)
-        view = cls(tree, treedef, leaves)
+        view = cls(tree, treedef, leaves, tree_leaves=leaves)
         if stacked is not None:
             from ._stacked import expand
 
@@ -142,7 +142,7 @@ class TreeView:
     @functools.cached_property
     def leaf_types(self) -> set[type]:
         """The distinct types of the leaves (not rows)."""
-        return set(map(type, self.tree_leaves or self.leaves))
+        return set(map(type, self.tree_leaves))
 
     @functools.cached_property
     def structure(self) -> Any:
