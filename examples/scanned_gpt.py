@@ -66,10 +66,14 @@ def main(steps: int = 200, depth: int = 6, frozen_layers: int = 2, seed: int = 0
         scales.blocks.attn.query_proj.weight.ravel().round(4),
     )
     frozen = f"blocks.{{0..{frozen_layers - 1}}}"
-    summary = tg.explain(params, [(frozen, "frozen")], default="train", stacked=STACKED).summary
+    # The update factors freeze() applies: 0.0 on the frozen layers, 1.0 on the rest.
+    # (Numbers, since a stacked leaf's layers may differ only in numeric labels.)
+    summary = tg.explain(params, [(frozen, 0.0)], default=1.0, stacked=STACKED).summary
+    names = {0.0: "frozen", 1.0: "train"}
     print(
         ", ".join(
-            f"{label}: {s['leaves']} layer slices, {s['elements']:,} elements" for label, s in summary.items()
+            f"{names[factor]}: {s['leaves']} layer slices, {s['elements']:,} elements"
+            for factor, s in summary.items()
         )
     )
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 import treeglob as tg
-from treeglob._paths import render_key, split_path
+from treeglob._keys import key_text, quote, split_path
 from treeglob._pattern import compile_glob
 
 # ----------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def leaves(tree):
 
 @st.composite
 def selectors(draw, tree, depth=2):
-    segs = [s for p in tg.paths(tree) for s in split_path(p)] or ["x"]
+    segs = [quote(s) for p in tg.paths(tree) for s in split_path(p)] or ["x"]
     atoms = [
         st.sampled_from(segs).map(lambda s: tg.glob(s) if s else tg.glob('""')),
         st.sampled_from(segs).map(
@@ -148,18 +148,12 @@ def test_labels_give_each_leaf_the_label_of_the_first_matching_rule(data):
 def resolve(tree, path):
     """Follow a rendered path down the tree, one child at a time."""
     node = tree
-    for text in [unquote(s) for s in split_path(path)]:
+    for text in split_path(path):
         children = jtu.tree_flatten_with_path(node, is_leaf=lambda x, node=node: x is not node)[0]
-        matches = [child for (key,), child in children if render_key(key)[0] == text]
+        matches = [child for (key,), child in children if key_text(key) == text]
         assert len(matches) == 1, (path, text)
         node = matches[0]
     return node
-
-
-def unquote(segment):
-    if segment.startswith('"'):
-        return re.sub(r"\\(.)", r"\1", segment[1:-1])
-    return segment
 
 
 @given(TREES)

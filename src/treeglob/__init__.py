@@ -14,21 +14,25 @@ from ._conditions import (
     size as size,
     where as where,
 )
-from ._config import RuleConfig as RuleConfig, RulesFileError as RulesFileError, load_rules as load_rules
-from ._errors import NoMatchError as NoMatchError, ShadowedRuleWarning as ShadowedRuleWarning
+from ._config import RuleConfig as RuleConfig, load_rules as load_rules
+from ._errors import (
+    NoMatchError as NoMatchError,
+    RulesFileError as RulesFileError,
+    ShadowedRuleWarning as ShadowedRuleWarning,
+)
 from ._layer_decay import (
     layer_decay as layer_decay,
     layer_decay_scales as layer_decay_scales,
     layer_ids as layer_ids,
 )
 from ._optax import masked as masked, multi_transform as multi_transform
-from ._paths import paths as paths
 from ._pattern import translate as translate
 from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
-from ._report import Explanation as Explanation
-from ._rules import explain as explain, labels as labels, mask as mask
+from ._report import Explanation as Explanation, explain as explain
+from ._resolve import labels as labels, mask as mask
 from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
 from ._sharding import shardings as shardings
+from ._tree import paths as paths
 
 __version__ = importlib.metadata.version("treeglob")
 

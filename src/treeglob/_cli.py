@@ -17,15 +17,17 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from typing import Any
 
-from ._config import _PRESETS, RuleConfig, load_rules
-from ._context import Context
-from ._paths import TreeView
-from ._report import render_table
-from ._rules import MISSING, explain
-from ._selector import coerce
+from . import presets
+from ._config import RuleConfig, load_rules
+from ._report import Explanation
+from ._resolve import Resolution, resolve, view_of
+from ._rules import MISSING
+from ._selector import Context, Selector, coerce
 from ._sources import load_source
+from ._table import painter, render_table
 
 __all__ = ["main"]
 
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--rule", metavar="LABEL=PATTERN", action="append", default=[], help="a rule (repeatable)"
     )
-    ex.add_argument("--preset", choices=sorted(_PRESETS), help="append a weight-decay preset's rules")
+    ex.add_argument("--preset", choices=sorted(presets.BY_NAME), help="append a weight-decay preset's rules")
     ex.add_argument("--default", metavar="LABEL", help="the label of leaves no rule matches")
     ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
     return parser
@@ -93,30 +95,26 @@ def _rules(args: argparse.Namespace) -> RuleConfig:
     elif args.key:
         raise _BadInput("--key needs --rules FILE.")
     if args.preset:
-        rules += _PRESETS[args.preset]
+        rules += presets.BY_NAME[args.preset]
     if not rules:
         raise _BadInput("explain needs rules: --rules FILE, --rule LABEL=PATTERN or --preset NAME.")
     return RuleConfig(rules, default if args.default is None else args.default)
 
 
-def _selected(view: TreeView, pattern: str | None) -> list[int]:
-    if pattern is None:
+def _shown(view: Any, selector: Selector | None) -> list[int]:
+    """The rows the --filter selects (all without one)."""
+    if selector is None:
         return list(range(len(view)))
-    hit = Context(view, strict=True).require(coerce(pattern), "the --filter pattern")
-    return [i for i, h in enumerate(hit) if h]
+    hit = Context(view, strict=True).require(selector, "the --filter pattern")
+    return [int(i) for i in hit.nonzero()[0]]
 
 
-def _paths(args: argparse.Namespace, tree: Any, stacked: Any) -> dict[str, Any]:
-    view = TreeView.of(tree, stacked)
+def _paths(tree: Any, stacked: Any, selector: Selector | None) -> dict[str, Any]:
+    view = view_of(tree, "paths", stacked)
     rows = [
-        {
-            "path": view.paths[i],
-            "shape": list(view.shapes[i]),
-            "dtype": str(view.dtypes[i]),
-            "size": view.sizes[i],
-        }
-        for i in _selected(view, args.filter)
-        if view.shapes[i] is not None
+        {"path": view.paths[i], "shape": list(shape), "dtype": str(view.dtypes[i]), "size": view.sizes[i]}
+        for i in _shown(view, selector)
+        if (shape := view.shapes[i]) is not None
     ]
     return {"leaves": rows, "count": len(rows), "elements": sum(r["size"] for r in rows)}
 
@@ -124,43 +122,50 @@ def _paths(args: argparse.Namespace, tree: Any, stacked: Any) -> dict[str, Any]:
 def _print_paths(result: dict[str, Any], width: int | None, color: bool) -> None:
     table = [("path", "shape", "dtype", "size")]
     table += [(r["path"], str(tuple(r["shape"])), r["dtype"], f"{r['size']:,}") for r in result["leaves"]]
-    bold = (
-        (lambda row, col, padded, text: f"\033[1m{padded}\033[0m" if row == 0 else padded) if color else None
-    )
-    print("\n".join(render_table(table, right={3}, long=0, width=width, paint=bold)))
+    print("\n".join(render_table(table, right={3}, long=0, width=width, paint=painter(color))))
     print(f"\n{result['count']} array leaves, {result['elements']:,} elements")
 
 
-def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Any]:
+def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Selector | None, Any]:
     """Everything the command line names: errors here are bad input (status 2)."""
     stacked = _stacked(args.stacked)
     config = _rules(args) if args.command == "explain" else None
-    if args.filter is not None:
-        coerce(args.filter)  # a malformed pattern, caught before the source is read
-    return stacked, config, load_source(args.source)
+    # A malformed pattern is caught before the source is read.
+    selector = None if args.filter is None else coerce(args.filter)
+    return stacked, config, selector, load_source(args.source)
 
 
 def _check(
     args: argparse.Namespace,
     stacked: Any,
     config: RuleConfig | None,
+    selector: Selector | None,
     tree: Any,
     width: int | None,
     color: bool,
-):
+) -> dict[str, Any]:
     """The rules against the tree: errors here mean they do not fit (status 1)."""
     if config is None:
-        result = _paths(args, tree, stacked)
+        result = _paths(tree, stacked, selector)
         if not args.json:
             _print_paths(result, width, color)
         return result
-    report = explain(tree, config.rules, default=config.default, strict=not args.no_strict, stacked=stacked)
-    shown = _selected(TreeView.of(tree, stacked), args.filter)
-    result = report.to_dict()
-    result["leaves"] = [result["leaves"][i] for i in shown]
+    resolution: Resolution = resolve(
+        tree,
+        config.rules,
+        caller="explain",
+        default=config.default,
+        strict=not args.no_strict,
+        stacked=stacked,
+        warn=False,
+    )
+    report = Explanation.of(resolution)
+    shown = _shown(resolution.view, selector)
+    rows = [report.rows[i] for i in shown]
     if not args.json:
-        print(report.format(width=width, color=color, rows=[report.rows[i] for i in shown]))
-    return result
+        print(report.format(width=width, color=color, rows=rows))
+        return {}
+    return {**report.to_dict(), "leaves": [asdict(r) for r in rows]}
 
 
 def main(argv: list[str] | None = None) -> int:

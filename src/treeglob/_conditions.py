@@ -11,18 +11,17 @@ import operator
 import re
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from ._context import Context
 from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
-from ._selector import _BOOL_MESSAGE, Selector
-from ._structure import LEAF, Node, per_leaf
+from ._selector import BOOL_MESSAGE, Context, Selector, coerce
+from ._structure import LEAF, walk
 
-__all__ = ["dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
+__all__ = ["COMPARISONS", "dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 
 
 # ----------------------------------------------------------------------------
@@ -31,14 +30,15 @@ __all__ = ["dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "siz
 
 @dataclass(frozen=True, slots=True, repr=False)
 class _Glob(Selector):
-    compiled: CompiledGlob
+    # Equal and hashed by the pattern text and options, never by the compiled object.
+    pattern: str
+    ignore_case: bool
+    compiled: CompiledGlob = field(compare=False, hash=False)
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        glob, root = self.compiled, ctx.view.structure
-        if root is None or ctx.view.origin is not None:  # stacked rows, or a tree too deep to walk
-            return np.fromiter((glob.match(s) for s in ctx.view.segments), bool, len(ctx.view))
-        hits = per_leaf(
-            root,
+        glob = self.compiled
+        hits = walk(
+            ctx.view.structure,
             glob.start(),
             lambda state, segment, child: glob.step(state, segment),
             glob.accepts,
@@ -46,27 +46,30 @@ class _Glob(Selector):
         )
         return np.array(hits, bool)
 
-    def _patterns(self) -> list[str]:
-        return [self.compiled.pattern]
+    def _literals(self) -> list[str]:
+        return [self.compiled.literal()]
 
     def __repr__(self) -> str:
-        flag = ", ignore_case=True" if self.compiled.ignore_case else ""
-        return f"glob({self.compiled.pattern!r}{flag})"
+        flag = ", ignore_case=True" if self.ignore_case else ""
+        return f"glob({self.pattern!r}{flag})"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class _Regex(Selector):
-    compiled: re.Pattern[str]
+    pattern: str
+    flags: int
+    compiled: re.Pattern[str] = field(compare=False, hash=False)
 
     def _eval(self, ctx: Context) -> np.ndarray:
         match = self.compiled.fullmatch
         return np.fromiter((match(p) is not None for p in ctx.view.paths), bool, len(ctx.view))
 
-    def _patterns(self) -> list[str]:
-        return [self.compiled.pattern]
+    def _literals(self) -> list[str]:
+        # The regex's plain characters: enough to point at a near miss.
+        return [re.sub(r"\\(.)|[\\^$.*+?()\[\]{}|]", r"\1", self.pattern)]
 
     def __repr__(self) -> str:
-        return f"regex({self.compiled.pattern!r})"
+        return f"regex({self.pattern!r})"
 
 
 def glob(pattern: str, *, ignore_case: bool = False) -> Selector:
@@ -92,7 +95,8 @@ def glob(pattern: str, *, ignore_case: bool = False) -> Selector:
         >>> treeglob.mask(tree, treeglob.glob("blocks.{1..2}.w"))
         {'blocks': [{'b': False, 'w': False}, {'b': False, 'w': True}, {'b': False, 'w': True}], 'head': {'w': False}}
     """
-    return _Glob(compile_glob(pattern, ignore_case))
+    compiled = compile_glob(pattern, ignore_case)
+    return _Glob(pattern, ignore_case, compiled)
 
 
 def regex(pattern: str | re.Pattern[str], *, ignore_case: bool = False) -> Selector:
@@ -111,7 +115,8 @@ def regex(pattern: str | re.Pattern[str], *, ignore_case: bool = False) -> Selec
         pattern = pattern[3:]
     if not isinstance(pattern, str | re.Pattern):
         raise TypeError(f"regex() takes a str or re.Pattern, got {type(pattern).__name__}: {pattern!r}.")
-    return _Regex(compile_regex(pattern, ignore_case))
+    compiled = compile_regex(pattern, ignore_case)
+    return _Regex(compiled.pattern, compiled.flags, compiled)
 
 
 # ----------------------------------------------------------------------------
@@ -136,15 +141,6 @@ def _names(classes: tuple[type, ...]) -> str:
     return ", ".join(c.__name__ for c in classes)
 
 
-def _structure(ctx: Context, name: str) -> Node:
-    root = ctx.view.structure
-    if root is None:
-        raise ValueError(
-            f"{name}() cannot walk this tree: it is nested too deep for Python's recursion limit."
-        )
-    return root
-
-
 @dataclass(frozen=True, slots=True, repr=False)
 class _Inside(Selector):
     classes: tuple[type, ...]
@@ -152,8 +148,8 @@ class _Inside(Selector):
     def _eval(self, ctx: Context) -> np.ndarray:
         # The state is "inside an instance already"; the root counts, and so
         # does a leaf that is itself an instance.
-        root = _structure(ctx, "inside")
-        hits = per_leaf(
+        root = ctx.view.structure
+        hits = walk(
             root,
             root.is_a(self.classes),
             lambda inside, segment, child: inside or child.is_a(self.classes),
@@ -163,9 +159,9 @@ class _Inside(Selector):
         out = np.array(hits, bool)
         leaf_kinds = [t for t in ctx.view.leaf_types if issubclass(t, self.classes)]
         if leaf_kinds:  # rare: leaves that are themselves instances (checked per type, not per leaf)
-            leaves = ctx.view.tree_leaves
-            out |= np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves))
-        return ctx.view.rows_of(out)
+            leaves = ctx.view.leaves
+            out |= ctx.view.rows_of(np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves)))
+        return out
 
     def __repr__(self) -> str:
         return f"inside({_names(self.classes)})"
@@ -177,15 +173,15 @@ class _OwnedBy(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         # The state is "the node being walked is an instance": a leaf child inherits it.
-        root = _structure(ctx, "owned_by")
-        hits = per_leaf(
+        root = ctx.view.structure
+        hits = walk(
             root,
             root.is_a(self.classes),
             lambda owner, segment, child: owner if child is LEAF else child.is_a(self.classes),
             lambda owner: owner,
             lambda owner: None,
         )
-        return ctx.view.rows_of(np.array(hits, bool))
+        return np.array(hits, bool)
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"
@@ -226,7 +222,8 @@ def owned_by(*classes: type) -> Selector:
 # Array metadata
 
 
-_OPS = {
+#: The comparisons `ndim` and `size` support, by their operator text.
+COMPARISONS = {
     "==": operator.eq,
     "!=": operator.ne,
     "<": operator.lt,
@@ -243,7 +240,7 @@ class _Compare(Selector):
     value: int
 
     def _eval(self, ctx: Context) -> np.ndarray:
-        op, value = _OPS[self.op], self.value
+        op, value = COMPARISONS[self.op], self.value
         values = ctx.view.ndims if self.metric == "ndim" else ctx.view.sizes
         return np.fromiter((v is not None and op(v, value) for v in values), bool, len(ctx.view))
 
@@ -271,7 +268,10 @@ class _Metric:
     def __init__(self, name: str):
         self._name = name
 
-    def _compare(self, op: str, value: Any) -> Selector:
+    def compare(self, op: str, value: Any) -> Selector:
+        """The selector `self <op> value`, e.g. `ndim.compare(">=", 2)` is `ndim >= 2`."""
+        if op not in COMPARISONS:
+            raise ValueError(f"Unknown comparison {op!r}; use one of {', '.join(COMPARISONS)}.")
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise TypeError(
                 f"treeglob.{self._name} {op} ... needs an int on the right, got "
@@ -281,28 +281,33 @@ class _Metric:
         return _Compare(self._name, op, int(value))
 
     def __eq__(self, value: Any) -> Selector:  # type: ignore[override]
-        return self._compare("==", value)
+        return self.compare("==", value)
 
     def __ne__(self, value: Any) -> Selector:  # type: ignore[override]
-        return self._compare("!=", value)
+        return self.compare("!=", value)
 
     def __lt__(self, value: Any) -> Selector:
-        return self._compare("<", value)
+        return self.compare("<", value)
 
     def __le__(self, value: Any) -> Selector:
-        return self._compare("<=", value)
+        return self.compare("<=", value)
 
     def __gt__(self, value: Any) -> Selector:
-        return self._compare(">", value)
+        return self.compare(">", value)
 
     def __ge__(self, value: Any) -> Selector:
-        return self._compare(">=", value)
+        return self.compare(">=", value)
 
     def __hash__(self) -> int:
         return hash(self._name)
 
     def __bool__(self) -> bool:
-        raise TypeError(_BOOL_MESSAGE)
+        raise TypeError(BOOL_MESSAGE)
+
+    @property
+    def coerce_hint(self) -> str:
+        """Added to the message when the metric itself is used as a selector."""
+        return f" Compare it first: ({self!r} >= 2)."
 
     def _misuse(self, other: Any) -> Selector:
         raise TypeError(
@@ -416,7 +421,7 @@ class _Where(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         out = np.zeros(len(ctx.view), bool)
-        for i, (path, leaf) in enumerate(zip(ctx.view.paths, ctx.view.leaves, strict=True)):
+        for i, (path, leaf) in enumerate(zip(ctx.view.paths, ctx.view.row_leaves, strict=True)):
             try:
                 result = self.fn(path, leaf)
             except Exception as exc:
@@ -458,3 +463,23 @@ def where(fn: Callable[[str, Any], bool]) -> Selector:
     if not callable(fn):
         raise TypeError(f"where() takes a function fn(path, leaf) -> bool, got {type(fn).__name__}: {fn!r}.")
     return _Where(fn)
+
+
+# ----------------------------------------------------------------------------
+# Plain values that coerce to the conditions above
+
+
+@coerce.register
+def _(value: str) -> Selector:
+    return regex(value) if value.startswith("re:") else glob(value)
+
+
+@coerce.register
+def _(value: re.Pattern) -> Selector:
+    return regex(value)
+
+
+@coerce.register(type)
+@coerce.register(types.UnionType)
+def _(value: type | types.UnionType) -> Selector:
+    return inside(value)  # type: ignore[arg-type]

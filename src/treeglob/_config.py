@@ -30,17 +30,19 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import presets
-from ._conditions import inside, ndim
-from ._errors import suggest
-from ._rules import MISSING, _check_label
+from ._conditions import COMPARISONS, inside, ndim
+from ._errors import RulesFileError, suggest
+from ._rules import MISSING, check_label
 from ._selector import Selector, all_of, any_of, coerce, optional
 
 __all__ = ["RuleConfig", "load_rules"]
 
 _ENTRY_KEYS = ("match", "type", "ndim", "label", "optional")
 _TOP_KEYS = ("rules", "default", "preset")
-_PRESETS = {"default": presets.DEFAULT, "nanogpt": presets.NANOGPT, "timm": presets.TIMM, "hf": presets.HF}
-_COMPARISON = re.compile(r"\s*(==|!=|<=|>=|<|>)?\s*(\d+)\s*")
+# The operators, longest first so that "<=" is not read as "<".
+_COMPARISON = re.compile(
+    r"\s*(" + "|".join(map(re.escape, sorted(COMPARISONS, key=len, reverse=True))) + r")?\s*(\d+)\s*"
+)
 
 
 class RuleConfig(NamedTuple):
@@ -48,12 +50,6 @@ class RuleConfig(NamedTuple):
 
     rules: list[tuple[Selector, Any]]
     default: Any = MISSING
-
-
-class RulesFileError(ValueError):
-    """A rules file or dict that cannot be read as rules: names the file, the entry and the problem."""
-
-    __module__ = "treeglob"
 
 
 def _unknown_key(key: str, allowed: tuple[str, ...], where: str) -> RulesFileError:
@@ -89,15 +85,7 @@ def _ndim(value: Any, where: str) -> Selector:
         raise RulesFileError(
             f"{where}: ndim must be an int or a comparison such as '>=2' or '<=1', got {value!r}."
         )
-    op, number = m.group(1) or "==", int(m.group(2))
-    return {
-        "==": ndim == number,
-        "!=": ndim != number,
-        "<": ndim < number,
-        "<=": ndim <= number,
-        ">": ndim > number,
-        ">=": ndim >= number,
-    }[op]
+    return ndim.compare(m.group(1) or "==", int(m.group(2)))
 
 
 def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
@@ -106,6 +94,10 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
             f"{where}: a rule is a table such as {{match = '*.bias', label = 'no_decay'}}, got {entry!r}."
         )
     for key in entry:
+        if not isinstance(key, str):
+            raise RulesFileError(
+                f"{where}: the key {key!r} is not a string; the keys are {', '.join(_ENTRY_KEYS)}."
+            )
         if key not in _ENTRY_KEYS:
             raise _unknown_key(key, _ENTRY_KEYS, where)
     if "label" not in entry:
@@ -124,6 +116,8 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
             raise RulesFileError(f"{where}: bad pattern in match:\n{exc}") from None
     if "type" in entry:
         types_ = entry["type"] if isinstance(entry["type"], list) else [entry["type"]]
+        if not types_:
+            raise RulesFileError(f"{where}: type must be a dotted import path or a non-empty list of them.")
         parts.append(inside(*(_import_type(t, where) for t in types_)))
     if "ndim" in entry:
         parts.append(_ndim(entry["ndim"], where))
@@ -137,7 +131,7 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
         raise RulesFileError(f"{where}: optional must be true or false, got {flag!r}.")
     label = entry["label"]
     try:
-        _check_label(label, where)
+        check_label(label, where)
     except TypeError as exc:
         raise RulesFileError(str(exc)) from None
     return (optional(selector) if flag else selector), label
@@ -147,6 +141,10 @@ def _from_data(data: Any, origin: str) -> RuleConfig:
     if not isinstance(data, Mapping):
         raise RulesFileError(f"{origin}: expected a table with a `rules` list, got {type(data).__name__}.")
     for key in data:
+        if not isinstance(key, str):
+            raise RulesFileError(
+                f"{origin}: the key {key!r} is not a string; the keys are {', '.join(_TOP_KEYS)}."
+            )
         if key not in _TOP_KEYS:
             raise _unknown_key(key, _TOP_KEYS, origin)
     entries = data.get("rules", [])
@@ -155,15 +153,17 @@ def _from_data(data: Any, origin: str) -> RuleConfig:
     rules = [_entry(e, f"{origin}, rules[{i}]") for i, e in enumerate(entries)]
     if "preset" in data:
         name = data["preset"]
-        if name not in _PRESETS:
-            raise RulesFileError(f"{origin}: unknown preset {name!r}; the presets are {', '.join(_PRESETS)}.")
-        rules += _PRESETS[name]
+        if not isinstance(name, str) or name not in presets.BY_NAME:
+            raise RulesFileError(
+                f"{origin}: unknown preset {name!r}; the presets are {', '.join(presets.BY_NAME)}."
+            )
+        rules += presets.BY_NAME[name]
     if not rules:
         raise RulesFileError(f"{origin}: no rules; add [[rules]] entries or a preset.")
     default = data.get("default", MISSING)
     if default is not MISSING:
         try:
-            _check_label(default, "default")
+            check_label(default, "default")
         except TypeError as exc:
             raise RulesFileError(f"{origin}: {exc}") from None
     return RuleConfig(rules, default)

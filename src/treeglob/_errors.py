@@ -1,11 +1,21 @@
-"""The two exception classes treeglob adds, and the message helpers they share."""
+"""treeglob's exception and warning classes, and the message helpers they share."""
 
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 
-__all__ = ["NoMatchError", "ShadowedRuleWarning", "pattern_error", "suggest"]
+__all__ = [
+    "NoMatchError",
+    "RulesFileError",
+    "ShadowedRuleWarning",
+    "SourceError",
+    "pattern_error",
+    "suggest",
+    "user_stacklevel",
+]
 
 
 class NoMatchError(ValueError):
@@ -20,8 +30,16 @@ class ShadowedRuleWarning(UserWarning):
     """A rule can never decide a label: earlier rules take all its leaves."""
 
 
-NoMatchError.__module__ = "treeglob"
-ShadowedRuleWarning.__module__ = "treeglob"
+class RulesFileError(ValueError):
+    """A rules file or dict that cannot be read as rules: names the file, the entry and the problem."""
+
+
+class SourceError(ValueError):
+    """A checkpoint or model factory that cannot be read (command line only)."""
+
+
+for _cls in (NoMatchError, ShadowedRuleWarning, RulesFileError):
+    _cls.__module__ = "treeglob"
 
 
 def pattern_error(pattern: str, pos: int, problem: str, fix: str) -> ValueError:
@@ -37,3 +55,18 @@ def pattern_error(pattern: str, pos: int, problem: str, fix: str) -> ValueError:
 def suggest(query: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Close matches for `query` among `candidates`, best first."""
     return difflib.get_close_matches(query, list(dict.fromkeys(candidates)), n=n, cutoff=0.6)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` for `warnings.warn` that points at the first frame outside treeglob.
+
+    Counted from the caller of this function, so the warning shows the
+    user's line however many treeglob frames (wrappers, recipes) lie between.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -17,38 +17,40 @@ import optax
 from . import presets
 from ._conditions import glob
 from ._errors import NoMatchError
-from ._paths import TreeView, split_path
-from ._recipes import _scale_updates
-from ._rules import leaf_labels, normalize_rules
+from ._keys import quote, split_path
+from ._recipes import scale_updates
+from ._resolve import Resolution, resolve, view_of
+from ._rules import normalize_rules
+from ._selector import optional
+from ._structure import find
+from ._tree import TreeView
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
 
 
-def _block_indices(view: TreeView, blocks: str) -> list[int]:
-    prefix = split_path(blocks)
-    if not prefix:
+def _block_indices(view: TreeView, blocks: str) -> list[str]:
+    """The index segments of the block sequence at the path `blocks`, in tree order."""
+    if not isinstance(blocks, str) or not blocks:
         raise ValueError("blocks must be the path of the block sequence, e.g. 'blocks' or 'encoder.layers'.")
-    n = len(prefix)
-    found = set()
-    for segs, rend, path in zip(view.segments, view.rendered, view.paths, strict=True):
-        if rend[:n] != prefix or len(segs) == n:
-            continue
-        if not segs[n].isdecimal():
-            raise ValueError(
-                f"Layer ids come from the index after {blocks!r}, but {path} has {segs[n]!r} there. "
-                "Give blocks= the path of the list (or stacked module, with stacked=) of blocks."
-            )
-        found.add(int(segs[n]))
-    if not found:
+    hit = find(view.structure, split_path(blocks))
+    if hit is None or not hit[1].children:
         raise NoMatchError(
-            f"blocks={blocks!r} names no subtree of the tree.{view.close_subtrees(blocks)} Give the path of the block "
-            "sequence as treeglob.paths() prints it; for blocks stacked with eqx.filter_vmap, also "
+            f"blocks={blocks!r} names no subtree of the tree.{view.close_subtrees(blocks)} Give the path of "
+            "the block sequence as treeglob.paths() prints it; for blocks stacked with eqx.filter_vmap, also "
             "pass stacked={'<that path>': 1}."
         )
-    return sorted(found)
+    indices = [segment for segment, _ in hit[1].children]
+    for segment in indices:
+        if not segment.isdecimal():
+            raise ValueError(
+                f"Layer ids come from the index after {blocks!r}, but {blocks}.{quote(segment)} has "
+                f"{segment!r} there. "
+                "Give blocks= the path of the list (or stacked module, with stacked=) of blocks."
+            )
+    return indices
 
 
-def _resolve(layer: Any, top: int, where: str) -> int:
+def _layer_number(layer: Any, top: int, where: str) -> int:
     if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not -top - 1 <= layer <= top:
         raise ValueError(
             f"The layer id of {where} is {layer!r}; with {top - 1} blocks it must be an int from 0 (stem) "
@@ -57,19 +59,33 @@ def _resolve(layer: Any, top: int, where: str) -> int:
     return int(layer) % (top + 1)
 
 
-def _layer_id_list(
-    view: TreeView, blocks: str, rules: Any, default: Any, strict: bool
-) -> tuple[list[Any], int]:
+def _layer_ids(
+    tree: Any, caller: str, blocks: str, rules: Any, default: Any, strict: bool, stacked: Any
+) -> tuple[Resolution, int]:
+    view = view_of(tree, caller, stacked)
     indices = _block_indices(view, blocks)
-    num_blocks = indices[-1] + 1
+    num_blocks = max(map(int, indices)) + 1
     top = num_blocks + 1
-    normalized = normalize_rules(rules)
     # Blocks take precedence: the rules see only the leaves outside them, and
-    # come first so that errors number them as the caller wrote them.
-    outside = [(r.selector - glob(f"^{blocks}"), _resolve(r.label, top, r.describe())) for r in normalized]
-    block_rules = [(glob(f"^{blocks}.{i}"), i + 1) for i in indices]
-    ids = leaf_labels(view, outside + block_rules, _resolve(default, top, "default"), strict)
-    return ids, num_blocks
+    # come first so that errors number them as the caller wrote them. A rule
+    # that was optional stays optional.
+    inside_blocks = glob(f"^{blocks}")
+    outside = [
+        (
+            optional(r.selector - inside_blocks) if r.selector.may_be_empty else r.selector - inside_blocks,
+            _layer_number(r.label, top, r.describe()),
+        )
+        for r in normalize_rules(rules)
+    ]
+    block_rules = [(glob(f"^{blocks}.{i}"), int(i) + 1) for i in indices]
+    resolution = resolve(
+        view,
+        outside + block_rules,
+        caller=caller,
+        default=_layer_number(default, top, "default"),
+        strict=strict,
+    )
+    return resolution, num_blocks
 
 
 def _check_decay(decay: Any) -> None:
@@ -111,8 +127,7 @@ def layer_ids(
         >>> treeglob.layer_ids(vit)
         {'blocks': [{'w': 1}, {'w': 2}], 'cls_token': 0, 'head': {'w': 3}, 'norm': {'scale': 2}}
     """
-    view = TreeView.of(tree, stacked)
-    return view.unflatten(_layer_id_list(view, blocks, rules, default, strict)[0])
+    return _layer_ids(tree, "layer_ids", blocks, rules, default, strict, stacked)[0].tree()
 
 
 def layer_decay_scales(
@@ -138,8 +153,13 @@ def layer_decay_scales(
         {'blocks': [{'w': 0.25}, {'w': 0.5}], 'cls_token': 0.125, 'head': {'w': 1.0}, 'norm': {'scale': 0.5}}
     """
     _check_decay(decay)
-    view = TreeView.of(tree, stacked)
-    ids, num_blocks = _layer_id_list(view, blocks, rules, default, strict)
+    return _scales(tree, "layer_decay_scales", decay, blocks, rules, default, strict, stacked)
+
+
+def _scales(
+    tree: Any, caller: str, decay: float, blocks: str, rules: Any, default: Any, strict: bool, stacked: Any
+) -> Any:
+    resolution, num_blocks = _layer_ids(tree, caller, blocks, rules, default, strict, stacked)
     top = num_blocks + 1
 
     def scale(layer: Any) -> Any:
@@ -148,7 +168,7 @@ def layer_decay_scales(
             return np.array([decay ** (top - int(i)) for i in layer.flat]).reshape(layer.shape)
         return decay ** (top - layer)
 
-    return view.unflatten([scale(layer) for layer in ids])
+    return resolution.tree(scale)
 
 
 def layer_decay(
@@ -177,8 +197,6 @@ def layer_decay(
         [-0.25, -0.5, -1.0]
     """
     _check_decay(decay)
-    return _scale_updates(
-        lambda tree: layer_decay_scales(
-            tree, decay, blocks=blocks, rules=rules, default=default, stacked=stacked, strict=strict
-        )
+    return scale_updates(
+        lambda tree: _scales(tree, "layer_decay", decay, blocks, rules, default, strict, stacked)
     )

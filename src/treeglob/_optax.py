@@ -16,7 +16,8 @@ from typing import Any
 
 import optax
 
-from ._rules import MISSING, labels, mask, normalize_rules
+from ._resolve import resolve, select
+from ._rules import MISSING, normalize_rules
 from ._selector import coerce
 
 __all__ = ["masked", "multi_transform"]
@@ -47,7 +48,9 @@ def masked(
         {'b': [1.0, 1.0], 'w': [-0.5, -0.5]}
     """
     selector = coerce(selector)
-    return optax.masked(inner, lambda tree: mask(tree, selector, strict=strict, stacked=stacked))
+    return optax.masked(
+        inner, lambda tree: select(tree, selector, caller="masked", strict=strict, stacked=stacked).tree()
+    )
 
 
 def multi_transform(
@@ -74,8 +77,9 @@ def multi_transform(
         rules: as in `treeglob.labels`.
         default: the label of leaves no rule matches.
         strict: as in `treeglob.labels`.
-        stacked: as in `treeglob.labels` (all layers of a stacked leaf need
-            the same label: one leaf goes to one transform).
+        stacked: as in `treeglob.labels`; all layers of a stacked leaf need
+            the same label (one leaf goes to one transform), else a
+            `ValueError` names the leaf and its labels.
 
     Raises:
         ValueError: a label without a transform, or a transform no rule produces.
@@ -95,8 +99,8 @@ def multi_transform(
             f"transforms must be a dict {{label: transformation}}, got {type(transforms).__name__}."
         )
     normalized = normalize_rules(rules, default)
-    produced = [r.label for r in normalized] + ([] if default is MISSING else [default])
-    missing = [label for label in dict.fromkeys(produced) if label not in transforms]
+    produced = normalized.labels(default)
+    missing = [label for label in produced if label not in transforms]
     unused = [label for label in transforms if label not in produced]
     if missing or unused:
         problems = []
@@ -107,11 +111,19 @@ def multi_transform(
         raise ValueError(
             "The transforms and the rule labels of multi_transform() disagree: "
             + "; ".join(problems)
-            + f".\nTransform keys: {list(transforms)!r}; rule labels: {list(dict.fromkeys(produced))!r}.\n"
+            + f".\nTransform keys: {list(transforms)!r}; rule labels: {produced!r}.\n"
             "Give every label exactly one transform (check the spelling), or remove the extra ones."
         )
-    rule_pairs = [(r.selector, r.label) for r in normalized]
-    return optax.partition(
-        dict(transforms),
-        lambda tree: labels(tree, rule_pairs, default=default, strict=strict, stacked=stacked),
-    )
+
+    def labels_of(tree: Any) -> Any:
+        return resolve(
+            tree,
+            normalized,
+            caller="multi_transform",
+            default=default,
+            strict=strict,
+            stacked=stacked,
+            merge="label",
+        ).tree()
+
+    return optax.partition(dict(transforms), labels_of)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._errors import pattern_error
@@ -195,6 +196,21 @@ class _Parser:
         return Alt(tuple(tuple(o) for o in options))
 
 
+def _fold(items: Sequence[object]) -> list[object]:
+    """The items for case-insensitive matching against casefolded segments."""
+    out: list[object] = []
+    for item in items:
+        if isinstance(item, Lit):
+            out.append(Lit(item.char.casefold()))
+        elif isinstance(item, Class):
+            out.append(Class(item.regex, ignore_case=True))
+        elif isinstance(item, Alt):
+            out.append(Alt(tuple(tuple(_fold(o)) for o in item.options)))
+        else:
+            out.append(item)
+    return out
+
+
 def _spans_segments(items: tuple[object, ...] | list[object]) -> bool:
     for item in items:
         if isinstance(item, Sep | DoubleStar):
@@ -352,6 +368,11 @@ class CompiledGlob:
                 return False
         return self.accepts(state)
 
+    def literal(self) -> str:
+        """The literal text of the first alternative, wildcards left out: what a typo is compared with."""
+        parts = [t.literal_text() for t in self.alternatives[0] if t is not ANY_SEGMENTS]  # type: ignore[attr-defined]
+        return ".".join(p for p in parts if p)
+
     def regex(self) -> str:
         """An equivalent regex over the rendered path, for `re.fullmatch`."""
         alts = []
@@ -398,9 +419,10 @@ def compile_glob(pattern: str, ignore_case: bool = False) -> CompiledGlob:
             "the pattern is empty.",
             "Write a path glob such as '*.bias' or 'blocks.{0..5}'; use '**' to select every leaf.",
         )
-    text = body.casefold() if ignore_case else body
-    parser = _Parser(pattern, text, offset)
+    parser = _Parser(pattern, body, offset)
     items = parser.parse()
+    if ignore_case:  # after parsing, so that error positions point into the text as written
+        items = _fold(items)
     alternatives = tuple(_split_segments(alt, parser) for alt in _expand(items, pattern))
     return CompiledGlob(pattern, alternatives, anchored_start, anchored_end, ignore_case)
 

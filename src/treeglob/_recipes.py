@@ -13,17 +13,14 @@ from typing import Any
 
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 import optax
 
 from . import presets
-from ._context import Context
-from ._paths import TreeView
-from ._rules import MISSING, leaf_labels, normalize_rules
+from ._resolve import resolve
+from ._rules import normalize_rules
 from ._selector import coerce
-from ._stacked import merge_labels
 
-__all__ = ["decay_mask", "freeze", "scale_by_rules"]
+__all__ = ["decay_mask", "freeze", "scale_by_rules", "scale_updates"]
 
 
 def decay_mask(
@@ -52,20 +49,20 @@ def decay_mask(
         >>> tx = optax.adamw(1e-3, weight_decay=0.1, mask=treeglob.decay_mask(treeglob.presets.NANOGPT))
     """
     normalized = normalize_rules(rules)
-    if label not in [r.label for r in normalized]:
+    if label not in normalized.labels():
         raise ValueError(
             f"decay_mask(): no rule has the label {label!r}; the rules' labels are "
-            f"{list(dict.fromkeys(r.label for r in normalized))!r}. Pass label=<the label meaning decay>."
+            f"{normalized.labels()!r}. Pass label=<the label meaning decay>."
         )
 
     def mask_fn(tree: Any) -> Any:
-        view = TreeView.of(tree, stacked)
-        return view.unflatten([value == label for value in leaf_labels(view, normalized, MISSING, strict)])
+        resolution = resolve(tree, normalized, caller="decay_mask", strict=strict, stacked=stacked)
+        return resolution.tree(lambda value: value == label)
 
     return mask_fn
 
 
-def _scale_updates(scales_of: Callable[[Any], Any]) -> optax.GradientTransformation:
+def scale_updates(scales_of: Callable[[Any], Any]) -> optax.GradientTransformation:
     """Multiply each update by its scale from `scales_of(updates)`; scale 1 costs nothing."""
 
     def scale(u: Any, s: Any) -> Any:
@@ -105,10 +102,11 @@ def scale_by_rules(
     _check_number(default, "default")
 
     def scales_of(tree: Any) -> Any:
-        view = TreeView.of(tree, stacked)
-        return view.unflatten(leaf_labels(view, normalized, default, strict))
+        return resolve(
+            tree, normalized, caller="scale_by_rules", default=default, strict=strict, stacked=stacked
+        ).tree()
 
-    return _scale_updates(scales_of)
+    return scale_updates(scales_of)
 
 
 def _check_number(value: Any, where: str) -> None:
@@ -149,26 +147,32 @@ def freeze(
         >>> sum(x.size for x in jax.tree.leaves(state))  # Adam's mu and nu for lora_a, and a count
         5
     """
-    frozen = coerce(frozen)
+    # 0.0 on frozen rows, 1.0 elsewhere; a stacked leaf frozen on some
+    # layers only gets a per-layer array of them.
+    rules = normalize_rules([(coerce(frozen), 0.0)])
 
-    def factors(tree: Any) -> tuple[TreeView, list[Any]]:
-        view = TreeView.of(tree, stacked)
-        hit = Context(view, strict=strict).require(frozen, "the selector given to freeze()")
-        return view, view.per_leaf(np.where(hit, 0.0, 1.0).tolist(), merge_labels(view))
+    def factors(tree: Any) -> Any:
+        return resolve(
+            tree,
+            rules,
+            caller="freeze",
+            default=1.0,
+            strict=strict,
+            stacked=stacked,
+            subject="the selector given to freeze()",
+        )
 
     def partition_labels(tree: Any) -> Any:
-        view, per_leaf = factors(tree)
-        return view.unflatten(["frozen" if _all_frozen(f) else "train" for f in per_leaf])
+        return factors(tree).tree(lambda f: "frozen" if _all_frozen(f) else "train")
 
     def layer_factors(tree: Any) -> Any:
         # Wholly frozen leaves are already zero (set_to_zero): leave them be.
-        view, per_leaf = factors(tree)
-        return view.unflatten([1.0 if _all_frozen(f) else f for f in per_leaf])
+        return factors(tree).tree(lambda f: 1.0 if _all_frozen(f) else f)
 
     split = optax.partition({"train": inner, "frozen": optax.set_to_zero()}, partition_labels)
     if stacked is None:
         return split
-    return optax.chain(split, _scale_updates(layer_factors))
+    return optax.chain(split, scale_updates(layer_factors))
 
 
 def _all_frozen(factor: Any) -> bool:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._paths import TreeView
-    from ._rules import Rule
+import numpy as np
 
-__all__ = ["Explanation", "LeafRow", "RuleRow", "same_label"]
+from ._resolve import Resolution, resolve
+from ._rules import MISSING, same_label
+from ._table import painter, render_table
+
+__all__ = ["Explanation", "LeafRow", "RuleRow", "explain"]
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,6 @@ class RuleRow:
     shadowed: bool
 
 
-def same_label(a: Any, b: Any) -> bool:
-    """Equal labels of the same type; labels whose `==` is not a bool compare by identity."""
-    if a is b:
-        return True
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except (TypeError, ValueError):  # e.g. NumPy array labels
-        return False
-
-
 def _key(label: Any) -> Any:
     """The label as a summary key: itself, or its repr when it is unhashable (an array)."""
     try:
@@ -66,37 +57,54 @@ class Explanation:
     summary: dict[Any, dict[str, int]]  # label -> {"leaves": n, "elements": n}
 
     @classmethod
-    def build(
-        cls, view: TreeView, deciders: list[Rule | None], default: Any, rules: list[RuleRow]
-    ) -> Explanation:
-        rows = []
-        for path, shape, dtype, size, rule in zip(
-            view.paths, view.shapes, view.dtypes, view.sizes, deciders, strict=True
-        ):
-            rows.append(
-                LeafRow(
-                    path=path,
-                    shape=shape,
-                    dtype=None if dtype is None else str(dtype),
-                    size=size,
-                    label=default if rule is None else rule.label,
-                    rule=None if rule is None else rule.index,
-                    selector="default" if rule is None else repr(rule.selector),
-                )
+    def of(cls, resolution: Resolution) -> Explanation:
+        """The report of a resolution: exactly the decisions the outputs are built from."""
+        view, rules, decided = resolution.view, resolution.rules, resolution.decided
+        selectors = [repr(r.selector) for r in rules]
+        rule_rows = tuple(
+            RuleRow(
+                index=r.index,
+                label=r.label,
+                selector=selectors[r.index],
+                matched=int(m.sum()),
+                decided=int((decided == r.index).sum()),
+                shadowed=r.index in resolution.shadowed,
             )
-        # Labels in rule order, the default last: the order a reader wrote them.
-        order: list[Any] = []
-        for label in [r.label for r in rules] + [default]:
-            if not any(same_label(label, seen) for seen in order):
-                order.append(label)
-        summary: dict[Any, dict[str, int]] = {}
-        for label in order:
-            for row in rows:
-                if same_label(row.label, label):
-                    entry = summary.setdefault(_key(label), {"leaves": 0, "elements": 0})
-                    entry["leaves"] += 1
-                    entry["elements"] += row.size or 0
-        return cls(tuple(rows), tuple(rules), summary)
+            for r, m in zip(rules, resolution.matches, strict=True)
+        )
+        rows = tuple(
+            LeafRow(
+                path=path,
+                shape=shape,
+                dtype=None if dtype is None else str(dtype),
+                size=size,
+                label=resolution.label_of(d),
+                rule=None if d < 0 else d,
+                selector="default" if d < 0 else selectors[d],
+            )
+            for path, shape, dtype, size, d in zip(
+                view.paths, view.shapes, view.dtypes, view.sizes, decided.tolist(), strict=True
+            )
+        )
+        # Labels in rule order, the default last (the order a reader wrote them);
+        # rules sharing a label count together. Group -1 is the default's.
+        order = rules.labels(resolution.default)
+        group = [next(g for g, seen in enumerate(order) if same_label(r.label, seen)) for r in rules]
+        default = resolution.default
+        # Indexed by -1, the default's group (no row has -1 without a default).
+        group.append(
+            0 if default is MISSING else next(g for g, s in enumerate(order) if same_label(default, s))
+        )
+        row_group = np.asarray(group, dtype=np.intp)[decided]
+        sizes = np.fromiter((s or 0 for s in view.sizes), dtype=np.float64, count=len(view))
+        leaves = np.bincount(row_group, minlength=len(order))
+        elements = np.bincount(row_group, weights=sizes, minlength=len(order))
+        summary = {
+            _key(label): {"leaves": int(leaves[g]), "elements": int(elements[g])}
+            for g, label in enumerate(order)
+            if leaves[g]
+        }
+        return cls(rows, rule_rows, summary)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for logging: `{"leaves": [...], "rules": [...], "summary": {...}}`."""
@@ -119,7 +127,7 @@ class Explanation:
             color: ANSI colours for a terminal (labels, headers).
             rows: the leaf rows to show (e.g. a filtered subset); all by default.
         """
-        labels = list(self.summary)
+        labels = [str(label) for label in self.summary]
         table = [("path", "shape", "dtype", "size", "label", "rule")]
         for r in self.rows if rows is None else rows:
             table.append(
@@ -132,8 +140,7 @@ class Explanation:
                     "default" if r.rule is None else str(r.rule),
                 )
             )
-        paint = _painter(color, [str(label) for label in labels])
-        lines = render_table(table, right={3}, long=0, width=width, paint=paint(4))
+        lines = render_table(table, right={3}, long=0, width=width, paint=painter(color, labels, 4))
         if self.rules:
             rules = [("rule", "label", "matched", "decided", "selector")]
             for r in self.rules:
@@ -141,7 +148,7 @@ class Explanation:
                 mark = "  (optional: matches nothing)" if r.matched == 0 else mark
                 rules.append((str(r.index), str(r.label), str(r.matched), str(r.decided), r.selector + mark))
             lines += [""] + render_table(
-                rules, right={0, 2, 3}, long=4, width=width, paint=paint(1), wrap=True
+                rules, right={0, 2, 3}, long=4, width=width, paint=painter(color, labels, 1), wrap=True
             )
         total = sum(v["elements"] for v in self.summary.values()) or 1
         summary = [("label", "leaves", "elements", "share")]
@@ -150,67 +157,43 @@ class Explanation:
                 (str(label), str(v["leaves"]), f"{v['elements']:,}", f"{100 * v['elements'] / total:.1f}%")
             )
         return "\n".join(
-            lines + [""] + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=paint(0))
+            lines
+            + [""]
+            + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=painter(color, labels, 0))
         )
 
 
-_COLORS = ("32", "33", "36", "35", "34", "31")  # green, yellow, cyan, magenta, blue, red
+def explain(
+    tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True, stacked: Any = None
+) -> Explanation:
+    """Report which leaf gets which label, and which rule decided it.
 
+    Runs the very resolution `labels` runs (and so raises exactly its errors,
+    per-layer merges of stacked leaves included). `str()` of the result is
+    an aligned table in which every full path appears verbatim, followed by
+    a summary per label; `.rows`, `.rules`, `.summary` and `.to_dict()` give
+    the same as plain data. Shadowed rules are marked instead of warned
+    about. With `stacked`, the report has one row per layer slice.
 
-def _painter(color: bool, labels: list[str]):
-    """`paint(label_column)` -> a cell styler: bold headers, one colour per label."""
-
-    def for_column(label_column: int):
-        def style(row: int, col: int, cell: str, text: str) -> str:
-            if not color:
-                return cell
-            if row == 0:
-                return f"\033[1m{cell}\033[0m"
-            if col == label_column and text in labels:
-                return f"\033[{_COLORS[labels.index(text) % len(_COLORS)]}m{cell}\033[0m"
-            return cell
-
-        return style
-
-    return for_column
-
-
-def render_table(
-    table: list[tuple[str, ...]],
-    right: set[int],
-    long: int,
-    width: int | None = None,
-    paint: Any = None,
-    wrap: bool = False,
-) -> list[str]:
-    """Aligned columns (row 0 is the header). When wider than `width`, column
-    `long` goes on a line of its own (wrapped to `width` if `wrap`; paths are
-    never wrapped), the other columns aligned on an indented line below it.
-    `paint(row, col, padded, text)` may style a cell."""
-    paint = paint or (lambda row, col, padded, text: padded)
-
-    def align(cols: list[int], indent: str) -> list[str]:
-        widths = {c: max(len(r[c]) for r in table) for c in cols}
-        out = []
-        for i, r in enumerate(table):
-            cells = [
-                paint(i, c, r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]), r[c])
-                for c in cols
-            ]
-            out.append((indent + "  ".join(cells)).rstrip())
-        return out
-
-    columns = range(len(table[0]))
-    full_width = sum(max(len(r[c]) for r in table) for c in columns) + 2 * (len(columns) - 1)
-    if width is None or full_width <= width:
-        return align(list(columns), "")
-    rest = align([c for c in columns if c != long], "    ")
-    out = []
-    for i, r in enumerate(table):
-        pieces = (
-            textwrap.wrap(r[long], width, subsequent_indent="  ", break_on_hyphens=False)
-            if wrap
-            else [r[long]]
-        )
-        out += [paint(i, long, piece, r[long]) for piece in pieces or [""]] + [rest[i]]
-    return out
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> params = {"emb": np.zeros((10, 4)), "fc": {"w": np.zeros((4, 4)), "b": np.zeros(4)}}
+        >>> print(treeglob.explain(params, [("*.b", "no_decay"), ("fc", "decay")], default="frozen"))
+        path  shape    dtype    size  label     rule
+        emb   (10, 4)  float64    40  frozen    default
+        fc.b  (4,)     float64     4  no_decay  0
+        fc.w  (4, 4)   float64    16  decay     1
+        <BLANKLINE>
+        rule  label     matched  decided  selector
+           0  no_decay        1        1  glob('*.b')
+           1  decay           2        1  glob('fc')
+        <BLANKLINE>
+        label     leaves  elements  share
+        no_decay       1         4   6.7%
+        decay          1        16  26.7%
+        frozen         1        40  66.7%
+    """
+    resolution = resolve(
+        tree, rules, caller="explain", default=default, strict=strict, stacked=stacked, warn=False
+    )
+    return Explanation.of(resolution)

@@ -38,6 +38,7 @@ class Lit:
 @dataclass(frozen=True, slots=True)
 class Class:
     regex: str  # a one-character regex class, e.g. "[a-z]"
+    ignore_case: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +163,14 @@ class SegmentMatcher:
     def _build(self, items: tuple[object, ...], s: int) -> int:
         for item in items:
             if isinstance(item, Lit):
-                if item.char:
-                    s = self._consume(s, item.char)
+                for char in item.char:  # casefolding may turn one character into several
+                    s = self._consume(s, char)
             elif item is ANY1:
                 s = self._consume(s, True)
             elif isinstance(item, Class):
-                s = self._consume(s, re.compile(item.regex).fullmatch)
+                s = self._consume(
+                    s, re.compile(item.regex, re.IGNORECASE if item.ignore_case else 0).fullmatch
+                )
             elif item is STAR:
                 loop = self._state(True)
                 self._eps[s].append(loop)
@@ -229,6 +232,14 @@ class SegmentMatcher:
 
     def regex(self) -> str:
         return "".join(_item_regex(it) for it in self.items)
+
+    def literal_text(self) -> str:
+        """The literal characters of the segment, wildcards and classes left out."""
+        return (
+            self.literal
+            if self.literal is not None
+            else "".join(it.char for it in self.items if isinstance(it, Lit))
+        )
 
 
 def _item_regex(item: object) -> str:

@@ -1,34 +1,42 @@
-"""Selector values: patterns, conditions and their Boolean combinations.
+"""Selector values, their Boolean combinations, and their evaluation on a tree.
 
-Selectors are immutable, hashable values. They are deliberately neither
-callable nor PyTrees: `eqx.filter` would call a callable spec per leaf,
-`optax.inject_hyperparams` would call it as a schedule, and `optax.masked`
-would read a PyTree of strings as a mask. `bool(selector)` raises, which
-catches `1 <= ndim <= 3` and `"*.bias" & ndim >= 2` (write
-`"*.bias" & (ndim >= 2)`).
+Selectors are immutable, hashable values that compare by what they say.
+They are deliberately neither callable nor PyTrees: `eqx.filter` would call
+a callable spec per leaf, `optax.inject_hyperparams` would call it as a
+schedule, and `optax.masked` would read a PyTree of strings as a mask.
+`bool(selector)` raises, which catches `1 <= ndim <= 3` and
+`"*.bias" & ndim >= 2` (write `"*.bias" & (ndim >= 2)`).
 
 A selector is evaluated on a whole `TreeView` at once into a NumPy bool
-vector (one entry per leaf), so `&`, `|`, `~` are vector operations.
+vector (one entry per row), so `&`, `|`, `~` are vector operations. The
+conditions (patterns, types, metadata) live in `_conditions.py`, which also
+registers how plain values (strings, classes, regexes) coerce to them.
 """
 
 from __future__ import annotations
 
-import re
-import types
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._context import Context
+from ._errors import NoMatchError, suggest
+from ._keys import quote
+from ._tree import TreeView
 
-__all__ = ["Selector", "all_of", "any_of", "coerce", "optional"]
+__all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "optional"]
 
-_BOOL_MESSAGE = (
+BOOL_MESSAGE = (
     "A treeglob selector has no truth value. This usually means a comparison "
     "was combined without parentheses: write `'*.bias' & (treeglob.ndim >= 2)` rather "
     "than `'*.bias' & treeglob.ndim >= 2`, and `(treeglob.ndim >= 1) & (treeglob.ndim <= 3)` "
     "rather than `1 <= treeglob.ndim <= 3`. To test a tree, use treeglob.mask(tree, selector)."
+)
+
+_STRICT_FIX = (
+    "If matching nothing is intended (e.g. a shared rule list naming parts this model "
+    "lacks), wrap it in treeglob.optional(...), or pass strict=False to switch the check off."
 )
 
 
@@ -36,17 +44,18 @@ class Selector:
     """Base class of all selectors. Combine with `&`, `|`, `~` and `-`."""
 
     __slots__ = ()
-    #: Whether the strictness check lets this selector match nothing.
-    may_be_empty = False
+
+    @property
+    def may_be_empty(self) -> bool:
+        """Whether the strictness check lets this selector match nothing."""
+        return False
 
     def _eval(self, ctx: Context) -> np.ndarray:
         raise NotImplementedError
 
-    def _patterns(self) -> list[str]:
-        """The pattern strings inside this selector, to suggest close matches."""
-        parts = [getattr(self, name, None) for name in ("operand", "left", "right", "selector")]
-        parts += list(getattr(self, "parts", ()))
-        return [p for part in parts if isinstance(part, Selector) for p in part._patterns()]
+    def _literals(self) -> list[str]:
+        """The literal text of the patterns inside this selector, to suggest close matches."""
+        return []
 
     def __and__(self, other: Any) -> Selector:
         return all_of(self, other)
@@ -70,11 +79,64 @@ class Selector:
         return _Difference(coerce(other), self)
 
     def __bool__(self) -> bool:
-        raise TypeError(_BOOL_MESSAGE)
+        raise TypeError(BOOL_MESSAGE)
+
+
+class Context:
+    """Evaluates selectors on one `TreeView`, each distinct selector once.
+
+    `scope` names what is being evaluated (e.g. "rule 2 (label 'no_decay')")
+    so that a strictness error raised deep inside a combination says where.
+    """
+
+    def __init__(self, view: TreeView, *, strict: bool):
+        self.view = view
+        self.strict = strict
+        self.scope = ""
+        self._cache: dict[Selector, np.ndarray] = {}
+
+    def evaluate(self, selector: Selector) -> np.ndarray:
+        hit = self._cache.get(selector)
+        if hit is None:
+            hit = self._cache[selector] = selector._eval(self)
+        return hit
+
+    def require(self, selector: Selector, role: str) -> np.ndarray:
+        """Evaluate `selector`; under strictness it must match at least one leaf."""
+        hit = self.evaluate(selector)
+        if self.strict and not selector.may_be_empty and not hit.any():
+            raise self.no_match(selector, role)
+        return hit
+
+    def no_match(self, selector: Selector, role: str, extra: str = "") -> NoMatchError:
+        where = f"In {self.scope}, {role}" if self.scope else role[0].upper() + role[1:]
+        lines = [f"{where} {selector!r} matches no leaf of the tree ({len(self.view)} leaves)."]
+        close = self.suggestions(selector)
+        if close:
+            lines.append("Close matches in the tree: " + ", ".join(close) + ".")
+        if extra:
+            lines.append(extra)
+        lines.append(_STRICT_FIX)
+        return NoMatchError("\n".join(lines))
+
+    def suggestions(self, selector: Selector) -> list[str]:
+        """Segments (or whole paths, for a literal spanning segments) close to the selector's text."""
+        out: list[str] = []
+        for literal in selector._literals():
+            if "." in literal:
+                candidates = self.view.paths
+            else:
+                candidates = sorted({quote(s) for segs in self.view.segments for s in segs})
+            out += [c for c in suggest(literal, candidates) if c not in out]
+        return out
 
 
 # ----------------------------------------------------------------------------
 # Combinators
+
+
+def _literals_of(*parts: Selector) -> list[str]:
+    return [text for part in parts for text in part._literals()]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -103,6 +165,9 @@ class _AnyOf(Selector):
             )
         return out
 
+    def _literals(self) -> list[str]:
+        return _literals_of(*self.parts)
+
     def __repr__(self) -> str:
         flag = ", require_each=True" if self.require_each else ""
         return "any_of(" + ", ".join(map(repr, self.parts)) + flag + ")"
@@ -118,6 +183,9 @@ class _AllOf(Selector):
             out &= ctx.evaluate(part)
         return out
 
+    def _literals(self) -> list[str]:
+        return _literals_of(*self.parts)
+
     def __repr__(self) -> str:
         return "(" + " & ".join(map(repr, self.parts)) + ")"
 
@@ -129,6 +197,9 @@ class _Not(Selector):
     def _eval(self, ctx: Context) -> np.ndarray:
         return ~ctx.require(self.operand, "the negated selector")
 
+    def _literals(self) -> list[str]:
+        return self.operand._literals()
+
     def __repr__(self) -> str:
         return f"~{self.operand!r}"
 
@@ -138,8 +209,16 @@ class _Difference(Selector):
     left: Selector
     right: Selector
 
+    @property
+    def may_be_empty(self) -> bool:
+        # `optional(a) - b` stays optional: removing leaves cannot make a rule required.
+        return self.left.may_be_empty
+
     def _eval(self, ctx: Context) -> np.ndarray:
         return ctx.evaluate(self.left) & ~ctx.require(self.right, "the right side of '-'")
+
+    def _literals(self) -> list[str]:
+        return _literals_of(self.left, self.right)
 
     def __repr__(self) -> str:
         return f"({self.left!r} - {self.right!r})"
@@ -150,10 +229,16 @@ class _Optional(Selector):
     """A selector allowed to match nothing (see `optional`)."""
 
     selector: Selector
-    may_be_empty = True
+
+    @property
+    def may_be_empty(self) -> bool:
+        return True
 
     def _eval(self, ctx: Context) -> np.ndarray:
         return ctx.evaluate(self.selector)
+
+    def _literals(self) -> list[str]:
+        return self.selector._literals()
 
     def __repr__(self) -> str:
         return f"optional({self.selector!r})"
@@ -218,31 +303,35 @@ _COERCE_MESSAGE = (
 )
 
 
+@functools.singledispatch
 def coerce(value: Any) -> Selector:
-    """Turn a plain Python value into a selector where that is unambiguous."""
-    # Imported here: the conditions module builds on the Selector base class above.
-    from ._conditions import _Metric, glob, inside, regex
+    """Turn a plain Python value into a selector where that is unambiguous.
 
-    if isinstance(value, Selector):
-        return value
-    if isinstance(value, str):
-        return regex(value) if value.startswith("re:") else glob(value)
-    if isinstance(value, re.Pattern):
-        return regex(value)
-    if isinstance(value, bool):
-        return _Constant(value)
-    if isinstance(value, type | types.UnionType):
-        return inside(value)
-    if isinstance(value, list | tuple):
-        return _AnyOf(tuple(map(coerce, value)))
-    hint = ""
-    if isinstance(value, int):
+    Selectors, bools, lists and tuples are handled here; `_conditions.py`
+    registers strings (globs, `re:` regexes), `re.Pattern`s and classes.
+    """
+    hint = getattr(value, "coerce_hint", "")
+    if not hint and isinstance(value, int):
         hint = (
             " An int here usually means a comparison lost its parentheses: write "
             "`sel & (treeglob.ndim >= 2)`."
         )
-    elif isinstance(value, _Metric):
-        hint = f" Compare it first: ({value!r} >= 2)."
-    elif callable(value):
+    elif not hint and callable(value):
         hint = " To select with a function, wrap it: treeglob.where(fn), with fn(path, leaf) -> bool."
     raise TypeError(_COERCE_MESSAGE.format(kind=type(value).__name__, value=value, hint=hint))
+
+
+@coerce.register
+def _(value: Selector) -> Selector:
+    return value
+
+
+@coerce.register
+def _(value: bool) -> Selector:
+    return _Constant(value)
+
+
+@coerce.register(list)
+@coerce.register(tuple)
+def _(value: list | tuple) -> Selector:
+    return _AnyOf(tuple(map(coerce, value)))

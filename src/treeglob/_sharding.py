@@ -7,7 +7,7 @@ from typing import Any
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._rules import _view, leaf_labels
+from ._resolve import resolve
 
 __all__ = ["shardings"]
 
@@ -78,18 +78,20 @@ def shardings(
         raise TypeError(
             f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh(...)), got {type(mesh).__name__}."
         )
-    view = _view(tree, "shardings", stacked)
-    specs = leaf_labels(view, rules, default, strict)
+    resolution = resolve(tree, rules, caller="shardings", default=default, strict=strict, stacked=stacked)
+    view = resolution.view
     out = []
-    for path, (row, stack), spec in zip(view.leaf_paths, view.leaf_rows(), specs, strict=True):
+    for leaf, path, shape, stack, spec in zip(
+        view.leaves, view.leaf_paths, view.leaf_shapes, view.leaf_stacks, resolution.values, strict=True
+    ):
         if not isinstance(spec, PartitionSpec):
             raise TypeError(f"The label of {path} is {spec!r}; shardings() needs PartitionSpec labels.")
-        if view.shapes[row] is None:
+        if shape is None:
             raise TypeError(
-                f"{path} is not an array ({type(view.leaves[row]).__name__}); shardings() places arrays only. "
+                f"{path} is not an array ({type(leaf).__name__}); shardings() places arrays only. "
                 "Filter the tree first: eqx.filter(model, eqx.is_array)."
             )
         full = PartitionSpec(*(None,) * len(stack), *spec)
-        _check_spec(path, stack + view.shapes[row], full, mesh)
+        _check_spec(path, shape, full, mesh)
         out.append(NamedSharding(mesh, full))
     return view.unflatten(out)

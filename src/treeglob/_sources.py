@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SourceError", "load_source"]
+from ._errors import SourceError
+
+__all__ = ["load_source"]
 
 _SAFETENSORS_DTYPES = {
     "BOOL": "bool",
@@ -49,10 +51,6 @@ _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
-
-
-class SourceError(ValueError):
-    """A checkpoint or model factory that cannot be read."""
 
 
 def _nest(entries: dict[str, Any], sep: str, origin: str) -> dict[str, Any]:

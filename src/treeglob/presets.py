@@ -25,7 +25,7 @@ import equinox as eqx
 from ._conditions import glob, inside, ndim, regex
 from ._selector import any_of, optional
 
-__all__ = ["DEFAULT", "HF", "NANOGPT", "TIMM", "TIMM_VIT_LAYERS"]
+__all__ = ["BY_NAME", "DEFAULT", "HF", "NANOGPT", "TIMM", "TIMM_VIT_LAYERS"]
 
 #: Normalisation layers of Equinox, excluded from decay by type.
 NORM_LAYERS = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
@@ -93,3 +93,6 @@ TIMM_VIT_LAYERS = [
     (optional(glob("^{cls_token,pos_embed,patch_embed,dist_token,reg_token}")), 0),
     (optional(glob("^norm")), -2),
 ]
+
+#: The weight-decay presets by the names the command line and rules files use.
+BY_NAME = {"default": DEFAULT, "nanogpt": NANOGPT, "timm": TIMM, "hf": HF}
