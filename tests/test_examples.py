@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from jax.sharding import PartitionSpec
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -57,5 +59,6 @@ def test_scanned_gpt_freezes_the_first_layers():
 def test_sharded_train_on_8_host_devices_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = run("sharded_train.py", "--steps", "3", env=env)
-    assert "blocks.0.fc.weight (256, 64) -> P('model', None), (64, 64) per device" in out
+    spec = repr(PartitionSpec("model", None))  # its repr differs between JAX versions
+    assert f"blocks.0.fc.weight (256, 64) -> {spec}, (64, 64) per device" in out
     assert "sharded and single-device losses agree over 3 steps" in out

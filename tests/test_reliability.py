@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import treeglob as tg
 from conftest import Transformer
@@ -144,7 +145,7 @@ def test_abstract_trees_from_filter_eval_shape():
 def test_sharded_params_are_read_without_a_device_transfer():
     mesh = jax.make_mesh((1,), ("model",))
     params = eqx.filter(Transformer(key=jax.random.key(0)), eqx.is_array)
-    specs = tg.shardings(params, [("*.weight", jax.P())], mesh)
+    specs = tg.shardings(params, [("*.weight", P())], mesh)
     placed = jax.device_put(params, specs)
     with jax.transfer_guard("disallow"):
         assert tg.mask(placed, tg.ndim >= 2) == tg.mask(params, tg.ndim >= 2)

@@ -7,6 +7,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import treeglob as tg
 from conftest import Transformer
@@ -129,9 +130,9 @@ def test_freezing_whole_stacked_leaves_allocates_no_state(deep):
 def test_sharding_specs_describe_one_layer():
     mesh = jax.make_mesh((1,), ("model",))
     params = {"blocks": {"w": np.zeros((3, 4, 8)), "b": np.zeros((3, 8))}}
-    specs = tg.shardings(params, [("*.w", jax.P(None, "model"))], mesh, stacked={"blocks": 1})
-    assert specs["blocks"]["w"].spec == jax.P(None, None, "model")
-    assert specs["blocks"]["b"].spec == jax.P(None)
+    specs = tg.shardings(params, [("*.w", P(None, "model"))], mesh, stacked={"blocks": 1})
+    assert specs["blocks"]["w"].spec == P(None, None, "model")
+    assert specs["blocks"]["b"].spec == P(None)
 
 
 # ----------------------------------------------------------------------------

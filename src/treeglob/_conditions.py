@@ -187,7 +187,7 @@ class _OwnedBy(Selector):
         return f"owned_by({_names(self.classes)})"
 
 
-def inside(*classes: type) -> Selector:
+def inside(*classes: type | types.UnionType) -> Selector:
     """Select every leaf that lies inside an instance of one of `classes`.
 
     Any enclosing node counts, the root included, and any PyTree node class
@@ -203,7 +203,7 @@ def inside(*classes: type) -> Selector:
     return _Inside(_check_classes(classes, "inside"))
 
 
-def owned_by(*classes: type) -> Selector:
+def owned_by(*classes: type | types.UnionType) -> Selector:
     """Select the leaves whose direct parent node is an instance of `classes`.
 
     Unlike `inside`, containers are not skipped: the list inside an
@@ -479,7 +479,11 @@ def _(value: re.Pattern) -> Selector:
     return regex(value)
 
 
-@coerce.register(type)
-@coerce.register(types.UnionType)
-def _(value: type | types.UnionType) -> Selector:
-    return inside(value)  # type: ignore[arg-type]
+@coerce.register
+def _(value: type) -> Selector:
+    return inside(value)
+
+
+@coerce.register
+def _(value: types.UnionType) -> Selector:
+    return inside(value)

@@ -51,7 +51,11 @@ def _block_indices(view: TreeView, blocks: str) -> list[str]:
 
 
 def _layer_number(layer: Any, top: int, where: str) -> int:
-    if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not -top - 1 <= layer <= top:
+    if (
+        not isinstance(layer, numbers.Integral)
+        or isinstance(layer, bool)
+        or not -top - 1 <= int(layer) <= top
+    ):
         raise ValueError(
             f"The layer id of {where} is {layer!r}; with {top - 1} blocks it must be an int from 0 (stem) "
             f"to {top} (top), or negative counting from the top: -1 is {top}, -2 the last block ({top - 1})."

@@ -90,21 +90,33 @@ def _merge_mask(view: TreeView, caller: str, leaf: int, values: list[Any], stack
     )
 
 
-def _differing(view: TreeView, caller: str, leaf: int, values: list[Any], allowed: str) -> ValueError:
-    shown = ", ".join(repr(v) for v in dict.fromkeys(values))
+def _differing(
+    view: TreeView, caller: str, leaf: int, values: list[Any], stack: tuple[int, ...], fix: str
+) -> ValueError:
+    groups = {}
+    for value in dict.fromkeys(values):
+        groups[value] = _describe_layers(stack, [same_label(v, value) for v in values])
+    shown = ", ".join(repr(v) for v in groups)
+    layers = "; ".join(f"layers {where}: {value!r}" for value, where in groups.items())
     return ValueError(
         f"{caller}(): the rules give different labels ({shown}) to the layers of the stacked leaf "
-        f"{view.leaf_paths[leaf]}. A label tree holds one label per leaf; {allowed} "
-        "Give all layers of a stacked leaf the same label, or use numbers (e.g. 0.0 / 1.0 "
-        "factors, see treeglob.freeze)."
+        f"{view.leaf_paths[leaf]} ({layers}). {fix}"
     )
 
 
 def _merge_label(view: TreeView, caller: str, leaf: int, values: list[Any], stack: tuple[int, ...]) -> Any:
-    """One label per leaf, whatever it is: one leaf goes to one transform."""
+    """One label per leaf, whatever it is: one leaf goes to one transformation."""
     if _all_equal(values):
         return values[0]
-    raise _differing(view, caller, leaf, values, "here each leaf goes to one transformation, whole.")
+    raise _differing(
+        view,
+        caller,
+        leaf,
+        values,
+        stack,
+        "Each leaf goes to one transformation, whole: give all layers of a stacked leaf the same "
+        "label, or freeze single layers with treeglob.freeze(..., stacked=...).",
+    )
 
 
 def _merge_numbers(view: TreeView, caller: str, leaf: int, values: list[Any], stack: tuple[int, ...]) -> Any:
@@ -123,7 +135,10 @@ def _merge_numbers(view: TreeView, caller: str, leaf: int, values: list[Any], st
             caller,
             leaf,
             values,
-            "only numeric labels on array leaves can differ per layer (they become per-layer arrays).",
+            stack,
+            "A label tree holds one label per leaf; only numeric labels on array leaves can differ per "
+            "layer (they become per-layer arrays). Give all layers of a stacked leaf the same label, or "
+            "use numbers (e.g. 0.0 / 1.0 factors, see treeglob.freeze).",
         )
     return np.asarray(values).reshape(stack + (1,) * (len(shape) - len(stack)))
 

@@ -127,6 +127,8 @@ def _factory(spec: str) -> Any:
             raise SourceError(f"{spec}: no such file {target!r}.")
         sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise SourceError(f"{spec}: {target} cannot be imported as a Python module.")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module  # dataclasses (eqx.Module) look their module up there
         try:

@@ -117,7 +117,7 @@ def stack_structure(
             raise ValueError(
                 f"stacked subtree {path!r} holds no array leaf to take the number of layers from."
             )
-        stack = None
+        first_array, stack = arrays[0], None
         for i in arrays:
             shape = shapes[i]
             assert shape is not None
@@ -127,7 +127,7 @@ def stack_structure(
                     f"{axes} axes, so it cannot hold a stack of layers. Check the number of stacked axes."
                 )
             if stack is None:
-                stack, first_array = shape[:axes], i
+                stack = shape[:axes]
             elif shape[:axes] != stack:
                 raise ValueError(
                     f"stacked={{{path!r}: {axes}}} needs every array under {path!r} to have the same "

@@ -34,7 +34,11 @@ def shape_of(leaf: Any) -> tuple[int, ...] | None:
 def _flatten(flatten: Callable[[Any], Any], tree: Any) -> Any:
     try:
         return flatten(tree)
-    except RecursionError as exc:
+    except (RecursionError, SystemError) as exc:
+        # JAX's flatten recurses in C++ on Python's recursion budget and reports running
+        # out as a SystemError caused by a RecursionError.
+        if not isinstance(exc, RecursionError) and not isinstance(exc.__cause__, RecursionError):
+            raise
         raise ValueError(
             "treeglob could not flatten the tree: it is nested deeper than JAX can flatten under "
             f"Python's recursion limit ({sys.getrecursionlimit()}). Raise the limit with "
