@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
 
     assert jax.device_count() == 8
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    # Auto axes where JAX has axis types (newer releases default to Explicit ones).
+    auto = getattr(jax.sharding, "AxisType", None)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), **({"axis_types": (auto.Auto,) * 2} if auto else {}))
     params = {
         "blocks": {"w": np.ones((3, 16, 8), np.float32), "b": np.ones((3, 16), np.float32)},
         "head": np.ones((8, 6), np.float32),
