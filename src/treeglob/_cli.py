@@ -7,7 +7,8 @@ SOURCE is a `.safetensors` or `.npz` checkpoint (headers only) or a
 `module:function` / `file.py:function` model factory (evaluated abstractly).
 Exit status: 0 fine; 1 the rules do not fit the tree (a rule or the filter
 matches nothing, a leaf is left uncovered); 2 bad input (a missing or
-unreadable file, a malformed rules file or pattern).
+unreadable file, a malformed rules file or pattern, a factory that fails or
+returns no arrays); 141 the output pipe was closed early (`| head`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _stacked(items: list[str]) -> dict[str, int] | None:
     out = {}
     for item in items:
         path, sep, axes = item.rpartition("=")
-        if not sep or not axes.isdecimal():
+        if not sep or not path or not axes.isdecimal() or int(axes) < 1:
             raise _BadInput(f"--stacked {item!r}: write PATH=AXES, e.g. --stacked blocks=1.")
         out[path] = int(axes)
     return out or None
@@ -169,6 +170,16 @@ def _check(
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`treeglob ... | head`): stop quietly, as a
+        # process killed by SIGPIPE would, without a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     tty = sys.stdout.isatty()
     width = args.width or (shutil.get_terminal_size().columns if tty else None)

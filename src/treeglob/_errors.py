@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from collections.abc import Iterable
 
@@ -57,16 +56,18 @@ def suggest(query: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(query, list(dict.fromkeys(candidates)), n=n, cutoff=0.6)
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: The packages whose frames lie between a user's line and treeglob (optax calls a
+#: mask function of treeglob's from inside `init` / `update`, jax while tracing).
+_LIBRARIES = frozenset({"treeglob", "optax", "jax", "jaxlib", "equinox", "flax", "chex"})
 
 
 def user_stacklevel() -> int:
-    """The `stacklevel` for `warnings.warn` that points at the first frame outside treeglob.
+    """The `stacklevel` for `warnings.warn` that points at the user's line.
 
-    Counted from the caller of this function, so the warning shows the
-    user's line however many treeglob frames (wrappers, recipes) lie between.
+    Counted from the caller of this function: the first frame outside
+    treeglob and the libraries that call it back (optax, jax, equinox).
     """
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
         frame, level = frame.f_back, level + 1
     return level

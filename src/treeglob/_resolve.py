@@ -16,6 +16,7 @@ import gc
 import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -218,7 +219,9 @@ def resolve(
                     raise ctx.no_match(rule.selector, role, _swap_hint(ctx, rule))
                 continue
             new = hit & (decided < 0)
-            if not new.any():
+            # A catch-all ("**" last, a preset's "everything else") that finds nothing
+            # left is doing its job, not shadowed.
+            if not new.any() and not hit.all():
                 shadowed.append(rule.index)
             decided[new] = rule.index
         uncovered = np.flatnonzero(decided < 0)
@@ -230,13 +233,26 @@ def resolve(
         values = view.per_leaf(rows, lambda leaf, layers, stack: merge_fn(view, caller, leaf, layers, stack))
     if warn:
         for index in shadowed:
-            warnings.warn(
-                f"{rules[index].describe()} never decides a label: every leaf it matches is taken by an "
-                "earlier rule (the first matching rule wins). Move it up or remove it.",
-                ShadowedRuleWarning,
-                stacklevel=user_stacklevel(),
-            )
+            _warn_shadowed(rules, index)
     return Resolution(view, rules, default, decided, tuple(matches), tuple(shadowed), values)
+
+
+# The shadowed rules already warned about, by the identity of their normalized rule
+# set: a recipe normalizes its rules once and resolves them at every step.
+_WARNED: weakref.WeakValueDictionary[tuple[int, int], Rules] = weakref.WeakValueDictionary()
+
+
+def _warn_shadowed(rules: Rules, index: int) -> None:
+    """Warn once per rule set and rule (a training loop must not warn at every step)."""
+    if _WARNED.get((id(rules), index)) is rules:
+        return
+    _WARNED[(id(rules), index)] = rules
+    warnings.warn(
+        f"{rules[index].describe()} never decides a label: every leaf it matches is taken by an "
+        "earlier rule (the first matching rule wins). Move it up or remove it.",
+        ShadowedRuleWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _uncovered(view: TreeView, uncovered: np.ndarray) -> ValueError:

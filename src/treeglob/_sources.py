@@ -1,8 +1,7 @@
-"""Trees of `jax.ShapeDtypeStruct` from checkpoints and model factories, without loading arrays.
+"""Trees of array metadata from checkpoints and model factories, without loading arrays.
 
-* `.safetensors`: the header only, read by the `safetensors` package
-  (`pip install "treeglob[safetensors]"`); tensor names split on `.`.
-* `.npz`: each member's `.npy` header only; names split on `/`.
+* `.safetensors`: the header only (see `_safetensors.py`); tensor names split on `.`.
+* `.npz`: each member's `.npy` header only; names split on `/` and `.`.
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated.
 
@@ -15,37 +14,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pathlib
+import re
 import sys
 import zipfile
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._errors import SourceError
+from ._safetensors import read_header
 
 __all__ = ["load_source"]
-
-_SAFETENSORS_DTYPES = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
 
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -53,49 +34,33 @@ _NPY_HEADER_READERS = {
 }
 
 
-def _nest(entries: dict[str, Any], sep: str, origin: str) -> dict[str, Any]:
+def _nest(entries: dict[str, Any], separators: str, origin: str) -> dict[str, Any]:
+    """Nested dicts from names split on any of `separators`."""
+    split = re.compile("[" + re.escape(separators) + "]").split
     tree: dict[str, Any] = {}
+    parts_seen: dict[str, str] = {}  # one string object per distinct segment: big headers repeat them
     for name in sorted(entries):
-        *parents, leaf = name.split(sep)
+        *parents, leaf = (parts_seen.setdefault(p, p) for p in split(name))
         node = tree
         for i, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SourceError(
-                    f"{origin}: the tensor {sep.join(parents[: i + 1])!r} is also the parent of {name!r}; "
+                    f"{origin}: the tensor {'.'.join(parents[: i + 1])!r} is also the parent of {name!r}; "
                     "such names cannot form one tree."
                 )
         if leaf in node:
-            raise SourceError(f"{origin}: {name!r} is both a tensor and the parent of other tensors.")
+            raise SourceError(
+                f"{origin}: {name!r} names the same place in the tree as another tensor, or the parent of "
+                "other tensors; such names cannot form one tree."
+            )
         node[leaf] = entries[name]
     return tree
 
 
 def _safetensors(path: pathlib.Path) -> dict[str, Any]:
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise SourceError(
-            f'{path}: reading .safetensors needs the safetensors package: pip install "treeglob[safetensors]".'
-        ) from None
-    entries = {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                tensor = f.get_slice(name)
-                kind = tensor.get_dtype()
-                if kind not in _SAFETENSORS_DTYPES:
-                    raise SourceError(
-                        f"{path}: tensor {name!r} has the dtype {kind}, which treeglob does not know."
-                    )
-                entries[name] = jax.ShapeDtypeStruct(
-                    tuple(tensor.get_shape()), jnp.dtype(_SAFETENSORS_DTYPES[kind])
-                )
-    except SourceError:
-        raise
-    except Exception as exc:  # the package raises its own error types for a bad header
-        raise SourceError(f"{path}: not a readable .safetensors file: {exc}") from None
-    return _nest(entries, ".", str(path))
+    tensors, _ = read_header(path)
+    return _nest(tensors, ".", str(path))
 
 
 def _npz(path: pathlib.Path) -> dict[str, Any]:
@@ -116,11 +81,16 @@ def _npz(path: pathlib.Path) -> dict[str, Any]:
                 entries[member[: -len(".npy")]] = jax.ShapeDtypeStruct(shape, dtype)
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise SourceError(f"{path}: not a readable .npz file: {exc}") from None
-    return _nest(entries, "/", str(path))
+    return _nest(entries, "/.", str(path))
 
 
 def _factory(spec: str) -> Any:
     target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise SourceError(
+            f"{spec}: a model factory is written module:function or path/to/file.py:function, "
+            "e.g. mypkg.models:build."
+        )
     if target.endswith(".py") or "/" in target:
         path = pathlib.Path(target)
         if not path.is_file():
@@ -146,15 +116,25 @@ def _factory(spec: str) -> Any:
         raise SourceError(f"{spec}: {target} has no function {name!r}.")
     try:
         model = eqx.filter_eval_shape(fn)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory that exits is a failed factory, not our exit
         raise SourceError(f"{spec}: calling {name}() failed: {type(exc).__name__}: {exc}") from exc
-    return eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        shown = repr(model)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise SourceError(
+            f"{spec}: {name}() returned {type(model).__name__} {shown}, which holds no array. "
+            "A factory returns the model (or a PyTree of its parameters)."
+        )
+    return params
 
 
 def load_source(source: str) -> Any:
     """A tree whose array leaves are `jax.ShapeDtypeStruct`s, from a file or a factory."""
     path = pathlib.Path(source)
     if path.suffix in (".safetensors", ".npz"):
+        if path.is_dir():
+            raise SourceError(f"{source}: is a directory, not a {path.suffix} file.")
         if not path.is_file():
             raise SourceError(f"{source}: no such file.")
         return _safetensors(path) if path.suffix == ".safetensors" else _npz(path)

@@ -1,0 +1,179 @@
+"""The `.safetensors` header, read with bounded memory.
+
+The format (documented with the `safetensors` package): 8 bytes, a little-endian
+unsigned header length `N`; `N` bytes of UTF-8 JSON mapping each tensor name to
+`{"dtype", "shape", "data_offsets": [begin, end]}` (plus an optional
+`"__metadata__"` of strings), padded with spaces; then the tensor data.
+
+A checkpoint of a million small tensors has a header of tens of megabytes;
+decoding it into one JSON object costs many times that (Python dicts and lists
+per entry). Here the entries are decoded one at a time, each kept as a small
+record, and headers longer than `MAX_HEADER_BYTES` are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import SourceError
+
+__all__ = ["MAX_HEADER_BYTES", "TensorInfo", "read_header"]
+
+#: The longest header read, in bytes (the `safetensors` package's own limit).
+MAX_HEADER_BYTES = 100_000_000
+
+_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_NUMPY_DTYPES = {name: jnp.dtype(kind) for name, kind in _DTYPES.items()}
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of the file: array-like metadata (`shape`, `dtype`) and where its bytes are."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    begin: int  # byte offsets into the data that follows the header
+    end: int
+
+
+def _entry(name: str, value: Any, where: str) -> TensorInfo:
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        raise SourceError(
+            f"{where}: the entry of tensor {name!r} must be an object with exactly the keys dtype, "
+            f"shape and data_offsets, got {str(value)[:100]}."
+        )
+    kind, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    dtype = _NUMPY_DTYPES.get(kind) if isinstance(kind, str) else None
+    if dtype is None:
+        raise SourceError(f"{where}: tensor {name!r} has the dtype {kind!r}, which treeglob does not know.")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise SourceError(
+            f"{where}: tensor {name!r} has the shape {shape!r}; a shape is a list of sizes >= 0."
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize
+    ):
+        raise SourceError(
+            f"{where}: tensor {name!r} has the data_offsets {offsets!r}, which do not span its "
+            f"{math.prod(shape) * dtype.itemsize} bytes ({kind} of shape {tuple(shape)})."
+        )
+    return TensorInfo(tuple(shape), dtype, offsets[0], offsets[1])
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], int]:
+    """The tensors of a `.safetensors` file by name, in file order, and the offset of its data.
+
+    Raises:
+        SourceError: the file is not a well-formed `.safetensors` file, or its
+            header is longer than `MAX_HEADER_BYTES`.
+    """
+    where = str(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise SourceError(
+                f"{where}: not a readable .safetensors file: shorter than its 8-byte header length."
+            )
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise SourceError(
+                f"{where}: not a readable .safetensors file: its header length is {length:,} bytes, more than "
+                f"the {MAX_HEADER_BYTES:,} treeglob reads (the limit of the format's own reader)."
+            )
+        if 8 + length > size:
+            raise SourceError(
+                f"{where}: not a readable .safetensors file: its header length is {length:,} bytes but the "
+                f"file holds only {size - 8:,} after the length."
+            )
+        try:
+            text = f.read(length).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                f"{where}: not a readable .safetensors file: the header is not UTF-8 ({exc})."
+            ) from None
+    tensors = _parse(text, where)
+    data = size - 8 - length
+    for name, info in tensors.items():
+        if info.end > data:
+            raise SourceError(
+                f"{where}: tensor {name!r} ends at byte {info.end:,} of the data, which holds only {data:,} bytes."
+            )
+    return tensors, 8 + length
+
+
+def _parse(text: str, where: str) -> dict[str, TensorInfo]:
+    """The header's entries, decoded one at a time (never the whole object at once)."""
+    decoder = json.JSONDecoder()
+    tensors: dict[str, TensorInfo] = {}
+
+    def fail(pos: int, problem: str) -> SourceError:
+        return SourceError(
+            f"{where}: not a readable .safetensors file: {problem} at byte {pos} of the header."
+        )
+
+    i = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+    if not text.startswith("{", i):
+        raise fail(i, "the header is not a JSON object")
+    i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text.startswith("}", i):
+        i += 1
+    else:
+        while True:
+            if not text.startswith('"', i):
+                raise fail(i, "expected a tensor name in double quotes")
+            try:
+                name, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+                i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
+                if not text.startswith(":", i):
+                    raise fail(i, "expected ':' after a tensor name")
+                value, i = decoder.raw_decode(text, _SPACE.match(text, i + 1).end())  # type: ignore[union-attr]
+            except json.JSONDecodeError as exc:
+                raise fail(exc.pos, f"invalid JSON ({exc.msg})") from None
+            if name in tensors:
+                raise fail(i, f"the tensor name {name!r} appears twice")
+            if name == "__metadata__":
+                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                    raise fail(i, "__metadata__ must map strings to strings")
+            else:
+                tensors[name] = _entry(name, value, where)
+            i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text.startswith(",", i):
+                i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+            elif text.startswith("}", i):
+                i += 1
+                break
+            else:
+                raise fail(i, "expected ',' or '}' after a tensor's entry")
+    if text[i:].strip(" \t\n\r"):
+        raise fail(i, "unexpected text after the header object")
+    return tensors
