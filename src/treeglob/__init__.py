@@ -25,6 +25,7 @@ from ._layer_decay import (
     layer_decay_scales as layer_decay_scales,
     layer_ids as layer_ids,
 )
+from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
 from ._optax import masked as masked, multi_transform as multi_transform
 from ._pattern import translate as translate
 from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
@@ -37,7 +38,10 @@ from ._tree import paths as paths
 __version__ = importlib.metadata.version("treeglob")
 
 __all__ = [
+    "JOIN_NEXT",
+    "JOIN_PREVIOUS",
     "Explanation",
+    "LayerGroups",
     "NoMatchError",
     "RuleConfig",
     "RulesFileError",

@@ -9,7 +9,7 @@ scales equal timm's `lr_scale` values bit for bit.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optax
@@ -18,39 +18,80 @@ from . import presets
 from ._conditions import glob
 from ._errors import NoMatchError
 from ._keys import quote, split_path
+from ._layers import JOIN_NEXT, JOIN_PREVIOUS, LayerGroups
+from ._pattern import compile_glob
 from ._recipes import scale_updates
 from ._resolve import Resolution, resolve, view_of
 from ._rules import normalize_rules
 from ._selector import optional
-from ._structure import find
+from ._structure import LEAF, Node, find
 from ._tree import TreeView
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
 
 
-def _block_indices(view: TreeView, blocks: str) -> list[str]:
-    """The index segments of the block sequence at the path `blocks`, in tree order."""
-    if not isinstance(blocks, str) or not blocks:
-        raise ValueError("blocks must be the path of the block sequence, e.g. 'blocks' or 'encoder.layers'.")
+class _Block(NamedTuple):
+    path: str  # printed path of the block's subtree
+    segments: tuple[str, ...]
+    layer: int  # its layer id: 1 for the first block
+
+
+def _is_path(text: str) -> bool:
+    """Whether `text` is a printed path (no glob syntax outside quotes)."""
+    return ".".join(map(quote, split_path(text))) == text
+
+
+def _blocks_at(view: TreeView, blocks: str) -> list[_Block]:
+    """The children of the node at path `blocks`, numbered by their index."""
     hit = find(view.structure, split_path(blocks))
     if hit is None or not hit[1].children:
         raise NoMatchError(
             f"blocks={blocks!r} names no subtree of the tree.{view.close_subtrees(blocks)} Give the path of "
-            "the block sequence as treeglob.paths() prints it; for blocks stacked with eqx.filter_vmap, also "
-            "pass stacked={'<that path>': 1}."
+            "the block sequence as treeglob.paths() prints it, or a pattern for its blocks (e.g. "
+            "'stages.*.blocks.*'); for blocks stacked with eqx.filter_vmap, also pass stacked={'<that path>': 1}."
         )
-    indices = [segment for segment, _ in hit[1].children]
-    for segment in indices:
+    out = []
+    for segment, _ in hit[1].children:
         if not segment.isdecimal():
             raise ValueError(
                 f"Layer ids come from the index after {blocks!r}, but {blocks}.{quote(segment)} has "
-                f"{segment!r} there. "
-                "Give blocks= the path of the list (or stacked module, with stacked=) of blocks."
+                f"{segment!r} there. Give blocks= the path of the list (or stacked module, with stacked=) "
+                "of blocks, or a pattern that matches the blocks themselves (e.g. 'stages.*.blocks.*')."
             )
-    return indices
+        out.append(_Block(f"{blocks}.{segment}", (*split_path(blocks), segment), int(segment) + 1))
+    return out
 
 
-def _layer_number(layer: Any, top: int, where: str) -> int:
+def _blocks_matching(view: TreeView, pattern: str) -> list[_Block]:
+    """The subtrees the glob `pattern` matches as a whole path, numbered in order:
+    decimal keys by their value, other keys in tree order."""
+    compiled = compile_glob("^" + pattern.removeprefix("^").removesuffix("$") + "$")
+    found: list[tuple[tuple[tuple[int, int], ...], tuple[str, ...]]] = []
+    stack: list[tuple[Node, Any, tuple[str, ...], tuple[tuple[int, int], ...]]] = [
+        (view.structure, compiled.start(), (), ())
+    ]
+    while stack:
+        node, state, segments, order = stack.pop()
+        for k, (segment, child) in enumerate(node.children):
+            child_state = compiled.step(state, segment)
+            key = (*order, (0, int(segment)) if segment.isdecimal() else (1, k))
+            if compiled.accepts(child_state):
+                found.append((key, (*segments, segment)))
+            elif child is not LEAF and not compiled.dead(child_state):
+                stack.append((child, child_state, (*segments, segment), key))
+    if not found:
+        raise NoMatchError(
+            f"blocks={pattern!r} matches no subtree of the tree. Give a pattern whose matches are the "
+            "blocks themselves (e.g. 'stages.*.blocks.*' or 'layer{1..4}.*'), or the path of the block "
+            f"sequence.{view.close_subtrees(pattern)}"
+        )
+    found.sort()
+    return [_Block(".".join(map(quote, segs)), segs, i + 1) for i, (_, segs) in enumerate(found)]
+
+
+def _layer_number(layer: Any, top: int, where: str) -> Any:
+    if layer is JOIN_NEXT or layer is JOIN_PREVIOUS:
+        return layer
     if (
         not isinstance(layer, numbers.Integral)
         or isinstance(layer, bool)
@@ -58,22 +99,53 @@ def _layer_number(layer: Any, top: int, where: str) -> int:
     ):
         raise ValueError(
             f"The layer id of {where} is {layer!r}; with {top - 1} blocks it must be an int from 0 (stem) "
-            f"to {top} (top), or negative counting from the top: -1 is {top}, -2 the last block ({top - 1})."
+            f"to {top} (top), negative counting from the top (-1 is {top}, -2 the last block, {top - 1}), "
+            "or treeglob.JOIN_NEXT / treeglob.JOIN_PREVIOUS."
         )
     return int(layer) % (top + 1)
 
 
+def _joined(blocks: list[_Block]):
+    """Row labels to layer ids: JOIN_NEXT / JOIN_PREVIOUS become the id of the first / last
+    of the blocks whose paths share the longest prefix with the row's path."""
+
+    def common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    def relabel(view: TreeView, rows: list[Any]) -> list[Any]:
+        out = list(rows)
+        for i, label in enumerate(rows):
+            if label is JOIN_NEXT or label is JOIN_PREVIOUS:
+                shared = [common(view.segments[i], b.segments) for b in blocks]
+                nearest = [b for b, n in zip(blocks, shared, strict=True) if n == max(shared)]
+                out[i] = (nearest[0] if label is JOIN_NEXT else nearest[-1]).layer
+        return out
+
+    return relabel
+
+
 def _layer_ids(
-    tree: Any, caller: str, blocks: str, rules: Any, default: Any, strict: bool, stacked: Any
+    tree: Any, caller: str, blocks: str | None, rules: Any, default: Any, strict: bool, stacked: Any
 ) -> tuple[Resolution, int]:
     view = view_of(tree, caller, stacked)
-    indices = _block_indices(view, blocks)
-    num_blocks = max(map(int, indices)) + 1
+    if isinstance(rules, LayerGroups):  # an explicit blocks= wins over the family's
+        blocks, rules = rules.blocks if blocks is None else blocks, rules.rules
+    blocks = "blocks" if blocks is None else blocks
+    if not isinstance(blocks, str) or not blocks:
+        raise ValueError(
+            "blocks must be the path of the block sequence (e.g. 'blocks', 'encoder.layers') or a pattern "
+            "matching the blocks (e.g. 'stages.*.blocks.*')."
+        )
+    found = _blocks_at(view, blocks) if _is_path(blocks) else _blocks_matching(view, blocks)
+    num_blocks = max(b.layer for b in found)
     top = num_blocks + 1
     # Blocks take precedence: the rules see only the leaves outside them, and
     # come first so that errors number them as the caller wrote them. A rule
     # that was optional stays optional.
-    inside_blocks = glob(f"^{blocks}")
+    inside_blocks = glob("^" + blocks.removeprefix("^").removesuffix("$"))
     outside = [
         (
             optional(r.selector - inside_blocks) if r.selector.may_be_empty else r.selector - inside_blocks,
@@ -81,13 +153,14 @@ def _layer_ids(
         )
         for r in normalize_rules(rules)
     ]
-    block_rules = [(glob(f"^{blocks}.{i}"), int(i) + 1) for i in indices]
+    block_rules = [(glob("^" + b.path), b.layer) for b in found]
     resolution = resolve(
         view,
         outside + block_rules,
         caller=caller,
         default=_layer_number(default, top, "default"),
         strict=strict,
+        relabel=_joined(found),
     )
     return resolution, num_blocks
 
@@ -100,7 +173,7 @@ def _check_decay(decay: Any) -> None:
 def layer_ids(
     tree: Any,
     *,
-    blocks: str = "blocks",
+    blocks: str | None = None,
     rules: Any = presets.TIMM_VIT_LAYERS,
     default: int = -1,
     stacked: Any = None,
@@ -110,16 +183,25 @@ def layer_ids(
 
     Args:
         tree: the params.
-        blocks: the path of the block sequence (a list, an int- or
-            digit-keyed dict, or a stacked module with `stacked=`); the
-            index after it numbers the blocks. Blocks take precedence over
-            `rules`.
+        blocks: where the blocks are. The path of the block sequence (a
+            list, an int- or digit-keyed dict, or a stacked module with
+            `stacked=`): the index after it numbers the blocks. Or a glob
+            whose matched subtrees are the blocks, numbered in order
+            (decimal keys by value, other keys in tree order), for models
+            with nested stages: `"stages.*.blocks.*"`, `"layer{1..4}.*"`.
+            Blocks take precedence over `rules`. By default the blocks of
+            the `LayerGroups` given as `rules`, or `"blocks"`.
         rules: `(selector, layer id)` pairs for the leaves outside the
-            blocks, first match wins. Ids are ints from 0 (stem) to `L + 1`
-            (top), or negative from the top: -1 is `L + 1`, -2 is `L` (the
-            last block). The default, `treeglob.presets.TIMM_VIT_LAYERS`, is
-            timm's ViT grouping (stem tokens and embeddings 0, final `norm`
-            with the last block).
+            blocks, first match wins, or a `treeglob.LayerGroups` (a
+            family's blocks and rules, e.g. `presets.TIMM_CONVNEXT_LAYERS`).
+            Ids are ints from 0 (stem) to `L + 1` (top), negative from the
+            top (-1 is `L + 1`, -2 is `L`, the last block), or
+            `treeglob.JOIN_NEXT` / `treeglob.JOIN_PREVIOUS`: the first / last
+            of the blocks nearest the leaf (sharing the longest path prefix
+            with it), e.g. a stage's downsample joins the stage's first block.
+            The default, `treeglob.presets.TIMM_VIT_LAYERS`, is timm's ViT
+            grouping (stem tokens and embeddings 0, final `norm` with the
+            last block).
         default: the id of leaves no rule matches; -1, the top, as in timm.
         stacked: `{path: axes}` for stacked blocks: a stacked leaf gets an
             int array of per-layer ids, shape `(L, 1, ...)`.
@@ -130,6 +212,9 @@ def layer_ids(
         >>> vit = {"cls_token": 0, "blocks": [{"w": 0}, {"w": 0}], "norm": {"scale": 0}, "head": {"w": 0}}
         >>> treeglob.layer_ids(vit)
         {'blocks': [{'w': 1}, {'w': 2}], 'cls_token': 0, 'head': {'w': 3}, 'norm': {'scale': 2}}
+        >>> convnext = {"stem": 0, "stages": [{"blocks": [0, 0]}, {"downsample": 0, "blocks": [0]}], "head": 0}
+        >>> treeglob.layer_ids(convnext, blocks="stages.*.blocks.*", rules=[("stem", 0), ("downsample", treeglob.JOIN_NEXT)])
+        {'head': 4, 'stages': [{'blocks': [1, 2]}, {'blocks': [3], 'downsample': 3}], 'stem': 0}
     """
     return _layer_ids(tree, "layer_ids", blocks, rules, default, strict, stacked)[0].tree()
 
@@ -138,7 +223,7 @@ def layer_decay_scales(
     tree: Any,
     decay: float,
     *,
-    blocks: str = "blocks",
+    blocks: str | None = None,
     rules: Any = presets.TIMM_VIT_LAYERS,
     default: int = -1,
     stacked: Any = None,
@@ -161,7 +246,7 @@ def layer_decay_scales(
 
 
 def _scales(
-    tree: Any, caller: str, decay: float, blocks: str, rules: Any, default: Any, strict: bool, stacked: Any
+    tree: Any, caller: str, decay: float, blocks: str | None, rules: Any, default: Any, strict: bool, stacked: Any
 ) -> Any:
     resolution, num_blocks = _layer_ids(tree, caller, blocks, rules, default, strict, stacked)
     top = num_blocks + 1
@@ -178,7 +263,7 @@ def _scales(
 def layer_decay(
     decay: float,
     *,
-    blocks: str = "blocks",
+    blocks: str | None = None,
     rules: Any = presets.TIMM_VIT_LAYERS,
     default: int = -1,
     stacked: Any = None,

@@ -189,6 +189,7 @@ def resolve(
     merge: str = "numbers",
     subject: str | None = None,
     warn: bool = True,
+    relabel: Callable[[TreeView, list[Any]], list[Any]] | None = None,
 ) -> Resolution:
     """Resolve `rules` on `tree`: the one pipeline behind every output.
 
@@ -201,6 +202,8 @@ def resolve(
         subject: for a single selector (`mask`, `masked`, `freeze`), how
             messages name it, e.g. "the selector given to mask()".
         warn: warn about shadowed rules (`explain` marks them instead).
+        relabel: turns the label of each row into its value before the rows
+            of stacked leaves merge (layer ids placed relative to a row's path).
     """
     with paused_gc():
         view = view_of(tree, caller, stacked)
@@ -229,6 +232,8 @@ def resolve(
             raise _uncovered(view, uncovered)
         labels = [r.label for r in rules] + [default]
         rows = [labels[d] for d in decided.tolist()]  # -1 picks the default, last
+        if relabel is not None:
+            rows = relabel(view, rows)
         merge_fn = MERGES[merge]
         values = view.per_leaf(rows, lambda leaf, layers, stack: merge_fn(view, caller, leaf, layers, stack))
     if warn:

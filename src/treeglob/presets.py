@@ -23,9 +23,22 @@ from __future__ import annotations
 import equinox as eqx
 
 from ._conditions import glob, inside, ndim, regex
+from ._layers import JOIN_NEXT, LayerGroups
 from ._selector import any_of, optional
 
-__all__ = ["BY_NAME", "DEFAULT", "HF", "NANOGPT", "TIMM", "TIMM_VIT_LAYERS"]
+__all__ = [
+    "BY_NAME",
+    "DEFAULT",
+    "HF",
+    "NANOGPT",
+    "TIMM",
+    "TIMM_BEIT_LAYERS",
+    "TIMM_CONVNEXT_LAYERS",
+    "TIMM_DEIT_LAYERS",
+    "TIMM_RESNET_LAYERS",
+    "TIMM_SWIN_LAYERS",
+    "TIMM_VIT_LAYERS",
+]
 
 #: Normalisation layers of Equinox, excluded from decay by type.
 NORM_LAYERS = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
@@ -85,14 +98,60 @@ HF = [
     (_EVERYTHING_ELSE, "decay"),
 ]
 
-#: timm's ViT `group_matcher` as layer-id rules for `treeglob.layer_decay`:
-#: the stem (class/distillation/register tokens, position and patch
-#: embeddings) is layer 0 and the final norm joins the last block (-2);
-#: everything else outside the blocks (the head) takes the default, -1.
-TIMM_VIT_LAYERS = [
-    (optional(glob("^{cls_token,pos_embed,patch_embed,dist_token,reg_token}")), 0),
-    (optional(glob("^norm")), -2),
-]
+# ----------------------------------------------------------------------------
+# Layer groupings for `treeglob.layer_decay`, transcribed from the `group_matcher`
+# of each timm family (timm 1.0.x): the stem is layer 0, each block one layer in
+# order, and what no rule places (the head, `fc_norm`) the top. Every rule is
+# optional, so a model lacking a part (no `pos_embed`, no final `norm`) still fits.
+
+#: ViT (`vision_transformer.py`): class/register tokens and the position and
+#: patch embeddings are the stem; the final `norm` joins the last block.
+TIMM_VIT_LAYERS = LayerGroups(
+    "blocks",
+    [
+        (optional(glob("^{cls_token,pos_embed,patch_embed,dist_token,reg_token}")), 0),
+        (optional(glob("^norm")), -2),
+    ],
+)
+
+#: DeiT (`deit.py`), distilled or not: the ViT grouping, the distillation token in the stem.
+TIMM_DEIT_LAYERS = TIMM_VIT_LAYERS
+
+#: BEiT (`beit.py`): the stem also holds a shared relative position bias; a
+#: model with mean pooling has `fc_norm` (the top) instead of a final `norm`.
+TIMM_BEIT_LAYERS = LayerGroups(
+    "blocks",
+    [
+        (optional(glob("^{cls_token,pos_embed,patch_embed,rel_pos_bias}")), 0),
+        (optional(glob("^norm")), -2),
+    ],
+)
+
+#: ConvNeXt (`convnext.py`): blocks numbered over the stages; a stage's
+#: `downsample` joins that stage's first block, `norm_pre` the last block.
+TIMM_CONVNEXT_LAYERS = LayerGroups(
+    "stages.*.blocks.*",
+    [
+        (optional(glob("^stem")), 0),
+        (optional(glob("^stages.*.downsample")), JOIN_NEXT),
+        (optional(glob("^norm_pre")), -2),
+    ],
+)
+
+#: Swin (`swin_transformer.py`): blocks numbered over `layers`; a stage's
+#: patch-merging `downsample` joins its first block, the final `norm` the last.
+TIMM_SWIN_LAYERS = LayerGroups(
+    "layers.*.blocks.*",
+    [
+        (optional(glob("^{patch_embed,absolute_pos_embed}")), 0),
+        (optional(glob("^layers.*.downsample")), JOIN_NEXT),
+        (optional(glob("^norm")), -2),
+    ],
+)
+
+#: ResNet (`resnet.py`): `conv1` / `bn1` are the stem, each bottleneck of
+#: `layer1` ... `layer4` one layer, `fc` the top.
+TIMM_RESNET_LAYERS = LayerGroups("layer{1..4}.*", [(optional(glob("^{conv1,bn1}")), 0)])
 
 #: The weight-decay presets by the names the command line and rules files use.
 BY_NAME = {"default": DEFAULT, "nanogpt": NANOGPT, "timm": TIMM, "hf": HF}
