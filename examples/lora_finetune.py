@@ -69,7 +69,7 @@ def train(params, static, optimizer, data, steps, seed):
     opt_state = optimizer.init(params)
     losses = []
     for _, (x, y) in zip(range(steps), batches(data, 16, 64, seed), strict=False):
-        params, opt_state, loss = step(params, opt_state, x, y)
+        params, opt_state, loss, _ = step(params, opt_state, x, y)
         losses.append(float(loss))
     return params, opt_state, losses
 

@@ -89,7 +89,7 @@ def main(steps: int = 200, depth: int = 6, frozen_layers: int = 2, seed: int = 0
     opt_state = optimizer.init(params)
     start, losses = params, []
     for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, 64, seed), strict=False):
-        params, opt_state, loss = step(params, opt_state, x, y)
+        params, opt_state, loss, _ = step(params, opt_state, x, y)
         losses.append(float(loss))
         if i == 1 or i % 50 == 0:
             print(f"step {i:5d}  loss {np.mean(losses[-50:]):.3f}")

@@ -102,12 +102,17 @@ def loss_fn(params, static, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_step(optimizer: optax.GradientTransformation, static):
+def make_step(optimizer: optax.GradientTransformation, static, metric_rules=None):
+    """A jitted training step: (params, opt_state, loss, metrics). With `metric_rules`, the
+    metrics are the gradient norm of each label (`grad/norm/<label>`), else empty."""
+
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, static, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        # Labels are resolved while tracing: the compiled step only holds the norms.
+        metrics = {} if metric_rules is None else tg.summarize(grads, metric_rules, prefix="grad")
+        return optax.apply_updates(params, updates), opt_state, loss, metrics
 
     return step
 
@@ -123,15 +128,16 @@ def main(
     print()
     optimizer = optax.adamw(3e-3, weight_decay=0.1, mask=tg.decay_mask(tg.presets.DEFAULT))
     opt_state = optimizer.init(params)
-    step = make_step(optimizer, static)
+    step = make_step(optimizer, static, metric_rules=tg.presets.DEFAULT)
 
     losses, start = [], time.perf_counter()
     for i, (x, y) in zip(range(1, steps + 1), batches(data, batch, context, seed), strict=False):
-        params, opt_state, loss = step(params, opt_state, x, y)
+        params, opt_state, loss, metrics = step(params, opt_state, x, y)
         losses.append(float(loss))
         if i == 1 or i % log_every == 0 or i == steps:
             recent = np.mean(losses[-log_every:])
-            print(f"step {i:5d}  loss {recent:.3f}  ({time.perf_counter() - start:.1f}s)")
+            norms = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
+            print(f"step {i:5d}  loss {recent:.3f}  {norms}  ({time.perf_counter() - start:.1f}s)")
     print(f"loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} (uniform guess: {math.log(len(chars)):.3f})")
     return losses
 

@@ -26,6 +26,7 @@ from ._layer_decay import (
     layer_ids as layer_ids,
 )
 from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
+from ._metrics import norm_ratios as norm_ratios, summarize as summarize
 from ._optax import masked as masked, multi_transform as multi_transform
 from ._pattern import translate as translate
 from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
@@ -64,6 +65,7 @@ __all__ = [
     "masked",
     "multi_transform",
     "ndim",
+    "norm_ratios",
     "optional",
     "owned_by",
     "paths",
@@ -73,6 +75,7 @@ __all__ = [
     "shape",
     "shardings",
     "size",
+    "summarize",
     "translate",
     "where",
 ]

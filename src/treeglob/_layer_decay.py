@@ -246,7 +246,14 @@ def layer_decay_scales(
 
 
 def _scales(
-    tree: Any, caller: str, decay: float, blocks: str | None, rules: Any, default: Any, strict: bool, stacked: Any
+    tree: Any,
+    caller: str,
+    decay: float,
+    blocks: str | None,
+    rules: Any,
+    default: Any,
+    strict: bool,
+    stacked: Any,
 ) -> Any:
     resolution, num_blocks = _layer_ids(tree, caller, blocks, rules, default, strict, stacked)
     top = num_blocks + 1

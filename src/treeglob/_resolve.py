@@ -144,12 +144,19 @@ def _merge_numbers(view: TreeView, caller: str, leaf: int, values: list[Any], st
     return np.asarray(values).reshape(stack + (1,) * (len(shape) - len(stack)))
 
 
+def _merge_rows(view: TreeView, caller: str, leaf: int, values: list[Any], stack: tuple[int, ...]) -> Any:
+    """For consumers that read per-layer labels themselves: one label, or the list of them."""
+    return values[0] if _all_equal(values) else list(values)
+
+
 #: How the layers of a stacked leaf merge: "mask" (one bool per leaf), "label"
-#: (one label per leaf), "numbers" (differing numbers become per-layer arrays).
+#: (one label per leaf), "numbers" (differing numbers become per-layer arrays),
+#: "rows" (differing labels stay a list, one per layer, for `summarize`).
 MERGES: dict[str, Callable[..., Any]] = {
     "mask": _merge_mask,
     "label": _merge_label,
     "numbers": _merge_numbers,
+    "rows": _merge_rows,
 }
 
 

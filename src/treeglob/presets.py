@@ -1,13 +1,17 @@
-"""Ready-made rule lists: weight decay conventions and timm's ViT layer ids.
+"""Ready-made rules: weight decay conventions, and the layer groupings of timm's families.
 
-Every preset is a plain list of `(selector, label)` rules, to read, print
-and extend: rules put in front win (the first matching rule decides), e.g.
+Every weight-decay preset is a plain list of `(selector, label)` rules, to
+read, print and extend: rules put in front win (the first matching rule decides), e.g.
 `[("^cls_token$", "no_decay"), *treeglob.presets.TIMM]`. The weight-decay
 presets label every array leaf `"decay"` or `"no_decay"`; feed them to
 `treeglob.decay_mask` (one AdamW, decay on the `"decay"` leaves) or to
 `treeglob.multi_transform`. Their exclusion rule is one optional any-of, so
 a preset may name parts a model lacks (no embedding, no norm) without
 tripping the strictness check, while a typo in a rule you add still does.
+
+The layer presets (`TIMM_*_LAYERS`) are `treeglob.LayerGroups(blocks, rules)`
+for `treeglob.layer_decay(..., rules=...)`: where a family's blocks are and
+where its other parts go; extend one with `LayerGroups(p.blocks, [rule, *p.rules])`.
 
 Examples:
     >>> import numpy as np, treeglob

@@ -1,0 +1,142 @@
+"""Per-group metrics: numerically the hand-written reductions, and nothing more in the compiled step."""
+
+import collections
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import treeglob as tg
+from conftest import Transformer
+
+RULES = tg.presets.DEFAULT
+
+
+@pytest.fixture
+def grads():
+    model = Transformer(depth=4, key=jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    tokens = jnp.arange(6) % 11
+
+    def loss(p):
+        return jnp.mean(eqx.combine(p, static)(tokens) ** 2)
+
+    return jax.grad(loss)(params)
+
+
+def stack(tree):
+    return eqx.tree_at(lambda m: m.blocks, tree, jtu.tree_map(lambda *xs: jnp.stack(xs), *tree.blocks))
+
+
+def hand_written(grads):
+    """Per-label norm, rms, max |x| and count, written out as a training script would."""
+    labels = jax.tree.leaves(tg.labels(grads, RULES))
+    out = {}
+    for label in ("no_decay", "decay"):
+        xs = [x for x, lab in zip(jax.tree.leaves(grads), labels, strict=True) if lab == label]
+        squares = functools.reduce(jnp.add, [jnp.sum(jnp.square(x)) for x in xs])
+        count = sum(x.size for x in xs)
+        out[f"grad/norm/{label}"] = jnp.sqrt(squares)
+        out[f"grad/rms/{label}"] = jnp.sqrt(squares / count)
+        out[f"grad/max_abs/{label}"] = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
+        out[f"grad/count/{label}"] = jnp.asarray(count)
+    return out
+
+
+def test_equal_to_hand_written_reductions_under_jit(grads):
+    ours = jax.jit(lambda g: tg.summarize(g, RULES, stats=tg._metrics.STATS, prefix="grad"))(grads)
+    reference = jax.jit(hand_written)(grads)
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_allclose(ours[key], reference[key], rtol=1e-6, err_msg=key)
+
+
+def _primitives(fn, tree):
+    return collections.Counter(eqn.primitive.name for eqn in jax.make_jaxpr(fn)(tree).jaxpr.eqns)
+
+
+def test_the_compiled_step_holds_only_the_hand_written_reductions(grads):
+    labels = jax.tree.leaves(tg.labels(grads, RULES))
+
+    def by_hand(g):
+        out = {}
+        for label in ("no_decay", "decay"):
+            xs = [x for x, lab in zip(jax.tree.leaves(g), labels, strict=True) if lab == label]
+            out[label] = jnp.sqrt(functools.reduce(jnp.add, [jnp.sum(jnp.square(x)) for x in xs]))
+        return out
+
+    ours = _primitives(lambda g: tg.summarize(g, RULES), grads)
+    assert ours == _primitives(by_hand, grads)
+    assert set(ours) <= {"square", "integer_pow", "reduce_sum", "add", "sqrt"}
+
+
+def test_labels_are_resolved_while_tracing_only(grads):
+    calls = []
+
+    def spy(path, leaf):
+        calls.append(path)
+        return path.endswith("bias")
+
+    step = jax.jit(lambda g: tg.summarize(g, [(tg.where(spy), "bias")], default="other"))
+    first = step(grads)
+    traced = len(calls)
+    second = step(jax.tree.map(lambda x: 2 * x, grads))
+    assert len(calls) == traced > 0
+    np.testing.assert_allclose(second["norm/bias"], 2 * first["norm/bias"], rtol=1e-6)
+
+
+def test_a_stacked_model_reports_what_the_unstacked_one_does(grads):
+    stacked, declared = stack(grads), {"blocks": 1}
+    flat = tg.summarize(grads, RULES, stats=("norm", "max_abs", "count"))
+    ours = tg.summarize(stacked, RULES, stats=("norm", "max_abs", "count"), stacked=declared, per_layer=True)
+    for key, value in flat.items():
+        np.testing.assert_allclose(ours[key], value, rtol=1e-6, err_msg=key)
+    for i, block in enumerate(grads.blocks):
+        block_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(block)))
+        np.testing.assert_allclose(ours[f"norm/blocks.{i}"], block_norm, rtol=1e-6)
+        assert int(ours[f"count/blocks.{i}"]) == sum(x.size for x in jax.tree.leaves(block))
+    assert sorted(k for k in ours if "blocks" in k) == sorted(
+        f"{s}/blocks.{i}" for s in ("norm", "max_abs", "count") for i in range(4)
+    )
+
+
+def test_layers_of_a_stacked_leaf_may_differ_in_label(grads):
+    rules = [("blocks.{0..1}", "frozen")]
+    flat = tg.summarize(grads, rules, default="train", stats=("norm", "count"))
+    ours = jax.jit(
+        lambda g: tg.summarize(g, rules, default="train", stats=("norm", "count"), stacked={"blocks": 1})
+    )(stack(grads))
+    assert ours.keys() == flat.keys()
+    for key in flat:
+        np.testing.assert_allclose(ours[key], flat[key], rtol=1e-6, err_msg=key)
+
+
+def test_norm_ratios(grads):
+    params = jax.tree.map(lambda x: x + 1.0, grads)
+    ratios = tg.norm_ratios(grads, params, RULES, name="grad/param")
+    norms_g, norms_p = tg.summarize(grads, RULES), tg.summarize(params, RULES)
+    assert list(ratios) == ["grad/param/no_decay", "grad/param/decay"]
+    for label in ("no_decay", "decay"):
+        np.testing.assert_allclose(
+            ratios[f"grad/param/{label}"], norms_g[f"norm/{label}"] / norms_p[f"norm/{label}"]
+        )
+
+
+def test_metric_errors():
+    tree = {"w": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=r"summarize\(\): unknown statistics \['mean'\]; choose from norm, rms"
+    ):
+        tg.summarize(tree, [("w", "x")], stats=("norm", "mean"))
+    with pytest.raises(
+        ValueError, match=r"summarize\(per_layer=True\) reports the layers of stacked subtrees"
+    ):
+        tg.summarize(tree, [("w", "x")], per_layer=True)
+    with pytest.raises(tg.NoMatchError, match=r"The selector of rule 0 \(label 'x'\) glob\('wq'\)"):
+        tg.summarize(tree, [("wq", "x")], default="y")
+    with pytest.raises(ValueError, match=r"norm_ratios\(\): the two trees give different groups"):
+        tg.norm_ratios(tree, {"v": jnp.ones(2)}, [(tg.optional("w"), "x")], default="y")
