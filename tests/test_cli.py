@@ -9,6 +9,7 @@ import sys
 import textwrap
 import tracemalloc
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -84,7 +85,11 @@ def test_paths_of_checkpoints(request, capsys, fixture):
 def test_checkpoint_paths_match_patterns_like_model_paths(st_file, npz_file):
     for source in (st_file, npz_file):
         tree = load_source(str(source))
-        assert tg.mask(tree, "blocks.{0..0}.attn")["blocks"]["0"]["attn"]["qkv"]["weight"] is True
+        selected = jax.tree.leaves(tg.mask(tree, "blocks.{0..0}.attn"))
+        assert [p for p, m in zip(tg.paths(tree), selected, strict=True) if m] == [
+            "blocks.0.attn.qkv.bias",
+            "blocks.0.attn.qkv.weight",
+        ]
         assert sorted(tg.paths(tree)) == sorted(CHECKPOINT)
 
 

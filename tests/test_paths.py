@@ -45,9 +45,19 @@ class Node:
         (Node(1, [2]), ["0", "1.0"]),
         (jax.ShapeDtypeStruct((2,), jnp.float32), [""]),
         (
-            {"conv.1": 1, "": 2, "a b": 3, 'q"t': 4, "x*": 5, "back\\": 6},
-            ['""', '"a b"', '"back\\\\"', '"conv.1"', '"q\\"t"', '"x*"'],
+            {"conv.1": {"w": 1}, "": 2, "a b": 3, 'q"t': 4, "x*": 5, "back\\": 6},
+            ['""', '"a b"', '"back\\\\"', '"conv.1".w', '"q\\"t"', '"x*"'],
         ),
+        # Keys that are paths: a flat dict of dotted names, `/`-joined names, tuple keys.
+        ({"h.0.w": 1, "h.1.w": 2, "wte": 3}, ["h.0.w", "h.1.w", "wte"]),
+        ({"mlp/~/linear_0": {"w": 1, "b": 2}}, ["mlp.~.linear_0.b", "mlp.~.linear_0.w"]),
+        (
+            {("params", "Dense_0", "kernel"): 1, ("params", "Dense_0", "bias"): 2},
+            ["params.Dense_0.bias", "params.Dense_0.kernel"],
+        ),
+        # ... unless splitting would make two paths collide: then they stay whole, quoted.
+        ({"a.b": 1, "a": 2}, ["a", '"a.b"']),
+        ({"a/b": {"c": 1}, "a": {"b": {"d": 2}}}, ["a.b.d", '"a/b".c']),
     ],
 )
 def test_paths(tree, expected):

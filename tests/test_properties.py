@@ -145,14 +145,38 @@ def test_labels_give_each_leaf_the_label_of_the_first_matching_rule(data):
     assert leaves(got) == expected
 
 
+def _is_leaf(x):
+    return x is not None and jtu.treedef_is_leaf(jtu.tree_structure(x))
+
+
+def _spellings(key, child, flat):
+    """The segment sequences a child's key may stand for: itself, and for a dict key that is
+    a path (a tuple, a `/`-joined name, a dotted name in a flat dict) its parts."""
+    out = [(key_text(key),)]
+    raw = getattr(key, "key", None)
+    if isinstance(raw, tuple):
+        out.append(tuple(str(k) for k in raw))
+    elif isinstance(raw, str):
+        out.append(tuple(raw.replace("/", ".").split(".") if flat else raw.split("/")))
+    return out
+
+
 def resolve(tree, path):
-    """Follow a rendered path down the tree, one child at a time."""
-    node = tree
-    for text in split_path(path):
+    """Follow a rendered path down the tree, one child at a time: the child whose key
+    (whole, or split where it is a path) begins the rest of the path."""
+    node, rest = tree, split_path(path)
+    while rest:
         children = jtu.tree_flatten_with_path(node, is_leaf=lambda x, node=node: x is not node)[0]
-        matches = [child for (key,), child in children if key_text(key) == text]
-        assert len(matches) == 1, (path, text)
-        node = matches[0]
+        flat = all(_is_leaf(child) for _, child in children)
+        matches = {
+            id(child): (child, len(parts))
+            for (key,), child in children
+            for parts in _spellings(key, child, flat)
+            if rest[: len(parts)] == parts
+        }
+        assert len(matches) == 1, (path, rest)
+        node, used = next(iter(matches.values()))
+        rest = rest[used:]
     return node
 
 

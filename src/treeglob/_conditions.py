@@ -19,7 +19,7 @@ import numpy as np
 
 from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
 from ._selector import BOOL_MESSAGE, Context, Selector, coerce
-from ._structure import LEAF, walk
+from ._structure import walk
 
 __all__ = ["COMPARISONS", "dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 
@@ -177,7 +177,10 @@ class _OwnedBy(Selector):
         hits = walk(
             root,
             root.is_a(self.classes),
-            lambda owner, segment, child: owner if child is LEAF else child.is_a(self.classes),
+            # A leaf is owned by its parent, a wrapped leaf (an NNX Variable) by its wrapper too.
+            lambda owner, segment, child: (
+                (owner or child.is_a(self.classes)) if not child.children else child.is_a(self.classes)
+            ),
             lambda owner: owner,
             lambda owner: None,
         )

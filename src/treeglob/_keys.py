@@ -3,7 +3,8 @@
 A path is the leaf's keys joined with `.`: `GetAttrKey` gives the attribute
 name, `DictKey` the key as text, `SequenceKey` / `FlattenedIndexKey` the
 decimal index. A key that is empty or holds a `.`, whitespace, a quote, a
-backslash or a glob metacharacter, or that starts with `re:`, renders quoted (`params."conv.1".kernel`)
+backslash, a `/` (which separates segments in dict keys that are paths) or a
+glob metacharacter, or that starts with `re:`, renders quoted (`params."conv.1".kernel`)
 so that `glob("^" + path + "$")` selects exactly that leaf.
 """
 
@@ -16,7 +17,7 @@ import jax.tree_util as jtu
 
 __all__ = ["key_text", "quote", "split_path"]
 
-_SPECIAL = frozenset("*?[]{}.\"'\\^$")
+_SPECIAL = frozenset("*?[]{}./\"'\\^$")
 
 
 @functools.lru_cache(maxsize=65536)

@@ -24,7 +24,7 @@ from ._recipes import scale_updates
 from ._resolve import Resolution, resolve, view_of
 from ._rules import normalize_rules
 from ._selector import optional
-from ._structure import LEAF, Node, find
+from ._structure import Node, find
 from ._tree import TreeView
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
@@ -77,7 +77,7 @@ def _blocks_matching(view: TreeView, pattern: str) -> list[_Block]:
             key = (*order, (0, int(segment)) if segment.isdecimal() else (1, k))
             if compiled.accepts(child_state):
                 found.append((key, (*segments, segment)))
-            elif child is not LEAF and not compiled.dead(child_state):
+            elif child.children and not compiled.dead(child_state):
                 stack.append((child, child_state, (*segments, segment), key))
     if not found:
         raise NoMatchError(

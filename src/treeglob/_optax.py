@@ -16,7 +16,7 @@ from typing import Any
 
 import optax
 
-from ._resolve import resolve, select
+from ._resolve import Recall, resolve, select
 from ._rules import MISSING, normalize_rules
 from ._selector import coerce
 
@@ -24,7 +24,12 @@ __all__ = ["masked", "multi_transform"]
 
 
 def masked(
-    inner: optax.GradientTransformation, selector: Any, *, strict: bool = True, stacked: Any = None
+    inner: optax.GradientTransformation,
+    selector: Any,
+    *,
+    strict: bool = True,
+    stacked: Any = None,
+    types_from: Any = None,
 ) -> optax.GradientTransformation:
     """Apply `inner` only to the leaves `selector` selects (`optax.masked`).
 
@@ -36,8 +41,7 @@ def masked(
     Args:
         inner: the transformation for the selected leaves.
         selector: a selector or a value that coerces to one.
-        strict: as in `treeglob.mask`.
-        stacked: as in `treeglob.mask`.
+        strict, stacked, types_from: as in `treeglob.mask`.
 
     Examples:
         >>> import jax.numpy as jnp, optax, treeglob
@@ -47,10 +51,20 @@ def masked(
         >>> {k: v.tolist() for k, v in updates.items()}
         {'b': [1.0, 1.0], 'w': [-0.5, -0.5]}
     """
-    selector = coerce(selector)
-    return optax.masked(
-        inner, lambda tree: select(tree, selector, caller="masked", strict=strict, stacked=stacked).tree()
-    )
+    selector, recall = coerce(selector), Recall()
+
+    def mask_of(tree: Any) -> Any:
+        return select(
+            tree,
+            selector,
+            caller="masked",
+            strict=strict,
+            stacked=stacked,
+            types_from=types_from,
+            recall=recall,
+        ).tree()
+
+    return optax.masked(inner, mask_of)
 
 
 def multi_transform(
@@ -60,6 +74,7 @@ def multi_transform(
     default: Any = MISSING,
     strict: bool = True,
     stacked: Any = None,
+    types_from: Any = None,
 ) -> optax.GradientTransformation:
     """One transformation per label, labels from rules (`optax.partition`).
 
@@ -80,6 +95,7 @@ def multi_transform(
         stacked: as in `treeglob.labels`; all layers of a stacked leaf need
             the same label (one leaf goes to one transform), else a
             `ValueError` names the leaf and its labels.
+        types_from: as in `treeglob.mask`.
 
     Raises:
         ValueError: a label without a transform, or a transform no rule produces.
@@ -115,6 +131,8 @@ def multi_transform(
             "Give every label exactly one transform (check the spelling), or remove the extra ones."
         )
 
+    recall = Recall()
+
     def labels_of(tree: Any) -> Any:
         return resolve(
             tree,
@@ -124,6 +142,8 @@ def multi_transform(
             strict=strict,
             stacked=stacked,
             merge="label",
+            types_from=types_from,
+            recall=recall,
         ).tree()
 
     return optax.partition(dict(transforms), labels_of)

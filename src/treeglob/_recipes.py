@@ -16,7 +16,7 @@ import jax.tree_util as jtu
 import optax
 
 from . import presets
-from ._resolve import resolve
+from ._resolve import Recall, resolve
 from ._rules import normalize_rules
 from ._selector import coerce
 
@@ -24,7 +24,12 @@ __all__ = ["decay_mask", "freeze", "scale_by_rules", "scale_updates"]
 
 
 def decay_mask(
-    rules: Any = presets.DEFAULT, *, label: Any = "decay", stacked: Any = None, strict: bool = True
+    rules: Any = presets.DEFAULT,
+    *,
+    label: Any = "decay",
+    stacked: Any = None,
+    strict: bool = True,
+    types_from: Any = None,
 ) -> Callable[[Any], Any]:
     """A weight-decay mask for `optax.adamw(mask=...)`: True where the rules say `label`.
 
@@ -40,6 +45,8 @@ def decay_mask(
         stacked: `{path: axes}` for stacked layers (see `treeglob.mask`), so
             that `ndim` sees the per-layer shape.
         strict: as in `treeglob.labels`.
+        types_from: as in `treeglob.mask` (for module-type rules on a Flax
+            NNX State, pass the model).
 
     Examples:
         >>> import jax.numpy as jnp, optax, treeglob
@@ -55,8 +62,18 @@ def decay_mask(
             f"{normalized.labels()!r}. Pass label=<the label meaning decay>."
         )
 
+    recall = Recall()
+
     def mask_fn(tree: Any) -> Any:
-        resolution = resolve(tree, normalized, caller="decay_mask", strict=strict, stacked=stacked)
+        resolution = resolve(
+            tree,
+            normalized,
+            caller="decay_mask",
+            strict=strict,
+            stacked=stacked,
+            types_from=types_from,
+            recall=recall,
+        )
         return resolution.tree(lambda value: value == label)
 
     return mask_fn
@@ -101,9 +118,17 @@ def scale_by_rules(
         _check_number(r.label, r.describe())
     _check_number(default, "default")
 
+    recall = Recall()
+
     def scales_of(tree: Any) -> Any:
         return resolve(
-            tree, normalized, caller="scale_by_rules", default=default, strict=strict, stacked=stacked
+            tree,
+            normalized,
+            caller="scale_by_rules",
+            default=default,
+            strict=strict,
+            stacked=stacked,
+            recall=recall,
         ).tree()
 
     return scale_updates(scales_of)
@@ -115,7 +140,12 @@ def _check_number(value: Any, where: str) -> None:
 
 
 def freeze(
-    inner: optax.GradientTransformation, frozen: Any, *, stacked: Any = None, strict: bool = True
+    inner: optax.GradientTransformation,
+    frozen: Any,
+    *,
+    stacked: Any = None,
+    strict: bool = True,
+    types_from: Any = None,
 ) -> optax.GradientTransformation:
     """Train with `inner`, except the `frozen` leaves: zero updates and no optimizer state.
 
@@ -135,6 +165,7 @@ def freeze(
         stacked: `{path: axes}` for stacked layers (see `treeglob.mask`).
         strict: raise `NoMatchError` when `frozen` (or a negated operand in
             it) matches nothing.
+        types_from: as in `treeglob.mask`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, treeglob
@@ -150,6 +181,7 @@ def freeze(
     # 0.0 on frozen rows, 1.0 elsewhere; a stacked leaf frozen on some
     # layers only gets a per-layer array of them.
     rules = normalize_rules([(coerce(frozen), 0.0)])
+    recall = Recall()
 
     def factors(tree: Any) -> Any:
         return resolve(
@@ -160,6 +192,8 @@ def freeze(
             strict=strict,
             stacked=stacked,
             subject="the selector given to freeze()",
+            types_from=types_from,
+            recall=recall,
         )
 
     def partition_labels(tree: Any) -> Any:

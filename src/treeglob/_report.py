@@ -164,7 +164,13 @@ class Explanation:
 
 
 def explain(
-    tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True, stacked: Any = None
+    tree: Any,
+    rules: Any,
+    *,
+    default: Any = MISSING,
+    strict: bool = True,
+    stacked: Any = None,
+    types_from: Any = None,
 ) -> Explanation:
     """Report which leaf gets which label, and which rule decided it.
 
@@ -194,6 +200,13 @@ def explain(
         frozen         1        40  66.7%
     """
     resolution = resolve(
-        tree, rules, caller="explain", default=default, strict=strict, stacked=stacked, warn=False
+        tree,
+        rules,
+        caller="explain",
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        warn=False,
+        types_from=types_from,
     )
     return Explanation.of(resolution)

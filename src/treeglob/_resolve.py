@@ -28,7 +28,7 @@ from ._rules import MISSING, Rule, Rules, normalize_rules, same_label
 from ._selector import Context, Selector, coerce
 from ._tree import TreeView
 
-__all__ = ["MERGES", "Resolution", "labels", "mask", "resolve", "select", "view_of"]
+__all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "resolve", "select", "view_of"]
 
 _MAX_LISTED = 20
 
@@ -197,6 +197,8 @@ def resolve(
     subject: str | None = None,
     warn: bool = True,
     relabel: Callable[[TreeView, list[Any]], list[Any]] | None = None,
+    types_from: Any = None,
+    recall: Recall | None = None,
 ) -> Resolution:
     """Resolve `rules` on `tree`: the one pipeline behind every output.
 
@@ -211,7 +213,26 @@ def resolve(
         warn: warn about shadowed rules (`explain` marks them instead).
         relabel: turns the label of each row into its value before the rows
             of stacked leaves merge (layer ids placed relative to a row's path).
+        types_from: a tree with the same paths (and maybe more) whose node
+            types the conditions read, e.g. the NNX module of a parameter
+            State: the rules are resolved on it, and its decisions taken by path.
+        recall: a wrapper's memory of the last tree with wrapped leaves (NNX
+            Variables): a later tree of the same paths without them (the
+            update optax gets) takes its decisions by path.
     """
+    if types_from is not None or recall is not None:
+        kw: dict[str, Any] = dict(caller=caller, default=default, strict=strict, stacked=stacked, merge=merge)
+        kw |= dict(subject=subject, warn=warn, relabel=relabel)
+        view = view_of(tree, caller, stacked)
+        if types_from is not None:
+            return _project(resolve(types_from, rules, **kw), view, caller, strict, subject)
+        assert recall is not None
+        if view.wrapped or recall.last is None or recall.last.view.leaf_paths != view.leaf_paths:
+            result = resolve(view, rules, **kw)
+            if view.wrapped:
+                recall.last = result
+            return result
+        return _project(recall.last, view, caller, strict, subject)
     with paused_gc():
         view = view_of(tree, caller, stacked)
         rules = normalize_rules(rules, default)
@@ -247,6 +268,45 @@ def resolve(
         for index in shadowed:
             _warn_shadowed(rules, index)
     return Resolution(view, rules, default, decided, tuple(matches), tuple(shadowed), values)
+
+
+class Recall:
+    """A wrapper's memory of the last resolution on a tree with wrapped leaves.
+
+    Under `nnx.Optimizer` optax gets the params with their NNX Variables at
+    `init` and bare arrays at `update`: the same paths, but the Variable types
+    (`nnx.LoRAParam`, ...) are gone. The decisions made at `init` serve then.
+    """
+
+    def __init__(self) -> None:
+        self.last: Resolution | None = None
+
+
+def _project(
+    source: Resolution, view: TreeView, caller: str, strict: bool, subject: str | None
+) -> Resolution:
+    """`source`'s decisions for the leaves of `view`, taken by path."""
+    rows = {path: i for i, path in enumerate(source.view.paths)}
+    missing = [path for path in view.paths if path not in rows]
+    if missing:
+        listed = "\n".join(f"    {p or '<root>'}" for p in missing[:_MAX_LISTED])
+        raise ValueError(
+            f"{caller}(): {len(missing)} leaves of the tree have no leaf of the same path in the tree "
+            f"the types come from (types_from):\n{listed}\nPass the model these parameters belong to, "
+            "e.g. treeglob.mask(nnx.state(model, nnx.Param), selector, types_from=model)."
+        )
+    index = np.fromiter((rows[path] for path in view.paths), np.intp, len(view))
+    matches = tuple(m[index] for m in source.matches)
+    for rule, hit in zip(source.rules, matches, strict=True):
+        if strict and not rule.selector.may_be_empty and not hit.any():
+            raise Context(view, strict=True).no_match(
+                rule.selector, subject or f"the selector of {rule.describe()}"
+            )
+    leaf_of = {path: i for i, path in enumerate(source.view.leaf_paths)}
+    values = [source.values[leaf_of[path]] for path in view.leaf_paths]
+    return Resolution(
+        view, source.rules, source.default, source.decided[index], matches, source.shadowed, values
+    )
 
 
 # The shadowed rules already warned about, by the identity of their normalized rule
@@ -292,24 +352,18 @@ def _swap_hint(ctx: Context, rule: Rule) -> str:
     return ""
 
 
-def select(
-    tree: Any, selector: Any, *, caller: str, strict: bool = True, stacked: Any = None, merge: str = "mask"
-) -> Resolution:
+def select(tree: Any, selector: Any, *, caller: str, merge: str = "mask", **kw: Any) -> Resolution:
     """`resolve` for one selector: True where it selects, False elsewhere."""
-    view = view_of(tree, caller, stacked)  # a selector passed as the tree is named first
+    view = view_of(tree, caller, kw.get("stacked"))  # a selector passed as the tree is named first
+    subject = f"the selector given to {caller}()"
     return resolve(
-        view,
-        [(coerce(selector), True)],
-        caller=caller,
-        default=False,
-        strict=strict,
-        stacked=stacked,
-        merge=merge,
-        subject=f"the selector given to {caller}()",
+        view, [(coerce(selector), True)], caller=caller, default=False, merge=merge, subject=subject, **kw
     )
 
 
-def mask(tree: Any, selector: Any, *, strict: bool = True, stacked: Any = None) -> Any:
+def mask(
+    tree: Any, selector: Any, *, strict: bool = True, stacked: Any = None, types_from: Any = None
+) -> Any:
     """A tree of Python `bool` with exactly the structure of `tree`.
 
     True marks the leaves `selector` selects. The result works as an
@@ -328,6 +382,10 @@ def mask(tree: Any, selector: Any, *, strict: bool = True, stacked: Any = None) 
             `eqx.filter_vmap`): patterns see `blocks.0...`, `blocks.1...` and
             `ndim`/`shape` see the per-layer shape. A selection that splits a
             stacked leaf is an error here (use `labels` for per-layer values).
+        types_from: a tree holding the same paths (and maybe more) whose
+            node types the conditions read: for a Flax NNX parameter State,
+            the module (`types_from=model`), so that module types such as
+            `nnx.LayerNorm` select; the mask keeps the structure of `tree`.
 
     Raises:
         NoMatchError: (a `ValueError`) the selection is empty; the message
@@ -345,10 +403,18 @@ def mask(tree: Any, selector: Any, *, strict: bool = True, stacked: Any = None) 
         treeglob.NoMatchError: The selector given to mask() glob('*.bais') matches no leaf of the tree (4 leaves).
         If matching nothing is intended (e.g. a shared rule list naming parts this model lacks), wrap it in treeglob.optional(...), or pass strict=False to switch the check off.
     """
-    return select(tree, selector, caller="mask", strict=strict, stacked=stacked).tree()
+    return select(tree, selector, caller="mask", strict=strict, stacked=stacked, types_from=types_from).tree()
 
 
-def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True, stacked: Any = None) -> Any:
+def labels(
+    tree: Any,
+    rules: Any,
+    *,
+    default: Any = MISSING,
+    strict: bool = True,
+    stacked: Any = None,
+    types_from: Any = None,
+) -> Any:
     """A tree of labels, one per leaf: **the first rule that matches decides**.
 
     Args:
@@ -365,6 +431,7 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
             (see `mask`). Layers of one stacked leaf that get different
             numeric labels yield an array of shape `stack + (1,) * ndim`
             that broadcasts over the leaf; other differing labels are an error.
+        types_from: as in `mask`.
 
     Raises:
         NoMatchError: a rule matches nothing (with close matches).
@@ -382,4 +449,6 @@ def labels(tree: Any, rules: Any, *, default: Any = MISSING, strict: bool = True
         >>> treeglob.labels(params, {1.0: "*.w", 0.1: "**"})
         {'emb': 0.1, 'fc': {'b': 0.1, 'w': 1.0}}
     """
-    return resolve(tree, rules, caller="labels", default=default, strict=strict, stacked=stacked).tree()
+    return resolve(
+        tree, rules, caller="labels", default=default, strict=strict, stacked=stacked, types_from=types_from
+    ).tree()

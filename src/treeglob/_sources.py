@@ -1,12 +1,14 @@
 """Trees of array metadata from checkpoints and model factories, without loading arrays.
 
-* `.safetensors`: the header only (see `_safetensors.py`); tensor names split on `.`.
-* `.npz`: each member's `.npy` header only; names split on `/` and `.`.
+* `.safetensors`: the header only (see `_safetensors.py`).
+* `.npz`: each member's `.npy` header only.
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated.
 
-Names become nested dicts, so `blocks.3.attn.qkv.weight` in a checkpoint
-has the same path, and matches the same patterns, as in the model.
+A checkpoint is a flat dict `{tensor name: metadata}`, exactly what loading
+it in Python gives, so its names split into segments as in memory (on `.` in
+a flat dict, and on `/`): `blocks.3.attn.qkv.weight` in a checkpoint has the
+same path, and matches the same patterns, as in the model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import pathlib
-import re
 import sys
 import zipfile
 from typing import Any
@@ -34,33 +35,8 @@ _NPY_HEADER_READERS = {
 }
 
 
-def _nest(entries: dict[str, Any], separators: str, origin: str) -> dict[str, Any]:
-    """Nested dicts from names split on any of `separators`."""
-    split = re.compile("[" + re.escape(separators) + "]").split
-    tree: dict[str, Any] = {}
-    parts_seen: dict[str, str] = {}  # one string object per distinct segment: big headers repeat them
-    for name in sorted(entries):
-        *parents, leaf = (parts_seen.setdefault(p, p) for p in split(name))
-        node = tree
-        for i, part in enumerate(parents):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SourceError(
-                    f"{origin}: the tensor {'.'.join(parents[: i + 1])!r} is also the parent of {name!r}; "
-                    "such names cannot form one tree."
-                )
-        if leaf in node:
-            raise SourceError(
-                f"{origin}: {name!r} names the same place in the tree as another tensor, or the parent of "
-                "other tensors; such names cannot form one tree."
-            )
-        node[leaf] = entries[name]
-    return tree
-
-
 def _safetensors(path: pathlib.Path) -> dict[str, Any]:
-    tensors, _ = read_header(path)
-    return _nest(tensors, ".", str(path))
+    return read_header(path)[0]
 
 
 def _npz(path: pathlib.Path) -> dict[str, Any]:
@@ -81,7 +57,7 @@ def _npz(path: pathlib.Path) -> dict[str, Any]:
                 entries[member[: -len(".npy")]] = jax.ShapeDtypeStruct(shape, dtype)
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise SourceError(f"{path}: not a readable .npz file: {exc}") from None
-    return _nest(entries, "/.", str(path))
+    return entries
 
 
 def _factory(spec: str) -> Any:

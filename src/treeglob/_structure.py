@@ -11,6 +11,7 @@ is iterative, so a tree as deep as JAX can flatten is walked too.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import jax.tree_util as jtu
 
 from ._keys import key_text
 
-__all__ = ["LEAF", "Node", "find", "inner_paths", "row_segments", "structure_of", "walk"]
+__all__ = ["LEAF", "Node", "find", "inner_paths", "is_wrapper", "row_segments", "structure_of", "walk"]
 
 
 class Node:
@@ -27,6 +28,9 @@ class Node:
 
     Rows are the leaves, except where stacked layers are declared (a
     stacked subtree holds one row per leaf and layer, see `_stacking.py`).
+    A node without children is a leaf: `LEAF`, or a *wrapped* leaf, whose
+    `kind` is the wrapper type it sits in (an NNX Variable) and which adds
+    no segment to its path.
     """
 
     __slots__ = ("children", "kind", "n")
@@ -37,12 +41,32 @@ class Node:
         self.children = children  # (raw segment text, child); children without leaves are left out
 
     def is_a(self, classes: tuple[type, ...]) -> bool:
-        """Whether this node is an instance of one of `classes` (a leaf never is)."""
+        """Whether this node is an instance of one of `classes` (a plain leaf never is)."""
         return self.kind is not None and issubclass(self.kind, classes)
 
 
 LEAF = Node(None, 1, ())
 _ONE_LEAF = jtu.tree_structure(0)
+
+
+@functools.cache
+def is_wrapper(kind: type) -> bool:
+    """Whether `kind` wraps one leaf that stands for it: a Flax NNX `Variable` (`nnx.Param`,
+    `nnx.BatchStat`, ...), whose `.value` optax never sees (its update tree holds bare arrays)."""
+    return any(
+        base.__name__ in ("Variable", "VariableState") and base.__module__.startswith("flax.nnx")
+        for base in getattr(kind, "__mro__", ())
+    )
+
+
+_WRAPPED: dict[type, Node] = {}
+
+
+def _wrapped(kind: type) -> Node:
+    node = _WRAPPED.get(kind)
+    if node is None:
+        node = _WRAPPED[kind] = Node(kind, 1, ())
+    return node
 
 
 def _get(memo: dict[Any, Any], key: Any) -> Any:
@@ -66,22 +90,83 @@ def _is_leaf(td: Any) -> bool:
 
 
 def _child_keys(td: Any, children: list[Any], offset: int, depth: int, key_paths: Callable[[], list]) -> list:
-    """The segment of each child, from a one-level copy of the node rebuilt with placeholder
+    """The JAX key of each child, from a one-level copy of the node rebuilt with placeholder
     leaves; a custom node that refuses placeholders gives them through the leaves' key paths."""
+    data = td.node_data()
+    if data[0] is dict:  # the common case, and the big one (a checkpoint's flat dict): its sorted keys
+        return [jtu.DictKey(k) for k in data[1]]
     try:
         one_level = jtu.PyTreeDef.from_node_data_and_children(
             jtu.default_registry, td.node_data(), [_ONE_LEAF] * len(children)
         )
         flat = jtu.tree_flatten_with_path(one_level.unflatten(range(len(children))))[0]
         if len(flat) == len(children):
-            return [key_text(path[0]) for path, _ in flat]
+            return [path[0] for path, _ in flat]
     except Exception:
         pass
     keys, start = [], offset
     for child in children:
-        keys.append(key_text(key_paths()[start][depth]) if child.num_leaves else None)
+        keys.append(key_paths()[start][depth] if child.num_leaves else None)
         start += child.num_leaves
     return keys
+
+
+# ----------------------------------------------------------------------------
+# Dict keys that are paths themselves: split into segments
+
+
+def _key_parts(key: Any, flat: bool) -> tuple[str, ...] | None:
+    """The segments a dict key stands for, or None to keep it one segment: a tuple
+    key (`flatten_dict`), a `/`-joined name (Haiku modules, `flatten_dict(sep="/")`),
+    and in a flat dict of leaves a dotted name (a checkpoint's tensor names)."""
+    raw = key.key if isinstance(key, jtu.DictKey) else None
+    if isinstance(raw, tuple) and len(raw) > 1:
+        parts = tuple(key_text(jtu.DictKey(k)) for k in raw)
+    elif isinstance(raw, str) and ("/" in raw or (flat and "." in raw)):
+        parts = tuple((raw.replace("/", ".") if flat else raw).split("." if flat else "/"))
+    else:
+        return None
+    return parts if all(parts) else None
+
+
+def _children(kind: type | None, kept: list[tuple[Any, Node]]) -> tuple[tuple[str, Node], ...]:
+    """A node's (segment, child) pairs; dict keys that are paths become nested segments.
+
+    Where splitting would make two paths collide (`a.b` beside `a`) or reorder
+    the rows (a group of keys with a common first segment that is not
+    contiguous), the keys stay whole (and print quoted), so paths stay unique
+    and in leaf order.
+    """
+    whole = tuple((key_text(key), node) for key, node in kept)
+    flat = all(not node.children for _, node in kept)
+    parts = [_key_parts(key, flat) for key, _ in kept]
+    if not any(parts):
+        return whole
+    trie: dict[str, Any] = {}  # segment -> a dict of the next segments, or the child Node
+    for split, (text, node) in zip(parts, whole, strict=True):
+        *inner, last = split or (text,)
+        level = trie
+        for segment in inner:
+            below = level.get(segment)
+            if below is None:
+                below = level[segment] = {}
+            elif not isinstance(below, dict) or next(reversed(level)) != segment:
+                return whole  # under a leaf, or a group that is not contiguous
+            level = below
+        if last in level:
+            return whole  # the same path twice, or a leaf where a subtree is
+        level[last] = node
+    return _nodes(kind, trie)
+
+
+def _nodes(kind: type | None, trie: dict[str, Any]) -> tuple[tuple[str, Node], ...]:
+    out = []
+    for segment, below in trie.items():
+        if isinstance(below, dict):
+            children = _nodes(kind, below)
+            below = Node(kind, sum(n.n for _, n in children), children)
+        out.append((segment, below))
+    return tuple(out)
 
 
 def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
@@ -90,7 +175,7 @@ def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
         return LEAF
     memo: dict[Any, Node] = {}
 
-    def frame(td: Any, offset: int, depth: int, key: str | None) -> list[Any]:
+    def frame(td: Any, offset: int, depth: int, key: Any) -> list[Any]:
         children = td.children()
         keys = _child_keys(td, children, offset, depth, key_paths)
         # td, depth, children, their keys, next child, the kept (key, node) pairs, its leaf offset, own key
@@ -107,6 +192,8 @@ def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
             if child.num_leaves:
                 if _is_leaf(child):
                     kept.append((key, LEAF))
+                elif child.num_leaves == 1 and is_wrapper(child.node_data()[0]):
+                    kept.append((key, _wrapped(child.node_data()[0])))
                 else:
                     got = _get(memo, child)
                     if got is None:
@@ -119,7 +206,8 @@ def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
         if descend is not None:
             stack.append(descend)
             continue
-        node = Node(td.node_data()[0], td.num_leaves, tuple(kept))
+        kind = td.node_data()[0]
+        node = Node(kind, td.num_leaves, _children(kind, kept))
         _put(memo, td, node)
         stack.pop()
         if not stack:
@@ -167,8 +255,8 @@ def walk(
             shared = whole(state)
             if shared is not None:
                 got = memo[(id(node), state)] = [shared] * node.n
-            elif node is LEAF:
-                got = [leaf_value(state)]
+            elif not node.children:  # a leaf (or an empty root)
+                got = [leaf_value(state)] * node.n
         return got
 
     first = known(root, state)
@@ -206,8 +294,8 @@ def row_segments(root: Node) -> list[tuple[str, ...]]:
     stack: list[tuple[Node, tuple[str, ...]]] = [(root, ())]
     while stack:
         node, prefix = stack.pop()
-        if node is LEAF:
-            out.append(prefix)
+        if not node.children:
+            out += [prefix] * node.n
         else:
             stack.extend((child, prefix + (segment,)) for segment, child in reversed(node.children))
     return out
@@ -219,7 +307,7 @@ def inner_paths(root: Node) -> list[tuple[str, ...]]:
     stack: list[tuple[Node, tuple[str, ...]]] = [(root, ())]
     while stack:
         node, prefix = stack.pop()
-        if prefix and node is not LEAF:
+        if prefix and node.children:
             out.append(prefix)
         stack.extend((child, prefix + (segment,)) for segment, child in node.children)
     return out

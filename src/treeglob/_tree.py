@@ -21,7 +21,7 @@ import numpy as np
 
 from ._keys import quote
 from ._stacking import Stack, close_subtrees, row_origin, stack_structure
-from ._structure import Node, row_segments, structure_of
+from ._structure import Node, is_wrapper, row_segments, structure_of
 
 __all__ = ["TreeView", "paths", "shape_of"]
 
@@ -191,12 +191,39 @@ class TreeView:
         out += values[row:]
         return out
 
+    @functools.cached_property
+    def wrapped(self) -> bool:
+        """Whether leaves sit in wrappers (NNX Variables) that paths and outputs leave out."""
+        seen, stack = set(), [self.leaf_structure]
+        while stack:
+            node = stack.pop()
+            if not node.children and node.kind is not None:
+                return True
+            for _, child in node.children:
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+        return False
+
+    @functools.cached_property
+    def out_treedef(self) -> Any:
+        """The structure of outputs (masks, labels): the tree's, with each wrapper (an NNX
+        Variable) in place of its leaf, as optax sees the params at `update`; a mask of
+        that shape is a prefix of the wrapped params at `init` too."""
+        if not self.wrapped:
+            return self.treedef
+        return jtu.tree_structure(self.tree, is_leaf=lambda x: is_wrapper(type(x)) and _one_leaf(x))
+
     def unflatten(self, per_leaf: list[Any]) -> Any:
-        return jtu.tree_unflatten(self.treedef, per_leaf)
+        return jtu.tree_unflatten(self.out_treedef, per_leaf)
 
     def close_subtrees(self, path: str) -> str:
         """` Close matches: a, b.` among the paths of the inner nodes, or ``."""
         return close_subtrees(self.structure, path)
+
+
+def _one_leaf(x: Any) -> bool:
+    return jtu.tree_structure(x).num_leaves == 1
 
 
 def paths(tree: Any, *, stacked: Any = None) -> list[str]:
