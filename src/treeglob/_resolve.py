@@ -225,7 +225,9 @@ def resolve(
         kw |= dict(subject=subject, warn=warn, relabel=relabel)
         view = view_of(tree, caller, stacked)
         if types_from is not None:
-            return _project(resolve(types_from, rules, **kw), view, caller, strict, subject)
+            source = view_of(types_from, caller, stacked)
+            _check_covered(source, view, caller)
+            return _project(resolve(source, rules, **kw), view, caller, strict, subject)
         assert recall is not None
         if view.wrapped or recall.last is None or recall.last.view.leaf_paths != view.leaf_paths:
             result = resolve(view, rules, **kw)
@@ -282,12 +284,9 @@ class Recall:
         self.last: Resolution | None = None
 
 
-def _project(
-    source: Resolution, view: TreeView, caller: str, strict: bool, subject: str | None
-) -> Resolution:
-    """`source`'s decisions for the leaves of `view`, taken by path."""
-    rows = {path: i for i, path in enumerate(source.view.paths)}
-    missing = [path for path in view.paths if path not in rows]
+def _check_covered(source: TreeView, view: TreeView, caller: str) -> None:
+    known = set(source.paths)
+    missing = [path for path in view.paths if path not in known]
     if missing:
         listed = "\n".join(f"    {p or '<root>'}" for p in missing[:_MAX_LISTED])
         raise ValueError(
@@ -295,6 +294,13 @@ def _project(
             f"the types come from (types_from):\n{listed}\nPass the model these parameters belong to, "
             "e.g. treeglob.mask(nnx.state(model, nnx.Param), selector, types_from=model)."
         )
+
+
+def _project(
+    source: Resolution, view: TreeView, caller: str, strict: bool, subject: str | None
+) -> Resolution:
+    """`source`'s decisions for the leaves of `view`, taken by path (all present in `source`)."""
+    rows = {path: i for i, path in enumerate(source.view.paths)}
     index = np.fromiter((rows[path] for path in view.paths), np.intp, len(view))
     matches = tuple(m[index] for m in source.matches)
     for rule, hit in zip(source.rules, matches, strict=True):

@@ -120,7 +120,7 @@ def _key_parts(key: Any, flat: bool) -> tuple[str, ...] | None:
     key (`flatten_dict`), a `/`-joined name (Haiku modules, `flatten_dict(sep="/")`),
     and in a flat dict of leaves a dotted name (a checkpoint's tensor names)."""
     raw = key.key if isinstance(key, jtu.DictKey) else None
-    if isinstance(raw, tuple) and len(raw) > 1:
+    if isinstance(raw, tuple) and raw:
         parts = tuple(key_text(jtu.DictKey(k)) for k in raw)
     elif isinstance(raw, str) and ("/" in raw or (flat and "." in raw)):
         parts = tuple((raw.replace("/", ".") if flat else raw).split("." if flat else "/"))

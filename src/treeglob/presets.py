@@ -28,13 +28,15 @@ import equinox as eqx
 
 from ._conditions import glob, inside, ndim, regex
 from ._layers import JOIN_NEXT, LayerGroups
-from ._selector import any_of, optional
+from ._selector import Selector, any_of, optional
 
 __all__ = [
     "BY_NAME",
     "DEFAULT",
+    "EMBED_NAMES",
     "HF",
     "NANOGPT",
+    "NORM_NAMES",
     "TIMM",
     "TIMM_BEIT_LAYERS",
     "TIMM_CONVNEXT_LAYERS",
@@ -42,27 +44,51 @@ __all__ = [
     "TIMM_RESNET_LAYERS",
     "TIMM_SWIN_LAYERS",
     "TIMM_VIT_LAYERS",
+    "own_name",
 ]
 
 #: Normalisation layers of Equinox, excluded from decay by type.
 NORM_LAYERS = (eqx.nn.LayerNorm, eqx.nn.RMSNorm, eqx.nn.GroupNorm, eqx.nn.BatchNorm)
 
+#: The names frameworks give normalisation layers: `norm`, `norm1`, `ln_f`,
+#: `final_layer_norm`, `input_layernorm`, Linen's `LayerNorm_0`, Haiku's
+#: `layer_norm`, `bn1`, ... (not `normal_head`, `denormalizer`).
+NORM_NAMES = (
+    "{norm,norm[0-9]*,*_norm,*_norm[0-9]*,norm_*,*layernorm*,*layer_norm*,*rmsnorm*,*rms_norm*,"
+    "*groupnorm*,*group_norm*,*batchnorm*,*batch_norm*,ln,ln_*,ln[0-9]*,*_ln,bn,bn[0-9]*}"
+)
+
+#: The names of token and position tables and learned tokens: `wte`, `wpe`,
+#: `embed_tokens`, `word_embeddings`, `pos_embed`, `cls_token`, Linen's
+#: `Embed_0` / `embedding`, Haiku's `embed` / `embeddings`.
+EMBED_NAMES = (
+    "{embed,embeds,embedding,embeddings,embed_*,*_embed,*_embeds,*_embedding,*_embeddings,wte,wpe,*_token}"
+)
+
+
+def own_name(names: str) -> Selector:
+    """Leaves whose own name, or their module's (the segment before it), is one of `names`
+    (a brace glob, case-insensitive): a norm named `ln_f` excludes `ln_f.scale`, but a
+    layer inside a subtree that mentions a norm or an embedding (`time_embedding.linear_1.weight`)
+    is judged by its own name."""
+    return glob(names + "$", ignore_case=True) | glob(names + ".*$", ignore_case=True)
+
+
 _EVERYTHING_ELSE = glob("**")
 
-#: The usual exclusions: no decay for biases, normalisation layers (by type
-#: and by name), embeddings (by type and by the usual names) and any
-#: parameter with at most one dimension; decay for the rest.
+#: The usual exclusions: no decay for biases (`bias`, Haiku's `b`),
+#: normalisation layers (by type and by their own name), embeddings (by type
+#: and by their own name; not a `patch_embed` convolution) and any parameter
+#: with at most one dimension; decay for the rest.
 DEFAULT = [
     (
         optional(
             any_of(
-                glob("bias"),
+                glob("{bias,b}$"),
                 inside(*NORM_LAYERS),
-                glob("{*norm*,ln,ln_*,ln[0-9]*}", ignore_case=True),
+                own_name(NORM_NAMES),
                 inside(eqx.nn.Embedding),
-                # Token and position tables, not the patch-embedding convolution.
-                glob("{embed,embedding,embeddings,wte,wpe,*_embed,*_embedding,*_embeddings,*_token}")
-                - optional(glob("patch_embed*")),
+                own_name(EMBED_NAMES) - optional(glob("patch_embed*")),
                 ndim <= 1,
             )
         ),
@@ -88,13 +114,18 @@ TIMM = [
 #: Hugging Face `Trainer.get_decay_parameter_names`: no decay inside
 #: `LayerNorm` layers or for names that contain, in any case, `bias`,
 #: `layernorm`, `rmsnorm`, a `norm` segment or a segment ending `_norm`.
-#: Everything else decays, embeddings included.
+#: Everything else decays, embeddings included. On trees without layer types
+#: (Flax, Haiku, a checkpoint) the layer norms are found by their own name, as
+#: HF's Flax examples do (`ln_1`, `ln_f`, `layer_norm`, `LayerNorm_0`), and
+#: Haiku's bias `b` counts as a bias.
 HF = [
     (
         optional(
             any_of(
                 inside(eqx.nn.LayerNorm),
                 regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
+                own_name("{ln,ln_*,ln[0-9]*,*_ln,*layernorm*,*layer_norm*}"),
+                glob("b$"),
             )
         ),
         "no_decay",
