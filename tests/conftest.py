@@ -78,3 +78,7 @@ def mixed_tree():
         "norm": Pair(left=np.ones(2), right=None),
         "meta": {"step": 3, "name": "run"},
     }
+
+
+# Model definitions for the framework tests, not a test module (and it needs flax and haiku).
+collect_ignore = ["frameworks.py"]

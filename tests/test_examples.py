@@ -64,3 +64,25 @@ def test_sharded_train_on_8_host_devices_matches_one_device():
     spec = repr(PartitionSpec("model", None))  # its repr differs between JAX versions
     assert f"blocks.0.fc.weight (256, 64) -> {spec}, (64, 64) per device" in out
     assert "sharded and single-device losses agree over 3 steps" in out
+
+
+def test_nnx_gpt_trains_with_presets_then_only_its_lora_adapters():
+    out = run("nnx_gpt.py", "--steps", "40")
+    assert "blocks.1.attn.query.kernel" in out and "ln_f.scale" in out  # paths without `.value`
+    first, last = (float(x) for x in re.search(r"pretraining: loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert last < first - 1.0, out
+    assert re.search(r"LoRA: 2,560 trainable elements; Adam holds 5,120 floats of state", out), out
+    assert "moved: 4 leaves, all adapters: True" in out
+
+
+def test_haiku_gpt_decays_no_bias_and_no_layer_norm():
+    out = run("haiku_gpt.py", "--steps", "40")
+    rows = {
+        line.split()[0]: line.split()[-2]
+        for line in out.splitlines()
+        if line.startswith(("block", "linear", "layer_norm", "embed", "~"))
+    }
+    assert rows["block.linear.b"] == "no_decay" and rows["block.layer_norm.scale"] == "no_decay"
+    assert rows["block.linear.w"] == "decay" and rows["embed.embeddings"] == "decay"  # HF decays embeddings
+    first, last = final_loss(out)
+    assert last < first - 1.0, out

@@ -7,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx, traverse_util
-from frameworks import DEPTH, NNXBlock, NNXGPT, haiku_params, linen_params
 
-import treeglob as tg
+pytest.importorskip("flax", reason="the framework tests need flax (pip install '.[test]')")
+pytest.importorskip("haiku", reason="the framework tests need dm-haiku (pip install '.[test]')")
+
+from flax import nnx, traverse_util  # noqa: E402
+
+import treeglob as tg  # noqa: E402
+from frameworks import DEPTH, NNXGPT, NNXBlock, haiku_params, linen_params  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # References, written from each convention's own code
@@ -127,42 +131,17 @@ def test_default_preset_names_apply_to_the_parameters_own_module(path, decays):
 # One path whichever way the tree arrives
 
 
-def test_a_checkpoints_flat_dict_has_the_nested_trees_paths(tmp_path):
-    nested = {
-        "model": {"layers": [{"q": np.zeros((2, 2)), "norm": np.zeros(2)}] * 2},
-        "head": np.zeros((2, 3)),
-    }
-    flat_dotted = {
-        ".".join(map(str, k)): v
-        for k, v in traverse_util.flatten_dict(
-            jax.tree.map(
-                np.asarray,
-                {
-                    "model": {"layers": {str(i): l for i, l in enumerate(nested["model"]["layers"])}},
-                    "head": nested["head"],
-                },
-            )
-        ).items()
-    }
-    flat_tuples = traverse_util.flatten_dict(
-        {
-            "model": {"layers": {"0": nested["model"]["layers"][0], "1": nested["model"]["layers"][1]}},
-            "head": nested["head"],
-        }
-    )
-    flat_slashes = traverse_util.flatten_dict(
-        {"model": {"layers": {"0": nested["model"]["layers"][0]}}}, sep="/"
-    )
+def test_a_checkpoints_flat_dict_has_the_nested_trees_paths():
+    layer = {"q": np.zeros((2, 2)), "norm": np.zeros(2)}
+    nested = {"model": {"layers": {"0": layer, "1": layer}}, "head": np.zeros((2, 3))}
+    flat_tuples = traverse_util.flatten_dict(nested)  # ('model', 'layers', '0', 'q'): ...
+    flat_dotted = {".".join(k): v for k, v in flat_tuples.items()}  # safetensors.flax.load_file
+    flat_slashes = traverse_util.flatten_dict(nested, sep="/")
     expected = sorted(tg.paths(nested))
-    assert sorted(tg.paths(flat_dotted)) == expected == sorted(tg.paths(flat_tuples))
-    assert tg.paths(flat_slashes) == ["model.layers.0.norm", "model.layers.0.q"]
-    for tree in (nested, flat_dotted, flat_tuples):
-        selected = [
-            p
-            for p, m in zip(tg.paths(tree), jax.tree.leaves(tg.mask(tree, "layers.{0..0}.q")), strict=True)
-            if m
-        ]
-        assert selected == ["model.layers.0.q"]
+    for tree in (flat_tuples, flat_dotted, flat_slashes):
+        assert sorted(tg.paths(tree)) == expected
+        selected = jax.tree.leaves(tg.mask(tree, "layers.{0..0}.q"))
+        assert [p for p, m in zip(tg.paths(tree), selected, strict=True) if m] == ["model.layers.0.q"]
     # A close match is a pattern that works.
     with pytest.raises(
         tg.NoMatchError, match=r"Close matches in the tree: model\.layers\.1\.q, model\.layers\.0\.q\."
@@ -310,3 +289,97 @@ def test_stacked_layers_built_with_nnx_vmap():
     assert mask["attn"]["query"]["kernel"] is True and mask["ln1"]["scale"] is False
     scales = tg.labels(params, [("{0..1}", 0.0)], default=1.0, stacked={"": 1})
     assert scales["fc"]["kernel"].ravel().tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------
+# The command line: factories of every framework, and checkpoints of their params
+
+
+FACTORIES = """
+import sys
+sys.path.insert(0, {tests!r})
+from flax import nnx
+import frameworks
+
+
+class WithStats(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+def nnx_stats():
+    return WithStats(nnx.Rngs(0))
+
+
+def nnx_gpt():
+    return frameworks.NNXGPT(rngs=nnx.Rngs(0))
+
+
+def linen_gpt():
+    return frameworks.linen_params()
+
+
+def haiku_gpt():
+    return frameworks.haiku_params()
+"""
+
+
+@pytest.fixture
+def factories(tmp_path):
+    import pathlib
+
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES.format(tests=str(pathlib.Path(__file__).parent)))
+    return path
+
+
+def _cli_json(capsys, *argv):
+    import json
+
+    from treeglob._cli import main
+
+    status = main([*map(str, argv), "--json"])
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_an_nnx_factory_lists_its_parameters(capsys, factories):
+    status, out = _cli_json(capsys, "paths", f"{factories}:nnx_stats")
+    assert status == 0 and [r["path"] for r in out["leaves"]] == [
+        "bn.bias",
+        "bn.scale",
+        "lin.bias",
+        "lin.kernel",
+    ]
+    status, out = _cli_json(capsys, "paths", f"{factories}:nnx_stats", "--variables", "Param,BatchStat")
+    assert [r["path"] for r in out["leaves"]] == [
+        "bn.bias",
+        "bn.mean",
+        "bn.scale",
+        "bn.var",
+        "lin.bias",
+        "lin.kernel",
+    ]
+    status, out = _cli_json(capsys, "paths", f"{factories}:nnx_stats", "--variables", "all")
+    assert "drop.rngs.count" in [r["path"] for r in out["leaves"]]
+    status, out = _cli_json(capsys, "paths", f"{factories}:nnx_stats", "--variables", "Parm")
+    assert status == 2 and "'Parm' is not a Flax NNX Variable type" in out["error"]["message"]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_command_line_selects_what_training_selects(capsys, factories, tmp_path, framework):
+    from safetensors.numpy import save_file
+
+    params = FRAMEWORKS[framework]()
+    expected = dict(
+        zip(tg.paths(params), jax.tree.leaves(tg.labels(params, tg.presets.DEFAULT)), strict=True)
+    )
+    # The factory, built abstractly ...
+    status, out = _cli_json(capsys, "explain", f"{factories}:{framework}_gpt", "--preset", "default")
+    assert status == 0 and {r["path"]: r["label"] for r in out["leaves"]} == expected
+    # ... and a checkpoint of the same params, under flatten_dict names.
+    flat = {"/".join(map(str, k)): np.asarray(v) for k, v in flat_of(params).items()}
+    save_file(flat, str(tmp_path / "ckpt.safetensors"))
+    status, out = _cli_json(capsys, "explain", tmp_path / "ckpt.safetensors", "--preset", "default")
+    assert status == 0 and {r["path"]: r["label"] for r in out["leaves"]} == expected

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a subtree with stacked layer axes",
     )
+    common.add_argument(
+        "--variables",
+        metavar="TYPES",
+        default="Param",
+        help="for a Flax NNX model: the Variable types to list, comma-separated, or 'all' (default: Param)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
     common.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -133,7 +139,7 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Sele
     config = _rules(args) if args.command == "explain" else None
     # A malformed pattern is caught before the source is read.
     selector = None if args.filter is None else coerce(args.filter)
-    return stacked, config, selector, load_source(args.source)
+    return stacked, config, selector, load_source(args.source, args.variables)
 
 
 def _check(

@@ -3,7 +3,8 @@
 * `.safetensors`: the header only (see `_safetensors.py`).
 * `.npz`: each member's `.npy` header only.
 * `module:function` or `path/to/file.py:function`: the function is called
-  under `eqx.filter_eval_shape`, so no parameter is ever allocated.
+  under `eqx.filter_eval_shape`, so no parameter is ever allocated. A Flax
+  NNX module is reduced to the State of its parameters (`nnx.Param`).
 
 A checkpoint is a flat dict `{tensor name: metadata}`, exactly what loading
 it in Python gives, so its names split into segments as in memory (on `.` in
@@ -60,7 +61,32 @@ def _npz(path: pathlib.Path) -> dict[str, Any]:
     return entries
 
 
-def _factory(spec: str) -> Any:
+def _nnx_variables(model: Any, variables: str, spec: str) -> Any:
+    """A Flax NNX module's State of the Variable types asked for (`Param` by default):
+    what an optimizer trains, without RNG state or batch statistics."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(model, nnx.Module):
+        return model
+    if variables == "all":
+        return nnx.state(model)
+    kinds = []
+    for name in variables.split(","):
+        kind = getattr(nnx, name.strip(), None)
+        if not (isinstance(kind, type) and issubclass(kind, nnx.Variable)):
+            known = sorted(
+                n
+                for n in dir(nnx)
+                if isinstance(getattr(nnx, n), type) and issubclass(getattr(nnx, n), nnx.Variable)
+            )
+            raise SourceError(
+                f"{spec}: --variables {variables!r}: {name.strip()!r} is not a Flax NNX Variable type; "
+                f"give names such as {', '.join(known[:8])}, ... or 'all'."
+            )
+        kinds.append(kind)
+    return nnx.state(model, nnx.Any(*kinds))
+
+
+def _factory(spec: str, variables: str = "Param") -> Any:
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise SourceError(
@@ -94,6 +120,7 @@ def _factory(spec: str) -> Any:
         model = eqx.filter_eval_shape(fn)
     except (Exception, SystemExit) as exc:  # a factory that exits is a failed factory, not our exit
         raise SourceError(f"{spec}: calling {name}() failed: {type(exc).__name__}: {exc}") from exc
+    model = _nnx_variables(model, variables, spec)
     params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         shown = repr(model)
@@ -105,8 +132,12 @@ def _factory(spec: str) -> Any:
     return params
 
 
-def load_source(source: str) -> Any:
-    """A tree whose array leaves are `jax.ShapeDtypeStruct`s, from a file or a factory."""
+def load_source(source: str, variables: str = "Param") -> Any:
+    """A tree of array metadata (shape, dtype) from a file or a factory.
+
+    `variables` chooses the Variable types of a Flax NNX module a factory
+    returns: comma-separated names (`"Param"`, `"Param,BatchStat"`) or `"all"`.
+    """
     path = pathlib.Path(source)
     if path.suffix in (".safetensors", ".npz"):
         if path.is_dir():
@@ -115,7 +146,7 @@ def load_source(source: str) -> Any:
             raise SourceError(f"{source}: no such file.")
         return _safetensors(path) if path.suffix == ".safetensors" else _npz(path)
     if ":" in source:
-        return _factory(source)
+        return _factory(source, variables)
     raise SourceError(
         f"{source}: not a .safetensors or .npz file, nor a module:function factory (e.g. mypkg.models:build)."
     )
