@@ -383,3 +383,44 @@ def test_the_command_line_selects_what_training_selects(capsys, factories, tmp_p
     save_file(flat, str(tmp_path / "ckpt.safetensors"))
     status, out = _cli_json(capsys, "explain", tmp_path / "ckpt.safetensors", "--preset", "default")
     assert status == 0 and {r["path"]: r["label"] for r in out["leaves"]} == expected
+
+
+# ----------------------------------------------------------------------------
+# penzai: a StatefulTrainer hands optax a tuple of parameter values
+
+
+def test_penzai_parameters_are_named_by_their_labels():
+    pytest.importorskip("penzai")
+    from penzai import pz
+    from penzai.models import simple_mlp
+    from penzai.toolshed import basic_training
+
+    mlp = simple_mlp.MLP.from_config(name="mlp", init_base_rng=jax.random.key(0), feature_sizes=[4, 8, 4])
+    seen = []
+
+    def spy(params):
+        seen.append(tg.paths(params))
+        return optax.EmptyState()
+
+    def loss_fn(model, state, rng, x):
+        return jnp.sum(model(x).unwrap("batch", "features") ** 2), state, {}
+
+    decay = tg.decay_mask()
+    tx = optax.chain(
+        optax.GradientTransformation(spy, lambda u, s, p=None: (u, s)), optax.adamw(1e-2, mask=decay)
+    )
+    trainer = basic_training.StatefulTrainer.build(
+        root_rng=jax.random.key(1), model=mlp, optimizer_def=tx, loss_fn=loss_fn
+    )
+    trainer.step(x=pz.nx.wrap(jnp.ones((2, 4))).tag("batch", "features"))
+    labels = [
+        "mlp.Affine_0.Linear.weights",
+        "mlp.Affine_0.AddBias.bias",
+        "mlp.Affine_1.Linear.weights",
+        "mlp.Affine_1.AddBias.bias",
+    ]
+    assert seen == [labels]
+    _, params = pz.unbind_params(mlp)
+    values = tuple(p.freeze() for p in params)
+    assert decay(values) == (True, False, True, False)
+    assert tg.mask(values, "Affine_1") == (False, False, True, True)

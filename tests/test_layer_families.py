@@ -225,16 +225,9 @@ def resnet50():
     return table | _linear("fc", 1000, 2048)
 
 
-def nested(table):
-    """The params as a nested dict, as a checkpoint's names give them (keys sorted as strings)."""
-    tree = {}
-    for name, shape in table.items():
-        *parents, leaf = name.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return tree
+def checkpoint(table):
+    """The params as a checkpoint's flat dict {name: array metadata} (its names split into segments)."""
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in table.items()}
 
 
 FAMILIES = {
@@ -262,7 +255,7 @@ FAMILIES = {
 def test_presets_reproduce_timm_exactly(family, decay):
     make, matcher, preset, num_blocks = FAMILIES[family]
     table = make()
-    tree = nested(table)
+    tree = checkpoint(table)
     ours = dict(
         zip(tg.paths(tree), jax.tree.leaves(tg.layer_decay_scales(tree, decay, rules=preset)), strict=True)
     )
@@ -273,13 +266,13 @@ def test_presets_reproduce_timm_exactly(family, decay):
 
 
 def test_stage_downsamples_join_their_stages_first_block():
-    tree = nested(convnext_tiny())
+    tree = checkpoint(convnext_tiny())
     ids = tg.layer_ids(tree, rules=tg.presets.TIMM_CONVNEXT_LAYERS)
-    assert ids["stem"]["0"]["weight"] == 0
-    assert ids["stages"]["1"]["downsample"]["1"]["weight"] == ids["stages"]["1"]["blocks"]["0"]["gamma"] == 4
-    assert ids["stages"]["2"]["blocks"]["8"]["gamma"] == 3 + 3 + 9
-    assert ids["stages"]["3"]["downsample"]["0"]["bias"] == 16
-    assert ids["head"]["fc"]["weight"] == 19
+    assert ids["stem.0.weight"] == 0
+    assert ids["stages.1.downsample.1.weight"] == ids["stages.1.blocks.0.gamma"] == 4
+    assert ids["stages.2.blocks.8.gamma"] == 3 + 3 + 9
+    assert ids["stages.3.downsample.0.bias"] == 16
+    assert ids["head.fc.weight"] == 19
 
 
 def test_blocks_given_as_a_pattern_are_numbered_by_value_not_as_strings():
@@ -306,8 +299,10 @@ def test_join_previous_places_a_stage_norm_with_the_stages_last_block():
 
 def test_a_model_with_fc_norm_and_no_norm_works_with_the_default_rules():
     table = beit_base_patch16_224()
-    scales = tg.layer_decay_scales(nested(table), 0.75)  # TIMM_VIT_LAYERS: its final-norm rule is optional
-    assert scales["fc_norm"]["weight"] == 1.0 and scales["cls_token"] == 0.75**13
+    scales = tg.layer_decay_scales(
+        checkpoint(table), 0.75
+    )  # TIMM_VIT_LAYERS: its final-norm rule is optional
+    assert scales["fc_norm.weight"] == 1.0 and scales["cls_token"] == 0.75**13
 
 
 def test_stacked_convnext_stage_blocks():

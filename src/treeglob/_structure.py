@@ -49,14 +49,28 @@ LEAF = Node(None, 1, ())
 _ONE_LEAF = jtu.tree_structure(0)
 
 
+_WRAPPERS = {"flax.nnx": ("Variable", "VariableState"), "penzai.core": ("ParameterValue", "StateVariableValue")}
+
+
 @functools.cache
 def is_wrapper(kind: type) -> bool:
     """Whether `kind` wraps one leaf that stands for it: a Flax NNX `Variable` (`nnx.Param`,
-    `nnx.BatchStat`, ...), whose `.value` optax never sees (its update tree holds bare arrays)."""
+    `nnx.BatchStat`, ...), whose `.value` optax never sees (its update tree holds bare arrays),
+    or a penzai `ParameterValue` (named by its label, see `_label_key`)."""
     return any(
-        base.__name__ in ("Variable", "VariableState") and base.__module__.startswith("flax.nnx")
+        base.__module__.startswith(package) and base.__name__ in names
         for base in getattr(kind, "__mro__", ())
+        for package, names in _WRAPPERS.items()
     )
+
+
+def _label_key(td: Any, key: Any) -> Any:
+    """A penzai parameter's key: its label (`mlp/Affine_0/Linear.weights`) as segments, in place
+    of its position in the tuple a `StatefulTrainer` gives optax."""
+    label = getattr(td.node_data()[1], "static_fields", {}).get("label")
+    if isinstance(label, str) and label:
+        return jtu.DictKey(tuple(label.replace("/", ".").split(".")))
+    return key
 
 
 _WRAPPED: dict[type, Node] = {}
@@ -193,7 +207,7 @@ def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
                 if _is_leaf(child):
                     kept.append((key, LEAF))
                 elif child.num_leaves == 1 and is_wrapper(child.node_data()[0]):
-                    kept.append((key, _wrapped(child.node_data()[0])))
+                    kept.append((_label_key(child, key), _wrapped(child.node_data()[0])))
                 else:
                     got = _get(memo, child)
                     if got is None:
