@@ -373,13 +373,16 @@ def test_no_private_name_is_imported_across_modules():
 
 
 def test_ordinary_trees_take_the_structure_from_the_treedef():
-    # The key paths are a fallback for custom nodes that refuse placeholder leaves.
+    # The key paths are a fallback for custom nodes that refuse placeholder leaves
+    # (and for the jax releases that cannot rebuild one level of a treedef).
+    from treeglob._structure import _CACHE, ONE_LEVEL
     from treeglob._tree import TreeView
 
+    if ONE_LEVEL is None:
+        pytest.skip("this jax release cannot build a one-level treedef")
+    _CACHE.clear()
     view = TreeView(_nested())
-    assert tg.mask(_nested(), "blocks") is not None
-    view.structure  # noqa: B018
-    assert "key_paths" not in view.__dict__
+    assert len(view) == 44 and "key_paths" not in view.__dict__
 
 
 def test_deep_recursion_in_jax_is_a_treeglob_error():

@@ -20,7 +20,7 @@ import jax.tree_util as jtu
 
 from ._keys import key_text
 
-__all__ = ["LEAF", "Node", "find", "inner_paths", "is_wrapper", "row_segments", "structure_of", "walk"]
+__all__ = ["LEAF", "ONE_LEVEL", "Node", "find", "inner_paths", "is_wrapper", "row_segments", "structure_of", "walk"]
 
 
 class Node:
@@ -47,6 +47,11 @@ class Node:
 
 LEAF = Node(None, 1, ())
 _ONE_LEAF = jtu.tree_structure(0)
+#: Builds a one-level treedef from a node's data: named so from jax 0.8 on, `make_...`
+#: before 0.7; jax 0.7 has neither, and the keys then come from the leaves' key paths.
+ONE_LEVEL = getattr(jtu.PyTreeDef, "from_node_data_and_children", None) or getattr(
+    jtu.PyTreeDef, "make_from_node_data_and_children", None
+)
 
 
 _WRAPPERS = {"flax.nnx": ("Variable", "VariableState"), "penzai.core": ("ParameterValue", "StateVariableValue")}
@@ -110,9 +115,8 @@ def _child_keys(td: Any, children: list[Any], offset: int, depth: int, key_paths
     if data[0] is dict:  # the common case, and the big one (a checkpoint's flat dict): its sorted keys
         return [jtu.DictKey(k) for k in data[1]]
     try:
-        one_level = jtu.PyTreeDef.from_node_data_and_children(
-            jtu.default_registry, td.node_data(), [_ONE_LEAF] * len(children)
-        )
+        assert ONE_LEVEL is not None
+        one_level = ONE_LEVEL(jtu.default_registry, td.node_data(), [_ONE_LEAF] * len(children))
         flat = jtu.tree_flatten_with_path(one_level.unflatten(range(len(children))))[0]
         if len(flat) == len(children):
             return [path[0] for path, _ in flat]
