@@ -222,9 +222,15 @@ def test_a_huge_header_is_read_in_bounded_time_and_memory(tmp_path):
         ((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{}", r"more than the 100,000,000 treeglob reads"),
         ((100).to_bytes(8, "little") + b"{}", r"header length is 100 bytes but the file holds only 2"),
         ((2).to_bytes(8, "little") + b"\xff\xfe", r"the header is not UTF-8"),
-        ((2).to_bytes(8, "little") + b"[]", r"the header is not a JSON object at byte 0"),
-        ((4).to_bytes(8, "little") + b"{1:2", r"expected a tensor name in double quotes at byte 1"),
-        ((9).to_bytes(8, "little") + b'{"a" 2}  ', r"expected ':' after a tensor name at byte 5"),
+        ((2).to_bytes(8, "little") + b"[]", r"the header is not a JSON object\."),
+        (
+            (4).to_bytes(8, "little") + b"{1:2",
+            r"invalid JSON \(Expecting property name enclosed in double quotes\) at character 1 of the header",
+        ),
+        (
+            (9).to_bytes(8, "little") + b'{"a" 2}  ',
+            r"invalid JSON \(Expecting ':' delimiter\) at character 5",
+        ),
         ((9).to_bytes(8, "little") + b'{"a":[}  ', r"invalid JSON"),
         ((8).to_bytes(8, "little") + b'{"a":2} ', r"the entry of tensor 'a' must be an object"),
     ],

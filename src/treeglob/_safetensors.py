@@ -7,8 +7,8 @@ unsigned header length `N`; `N` bytes of UTF-8 JSON mapping each tensor name to
 
 A checkpoint of a million small tensors has a header of tens of megabytes;
 decoding it into one JSON object costs many times that (Python dicts and lists
-per entry). Here the entries are decoded one at a time, each kept as a small
-record, and headers longer than `MAX_HEADER_BYTES` are refused.
+per entry). Here each entry becomes a small record as soon as the decoder has
+read it, and headers longer than `MAX_HEADER_BYTES` are refused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +47,6 @@ _DTYPES = {
     "F8_E5M2": "float8_e5m2",
 }
 _NUMPY_DTYPES = {name: jnp.dtype(kind) for name, kind in _DTYPES.items()}
-
-_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,49 +128,45 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], in
     return tensors, 8 + length
 
 
+class _Pairs(list):
+    """A JSON object that is not a tensor's entry, as its (key, value) pairs."""
+
+
+def _decode_object(pairs: list[tuple[str, Any]]) -> Any:
+    # Called by the JSON decoder for every object, innermost first: a tensor's
+    # entry becomes its small record at once, so that the header's million dicts
+    # never exist together. Anything else is checked, with its name, in `_parse`.
+    if len(pairs) == 3 and {k for k, _ in pairs} == {"dtype", "shape", "data_offsets"}:
+        try:
+            return _entry("", dict(pairs), "")
+        except SourceError:
+            pass
+    return _Pairs(pairs)
+
+
 def _parse(text: str, where: str) -> dict[str, TensorInfo]:
-    """The header's entries, decoded one at a time (never the whole object at once)."""
-    decoder = json.JSONDecoder()
+    """The header's entries; each decoded into a record as soon as it is read."""
+    try:
+        header = json.loads(text, object_pairs_hook=_decode_object)
+    except json.JSONDecodeError as exc:
+        raise SourceError(
+            f"{where}: not a readable .safetensors file: invalid JSON ({exc.msg}) at character {exc.pos} of the header."
+        ) from None
+    if not isinstance(header, _Pairs):
+        raise SourceError(f"{where}: not a readable .safetensors file: the header is not a JSON object.")
     tensors: dict[str, TensorInfo] = {}
-
-    def fail(pos: int, problem: str) -> SourceError:
-        return SourceError(
-            f"{where}: not a readable .safetensors file: {problem} at byte {pos} of the header."
-        )
-
-    i = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
-    if not text.startswith("{", i):
-        raise fail(i, "the header is not a JSON object")
-    i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
-    if text.startswith("}", i):
-        i += 1
-    else:
-        while True:
-            if not text.startswith('"', i):
-                raise fail(i, "expected a tensor name in double quotes")
-            try:
-                name, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
-                i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
-                if not text.startswith(":", i):
-                    raise fail(i, "expected ':' after a tensor name")
-                value, i = decoder.raw_decode(text, _SPACE.match(text, i + 1).end())  # type: ignore[union-attr]
-            except json.JSONDecodeError as exc:
-                raise fail(exc.pos, f"invalid JSON ({exc.msg})") from None
-            if name in tensors:
-                raise fail(i, f"the tensor name {name!r} appears twice")
-            if name == "__metadata__":
-                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                    raise fail(i, "__metadata__ must map strings to strings")
-            else:
-                tensors[name] = _entry(name, value, where)
-            i = _SPACE.match(text, i).end()  # type: ignore[union-attr]
-            if text.startswith(",", i):
-                i = _SPACE.match(text, i + 1).end()  # type: ignore[union-attr]
-            elif text.startswith("}", i):
-                i += 1
-                break
-            else:
-                raise fail(i, "expected ',' or '}' after a tensor's entry")
-    if text[i:].strip(" \t\n\r"):
-        raise fail(i, "unexpected text after the header object")
+    for name, value in header:
+        if name in tensors:
+            raise SourceError(
+                f"{where}: not a readable .safetensors file: the tensor name {name!r} appears twice."
+            )
+        if name == "__metadata__":
+            if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value):
+                raise SourceError(
+                    f"{where}: not a readable .safetensors file: __metadata__ must map strings to strings."
+                )
+        elif isinstance(value, TensorInfo):
+            tensors[name] = value
+        else:
+            tensors[name] = _entry(name, dict(value) if isinstance(value, _Pairs) else value, where)
     return tensors

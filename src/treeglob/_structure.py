@@ -20,7 +20,17 @@ import jax.tree_util as jtu
 
 from ._keys import key_text
 
-__all__ = ["LEAF", "ONE_LEVEL", "Node", "find", "inner_paths", "is_wrapper", "row_segments", "structure_of", "walk"]
+__all__ = [
+    "LEAF",
+    "ONE_LEVEL",
+    "Node",
+    "find",
+    "inner_paths",
+    "is_wrapper",
+    "row_segments",
+    "structure_of",
+    "walk",
+]
 
 
 class Node:
@@ -54,7 +64,10 @@ ONE_LEVEL = getattr(jtu.PyTreeDef, "from_node_data_and_children", None) or getat
 )
 
 
-_WRAPPERS = {"flax.nnx": ("Variable", "VariableState"), "penzai.core": ("ParameterValue", "StateVariableValue")}
+_WRAPPERS = {
+    "flax.nnx": ("Variable", "VariableState"),
+    "penzai.core": ("ParameterValue", "StateVariableValue"),
+}
 
 
 @functools.cache
