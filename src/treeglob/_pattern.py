@@ -123,10 +123,12 @@ class _Parser:
         body = self.body
         j = self.i
         if body.startswith("^", j):
+            # As in the class itself, a ']' right after '[^' is a member, not the end.
+            end = body.find("]", j + 2)
             raise self.fail(
                 j,
                 "'[^...]' is regex syntax; globs negate a class with '!'.",
-                f"Write '[!{body[j + 1 : body.find(']', j + 1)] if ']' in body[j + 1 :] else '...'}]'.",
+                f"Write '[!{body[j + 1 : end] if end >= 0 else '...'}]'.",
             )
         negate = body.startswith("!", j)
         if negate:
