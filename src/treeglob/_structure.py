@@ -255,6 +255,8 @@ def structure_of(treedef: Any, key_paths: Callable[[], list]) -> Node:
     same tree again and again (every optax init and update)."""
     with _CACHE_LOCK:
         cached = _get(_CACHE, treedef)
+        if cached is not None:  # most recently used: to the end
+            _CACHE[treedef] = _CACHE.pop(treedef)
     if cached is None:
         cached = build(treedef, key_paths)
         with _CACHE_LOCK:
