@@ -26,10 +26,6 @@ __all__ = ["STATS", "norm_ratios", "summarize"]
 STATS = ("norm", "rms", "max_abs", "count")
 
 
-def _total(parts: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
-    return functools.reduce(combine, parts)
-
-
 class _Group:
     """The partial reductions of one group: sums of squares, maxima of |x|, element counts."""
 
@@ -57,13 +53,13 @@ class _Group:
     def values(self, stats: Sequence[str]) -> dict[str, Any]:
         out = {}
         if "norm" in stats or "rms" in stats:
-            squares = _total(self.squares, jnp.add)
+            squares = functools.reduce(jnp.add, self.squares)
             if "norm" in stats:
                 out["norm"] = jnp.sqrt(squares)
             if "rms" in stats:
                 out["rms"] = jnp.sqrt(squares / self.count)
         if "max_abs" in stats:
-            out["max_abs"] = _total(self.maxima, jnp.maximum)
+            out["max_abs"] = functools.reduce(jnp.maximum, self.maxima)
         if "count" in stats:
             out["count"] = jnp.asarray(self.count)
         return out
