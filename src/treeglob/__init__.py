@@ -14,7 +14,12 @@ from ._conditions import (
     size as size,
     where as where,
 )
-from ._config import RuleConfig as RuleConfig, load_rules as load_rules
+from ._config import (
+    RuleConfig as RuleConfig,
+    TransferRules as TransferRules,
+    load_rules as load_rules,
+    load_transfer as load_transfer,
+)
 from ._errors import (
     NoMatchError as NoMatchError,
     RulesFileError as RulesFileError,
@@ -34,6 +39,14 @@ from ._report import Explanation as Explanation, explain as explain
 from ._resolve import labels as labels, mask as mask
 from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
 from ._sharding import shardings as shardings
+from ._transfer import (
+    LoadError as LoadError,
+    LoadReport as LoadReport,
+    LoadRow as LoadRow,
+    load as load,
+    load_plan as load_plan,
+    save as save,
+)
 from ._tree import paths as paths
 
 __version__ = importlib.metadata.version("treeglob")
@@ -43,11 +56,15 @@ __all__ = [
     "JOIN_PREVIOUS",
     "Explanation",
     "LayerGroups",
+    "LoadError",
+    "LoadReport",
+    "LoadRow",
     "NoMatchError",
     "RuleConfig",
     "RulesFileError",
     "Selector",
     "ShadowedRuleWarning",
+    "TransferRules",
     "all_of",
     "any_of",
     "decay_mask",
@@ -60,7 +77,10 @@ __all__ = [
     "layer_decay",
     "layer_decay_scales",
     "layer_ids",
+    "load",
+    "load_plan",
     "load_rules",
+    "load_transfer",
     "mask",
     "masked",
     "multi_transform",
@@ -71,6 +91,7 @@ __all__ = [
     "paths",
     "presets",
     "regex",
+    "save",
     "scale_by_rules",
     "shape",
     "shardings",

@@ -2,11 +2,15 @@
 
     treeglob paths SOURCE [--filter PATTERN] [--json]
     treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--json]
+    treeglob load-plan MODEL CHECKPOINT [--rename FROM=TO ...] [--skip PATTERN ...] [--rules FILE] [--json]
 
-SOURCE is a `.safetensors` or `.npz` checkpoint (headers only) or a
-`module:function` / `file.py:function` model factory (evaluated abstractly).
+SOURCE (and MODEL) is a `.safetensors` or `.npz` checkpoint or an orbax
+checkpoint directory (metadata only), or a `module:function` /
+`file.py:function` model factory (evaluated abstractly); CHECKPOINT is a
+checkpoint. `load-plan` dry-runs `treeglob.load` without reading tensor data.
 Exit status: 0 fine; 1 the rules do not fit the tree (a rule or the filter
-matches nothing, a leaf is left uncovered); 2 bad input (a missing or
+matches nothing, a leaf is left uncovered; for load-plan, a model leaf
+without a tensor, an unused tensor, a shape mismatch); 2 bad input (a missing or
 unreadable file, a malformed rules file or pattern, a factory that fails or
 returns no arrays); 141 the output pipe was closed early (`| head`).
 """
@@ -22,13 +26,16 @@ from dataclasses import asdict
 from typing import Any
 
 from . import presets
-from ._config import RuleConfig, load_rules
+from ._checkpoint import open_checkpoint
+from ._config import RuleConfig, TransferRules, load_rules, load_transfer
+from ._rename import parse_renames
 from ._report import Explanation
 from ._resolve import Resolution, resolve, view_of
 from ._rules import MISSING
 from ._selector import Context, Selector, coerce
 from ._sources import load_source
 from ._table import painter, render_table
+from ._transfer import load_plan, parse_transforms
 
 __all__ = ["main"]
 
@@ -74,6 +81,38 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--preset", choices=sorted(presets.BY_NAME), help="append a weight-decay preset's rules")
     ex.add_argument("--default", metavar="LABEL", help="the label of leaves no rule matches")
     ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
+
+    lp = commands.add_parser(
+        "load-plan", help="dry-run loading a checkpoint into a model: what loads, what not"
+    )
+    lp.add_argument(
+        "model", metavar="MODEL", help="module:function (or a checkpoint) giving the model's leaves"
+    )
+    lp.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a .safetensors or .npz file, or an orbax directory"
+    )
+    lp.add_argument(
+        "--rename", metavar="FROM=TO", action="append", default=[], help="a rename rule, in order"
+    )
+    lp.add_argument("--skip", metavar="PATTERN", action="append", default=[], help="keep these model leaves")
+    lp.add_argument(
+        "--ignore", metavar="PATTERN", action="append", default=[], help="leave these tensors out"
+    )
+    lp.add_argument(
+        "--transform", metavar="PATTERN=NAME", action="append", default=[], help="'transpose' or a dtype name"
+    )
+    lp.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
+    lp.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
+    lp.add_argument("--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers")
+    lp.add_argument(
+        "--variables", metavar="TYPES", default="Param", help="for a Flax NNX model (default: Param)"
+    )
+    lp.add_argument("--allow-missing", action="store_true", help="model leaves without a tensor are fine")
+    lp.add_argument("--allow-unused", action="store_true", help="unused checkpoint tensors are fine")
+    lp.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
+    lp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lp.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
+    lp.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     return parser
 
 
@@ -175,6 +214,72 @@ def _check(
     return {**report.to_dict(), "leaves": [asdict(r) for r in rows]}
 
 
+def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        pattern, sep, value = item.partition("=")
+        if not sep or not pattern or not value:
+            raise _BadInput(f"{option} {item!r}: write {example}.")
+        out.append((pattern, value))
+    return out
+
+
+def _transfer_rules(args: argparse.Namespace) -> TransferRules:
+    """The load-plan rules: the command line's, then the file's; checked before anything is read."""
+    rename = _pairs(args.rename, "--rename", "FROM=TO, e.g. --rename 'h.{i}=blocks.{i}'")
+    transform = _pairs(
+        args.transform, "--transform", "PATTERN=NAME, e.g. --transform '*.c_fc.weight=transpose'"
+    )
+    rules = TransferRules(rename, list(args.skip), list(args.ignore), transform)
+    if args.rules:
+        data = load_transfer(args.rules, key=args.key)
+        rules = TransferRules(*(mine + theirs for mine, theirs in zip(rules, data, strict=True)))
+    elif args.key:
+        raise _BadInput("--key needs --rules FILE.")
+    parse_renames(rules.rename)
+    parse_transforms(rules.transform)
+    for pattern in rules.skip + rules.ignore:
+        coerce(pattern)
+    return rules
+
+
+def _load_plan(args: argparse.Namespace, width: int | None) -> int:
+    try:
+        rules = _transfer_rules(args)
+        stacked = _stacked(args.stacked)
+        model = load_source(args.model, args.variables)
+        checkpoint = open_checkpoint(args.checkpoint)
+    except (_BadInput, ValueError, TypeError) as exc:
+        return _fail(args, 2, type(exc).__name__, str(exc))
+    try:
+        report = load_plan(
+            model,
+            checkpoint,
+            **rules._asdict(),
+            stacked=stacked,
+            strict=not args.no_strict,
+            allow_missing=args.allow_missing,
+            allow_unused=args.allow_unused,
+        )
+    except (ValueError, TypeError) as exc:
+        return _fail(args, 1, type(exc).__name__, str(exc))
+    if args.json:
+        print(
+            json.dumps(
+                {"source": args.checkpoint, "model": args.model, **report.to_dict()}, default=str, indent=1
+            )
+        )
+    else:
+        print(report.format(width=width))
+    try:
+        report.check("load_plan")
+    except ValueError as exc:
+        if not args.json:
+            print(f"\ntreeglob load-plan: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -190,6 +295,8 @@ def _main(argv: list[str] | None) -> int:
     tty = sys.stdout.isatty()
     width = args.width or (shutil.get_terminal_size().columns if tty else None)
     color = args.color == "always" or (args.color == "auto" and tty and "NO_COLOR" not in os.environ)
+    if args.command == "load-plan":
+        return _load_plan(args, width)
     try:
         inputs = _read_inputs(args)
     except (_BadInput, ValueError, TypeError) as exc:
@@ -205,7 +312,8 @@ def _main(argv: list[str] | None) -> int:
 
 def _fail(args: argparse.Namespace, status: int, kind: str, message: str) -> int:
     if args.json:
-        print(json.dumps({"source": args.source, "error": {"kind": kind, "message": message}}, indent=1))
+        source = getattr(args, "source", None) or args.checkpoint
+        print(json.dumps({"source": source, "error": {"kind": kind, "message": message}}, indent=1))
     else:
         print(f"treeglob {args.command}: {message}", file=sys.stderr)
     return status

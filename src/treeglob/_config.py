@@ -32,13 +32,18 @@ from typing import Any, NamedTuple
 from . import presets
 from ._conditions import COMPARISONS, inside, ndim
 from ._errors import RulesFileError, suggest
+from ._rename import parse_renames
 from ._rules import MISSING, check_label
 from ._selector import Selector, all_of, any_of, coerce, optional
+from ._transfer import parse_transforms
 
-__all__ = ["RuleConfig", "load_rules"]
+__all__ = ["RuleConfig", "TransferRules", "load_rules", "load_transfer"]
 
 _ENTRY_KEYS = ("match", "type", "ndim", "label", "optional")
-_TOP_KEYS = ("rules", "default", "preset")
+_LABEL_KEYS = ("rules", "default", "preset")
+_TRANSFER_KEYS = ("skip", "ignore", "rename", "transform")
+# One file may hold both: each reader takes its keys and knows the other's.
+_TOP_KEYS = _LABEL_KEYS + _TRANSFER_KEYS
 # The operators, longest first so that "<=" is not read as "<".
 _COMPARISON = re.compile(
     r"\s*(" + "|".join(map(re.escape, sorted(COMPARISONS, key=len, reverse=True))) + r")?\s*(\d+)\s*"
@@ -137,9 +142,9 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
     return (optional(selector) if flag else selector), label
 
 
-def _from_data(data: Any, origin: str) -> RuleConfig:
+def _check_keys(data: Any, origin: str) -> None:
     if not isinstance(data, Mapping):
-        raise RulesFileError(f"{origin}: expected a table with a `rules` list, got {type(data).__name__}.")
+        raise RulesFileError(f"{origin}: expected a table of rules, got {type(data).__name__}.")
     for key in data:
         if not isinstance(key, str):
             raise RulesFileError(
@@ -147,6 +152,10 @@ def _from_data(data: Any, origin: str) -> RuleConfig:
             )
         if key not in _TOP_KEYS:
             raise _unknown_key(key, _TOP_KEYS, origin)
+
+
+def _from_data(data: Any, origin: str) -> RuleConfig:
+    _check_keys(data, origin)
     entries = data.get("rules", [])
     if not isinstance(entries, list):
         raise RulesFileError(f"{origin}: `rules` must be a list of rule tables ([[rules]] in TOML).")
@@ -169,35 +178,8 @@ def _from_data(data: Any, origin: str) -> RuleConfig:
     return RuleConfig(rules, default)
 
 
-def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> RuleConfig:
-    """Read a rule list from a `.toml` or `.json` file, or from a dict of the same shape.
-
-    Args:
-        source: a path, or a dict `{"rules": [...], "default": ..., "preset": ...}`.
-        key: a dotted key of the table holding the rules inside a larger
-            config file, e.g. `"optimizer.weight_decay"`.
-
-    Returns:
-        A `RuleConfig(rules, default)`; `rules` is a list of `(selector, label)`
-        pairs, equal to the ones written with the Python API.
-
-    Raises:
-        RulesFileError: (a `ValueError`) the file is missing, not valid TOML
-            or JSON, or an entry is wrong; the message names the file, the
-            entry and the problem.
-
-    Examples:
-        >>> import treeglob
-        >>> config = treeglob.load_rules({
-        ...     "rules": [{"match": "*.bias", "label": "no_decay"}, {"ndim": ">=2", "label": "decay"}],
-        ...     "default": "no_decay"})
-        >>> config.rules == [(treeglob.glob("*.bias"), "no_decay"), (treeglob.ndim >= 2, "decay")]
-        True
-        >>> treeglob.load_rules({"rules": [{"match": "*.bias", "lable": "x"}]})
-        Traceback (most recent call last):
-        ...
-        treeglob.RulesFileError: <dict>, rules[0]: unknown key 'lable'. Did you mean 'label'? Allowed keys: match, type, ndim, label, optional.
-    """
+def _read(source: str | pathlib.Path | Mapping[str, Any], key: str | None) -> tuple[Any, str]:
+    """The data of a rules file (or dict), at `key`, and how messages name it."""
     if isinstance(source, Mapping):
         data, origin = source, "<dict>"
     else:
@@ -229,4 +211,123 @@ def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | Non
                 raise RulesFileError(f"{origin}: no table {key!r} (missing {part!r}).")
             data = data[part]
         origin = f"{origin} [{key}]"
+    return data, origin
+
+
+def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> RuleConfig:
+    """Read a rule list from a `.toml` or `.json` file, or from a dict of the same shape.
+
+    Args:
+        source: a path, or a dict `{"rules": [...], "default": ..., "preset": ...}`.
+        key: a dotted key of the table holding the rules inside a larger
+            config file, e.g. `"optimizer.weight_decay"`.
+
+    Returns:
+        A `RuleConfig(rules, default)`; `rules` is a list of `(selector, label)`
+        pairs, equal to the ones written with the Python API.
+
+    Raises:
+        RulesFileError: (a `ValueError`) the file is missing, not valid TOML
+            or JSON, or an entry is wrong; the message names the file, the
+            entry and the problem.
+
+    Examples:
+        >>> import treeglob
+        >>> config = treeglob.load_rules({
+        ...     "rules": [{"match": "*.bias", "label": "no_decay"}, {"ndim": ">=2", "label": "decay"}],
+        ...     "default": "no_decay"})
+        >>> config.rules == [(treeglob.glob("*.bias"), "no_decay"), (treeglob.ndim >= 2, "decay")]
+        True
+        >>> treeglob.load_rules({"rules": [{"match": "*.bias", "lable": "x"}]})
+        Traceback (most recent call last):
+        ...
+        treeglob.RulesFileError: <dict>, rules[0]: unknown key 'lable'. Did you mean 'label'? Allowed keys: match, type, ndim, label, optional.
+    """
+    data, origin = _read(source, key)
     return _from_data(data, origin)
+
+
+class TransferRules(NamedTuple):
+    """Checkpoint-transfer rules loaded from data: `treeglob.load(model, source, **rules._asdict())`."""
+
+    rename: list[Any] = []  # (pattern, replacement or tuple of them)
+    skip: list[Any] = []  # patterns
+    ignore: list[Any] = []  # patterns
+    transform: list[Any] = []  # (pattern, transform name)
+
+
+def _patterns(data: Mapping[str, Any], key: str, origin: str) -> list[str]:
+    value = data.get(key, [])
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise RulesFileError(f"{origin}: {key} must be a pattern or a list of patterns, got {value!r}.")
+    return value
+
+
+def _pairs(data: Mapping[str, Any], key: str, origin: str, what: str) -> list[tuple[str, Any]]:
+    value = data.get(key, {})
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise RulesFileError(
+            f"{origin}: {key} must be a table {{pattern = {what}}} (kept in order) or a list of "
+            f"[pattern, {what}] pairs, got {value!r}."
+        )
+    for pattern, target in pairs:
+        ok = isinstance(target, str) or (
+            key == "rename"
+            and isinstance(target, list)
+            and target
+            and all(isinstance(t, str) for t in target)
+        )
+        if not isinstance(pattern, str) or not ok:
+            raise RulesFileError(
+                f"{origin}: {key} entry {pattern!r} = {target!r}: expected a pattern and {what}."
+            )
+    return [(p, tuple(t) if isinstance(t, list) else t) for p, t in pairs]
+
+
+def load_transfer(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> TransferRules:
+    """Read checkpoint-transfer rules (`skip`, `ignore`, `rename`, `transform`) from a file or dict.
+
+    The file may be the rules file of `load_rules` too: each reader takes
+    its own keys. Transforms are named: `"transpose"` or a dtype name.
+
+        skip = ["head"]                       # model leaves kept from initialisation
+        ignore = ["*.attn.masked_bias"]       # checkpoint tensors nothing uses
+        [rename]                              # applied in order
+        "^transformer.h" = "blocks"
+        "attn.c_attn" = ["attn.query_proj", "attn.key_proj", "attn.value_proj"]
+        [transform]
+        "*.fc.weight" = "transpose"
+
+    Raises:
+        RulesFileError: the file is missing or malformed, or a pattern,
+            replacement or transform name is wrong; the message names the
+            file and the entry.
+
+    Examples:
+        >>> import treeglob
+        >>> treeglob.load_transfer({"skip": "head", "rename": {"h.{i}": "blocks.{i}"}})
+        TransferRules(rename=[('h.{i}', 'blocks.{i}')], skip=['head'], ignore=[], transform=[])
+    """
+    data, origin = _read(source, key)
+    _check_keys(data, origin)
+    rules = TransferRules(
+        rename=_pairs(data, "rename", origin, "a replacement (or a list of them)"),
+        skip=_patterns(data, "skip", origin),
+        ignore=_patterns(data, "ignore", origin),
+        transform=_pairs(data, "transform", origin, "a transform name"),
+    )
+    if not any(rules):
+        raise RulesFileError(f"{origin}: no transfer rules; give skip, ignore, rename or transform.")
+    try:
+        parse_renames(rules.rename)
+        parse_transforms(rules.transform)
+        for pattern in rules.skip + rules.ignore:
+            coerce(pattern)
+    except (TypeError, ValueError) as exc:
+        raise RulesFileError(f"{origin}: {exc}") from None
+    return rules

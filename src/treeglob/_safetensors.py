@@ -1,4 +1,4 @@
-"""The `.safetensors` header, read with bounded memory.
+"""The `.safetensors` format: the header read with bounded memory, and files written.
 
 The format (documented with the `safetensors` package): 8 bytes, a little-endian
 unsigned header length `N`; `N` bytes of UTF-8 JSON mapping each tensor name to
@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from ._errors import SourceError
 
-__all__ = ["MAX_HEADER_BYTES", "TensorInfo", "read_header"]
+__all__ = ["MAX_HEADER_BYTES", "TensorInfo", "read_header", "write"]
 
 #: The longest header read, in bytes (the `safetensors` package's own limit).
 MAX_HEADER_BYTES = 100_000_000
@@ -170,3 +172,50 @@ def _parse(text: str, where: str) -> dict[str, TensorInfo]:
         else:
             tensors[name] = _entry(name, dict(value) if isinstance(value, _Pairs) else value, where)
     return tensors
+
+
+_NAMES = {dtype: name for name, dtype in _NUMPY_DTYPES.items()}
+
+
+def write(
+    path: str | os.PathLike[str],
+    tensors: list[tuple[str, tuple[int, ...], Any]],
+    read: Callable[[int], np.ndarray],
+) -> None:
+    """Write a `.safetensors` file of `tensors` (name, shape, dtype), in that order.
+
+    The header is written first; then `read(k)` gives the `k`-th tensor's data,
+    one tensor at a time. The file appears complete or not at all (it is
+    written beside its final name, then renamed).
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype in tensors:
+        kind = _NAMES.get(jnp.dtype(dtype))
+        if kind is None:
+            raise TypeError(
+                f"tensor {name!r} has the dtype {dtype}, which .safetensors cannot store; "
+                f"cast it to one of {', '.join(map(str, _NAMES))}."
+            )
+        size = math.prod(shape) * jnp.dtype(dtype).itemsize
+        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    target = pathlib.Path(path)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for k, (name, shape, dtype) in enumerate(tensors):
+                array = np.asarray(read(k), order="C")
+                if array.shape != tuple(shape) or array.dtype != jnp.dtype(dtype):
+                    raise ValueError(
+                        f"tensor {name!r}: expected {jnp.dtype(dtype)} of shape {tuple(shape)}, "
+                        f"got {array.dtype} of shape {array.shape}."
+                    )
+                f.write(array.reshape(-1).view(np.uint8).data)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """Trees of array metadata from checkpoints and model factories, without loading arrays.
 
-* `.safetensors`: the header only (see `_safetensors.py`).
-* `.npz`: each member's `.npy` header only.
+* `.safetensors`, `.npz`, an orbax checkpoint directory: metadata only
+  (see `_checkpoint.py`).
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated. A Flax
   NNX module is reduced to the State of its parameters (`nnx.Param`).
@@ -18,47 +18,15 @@ import importlib
 import importlib.util
 import pathlib
 import sys
-import zipfile
 from typing import Any
 
 import equinox as eqx
 import jax
-import numpy as np
 
+from ._checkpoint import SUFFIXES, open_checkpoint
 from ._errors import SourceError
-from ._safetensors import read_header
 
 __all__ = ["load_source"]
-
-_NPY_HEADER_READERS = {
-    (1, 0): np.lib.format.read_array_header_1_0,
-    (2, 0): np.lib.format.read_array_header_2_0,
-}
-
-
-def _safetensors(path: pathlib.Path) -> dict[str, Any]:
-    return read_header(path)[0]
-
-
-def _npz(path: pathlib.Path) -> dict[str, Any]:
-    entries = {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.namelist():
-                if not member.endswith(".npy"):
-                    continue
-                with archive.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = _NPY_HEADER_READERS.get(version)
-                    if read is None:
-                        raise ValueError(
-                            f"{member} uses .npy format version {version}, which treeglob cannot read"
-                        )
-                    shape, _, dtype = read(f)
-                entries[member[: -len(".npy")]] = jax.ShapeDtypeStruct(shape, dtype)
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise SourceError(f"{path}: not a readable .npz file: {exc}") from None
-    return entries
 
 
 def _nnx_variables(model: Any, variables: str, spec: str) -> Any:
@@ -139,14 +107,11 @@ def load_source(source: str, variables: str = "Param") -> Any:
     returns: comma-separated names (`"Param"`, `"Param,BatchStat"`) or `"all"`.
     """
     path = pathlib.Path(source)
-    if path.suffix in (".safetensors", ".npz"):
-        if path.is_dir():
-            raise SourceError(f"{source}: is a directory, not a {path.suffix} file.")
-        if not path.is_file():
-            raise SourceError(f"{source}: no such file.")
-        return _safetensors(path) if path.suffix == ".safetensors" else _npz(path)
+    if path.suffix in SUFFIXES or path.is_dir():
+        return open_checkpoint(path).meta
     if ":" in source:
         return _factory(source, variables)
     raise SourceError(
-        f"{source}: not a .safetensors or .npz file, nor a module:function factory (e.g. mypkg.models:build)."
+        f"{source}: not a .safetensors or .npz file, an orbax checkpoint directory, nor a "
+        "module:function factory (e.g. mypkg.models:build)."
     )

@@ -1,0 +1,653 @@
+"""Moving weights between a checkpoint and a model by rules: `load_plan`, `load`, `save`.
+
+A transfer is planned once, from metadata only: checkpoint names are renamed
+into model paths, `skip` keeps model leaves from initialisation, `ignore`
+leaves checkpoint tensors out, `transform` changes a tensor on its way in.
+The plan is the report (`LoadReport`), and `load` carries out exactly that
+plan, reading one tensor at a time: what the dry run shows is what loading
+does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._checkpoint import Checkpoint, open_checkpoint
+from ._errors import suggest
+from ._rename import apply_renames, parse_renames
+from ._resolve import paused_gc, resolve, view_of
+from ._safetensors import write
+from ._table import render_table
+from ._tree import TreeView
+
+__all__ = ["LoadError", "LoadReport", "LoadRow", "load", "load_plan", "parse_transforms", "save"]
+
+_MAX_LISTED = 20
+#: The statuses of the report, in the order it lists them.
+STATUSES = ("loaded", "skipped", "missing", "mismatch", "unused", "ignored")
+#: The statuses that stop a load (unless allowed per call).
+PROBLEMS = ("missing", "mismatch", "unused")
+
+
+class LoadError(ValueError):
+    """A transfer that does not fit: model leaves without a tensor, tensors nothing uses,
+    or shapes/dtypes that differ. Lists every problem at once; `.report` has the rest."""
+
+    def __init__(self, message: str, report: LoadReport):
+        super().__init__(message)
+        self.report = report
+
+
+LoadError.__module__ = "treeglob"
+
+
+@dataclass(frozen=True)
+class LoadRow:
+    """One model leaf (one layer under `stacked`) or one checkpoint tensor, and what the transfer does with it.
+
+    `path` is the model path (None for a checkpoint tensor no leaf takes);
+    `source` the checkpoint name (None for a model leaf that takes none).
+    `shape`/`dtype` are the model's, `source_shape`/`source_dtype` the
+    checkpoint's; `transform` names the function a tensor passes through.
+    """
+
+    status: str
+    path: str | None
+    source: str | None
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    source_shape: tuple[int, ...] | None = None
+    source_dtype: str | None = None
+    transform: str | None = None
+    note: str = ""
+
+    @property
+    def size(self) -> int:
+        shape = self.shape if self.shape is not None else self.source_shape
+        return 0 if shape is None else math.prod(shape)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The plan of a transfer: every model leaf loaded or skipped, every checkpoint tensor
+    used or ignored, and what does not fit. `str()` renders it as a table."""
+
+    rows: tuple[LoadRow, ...]
+    source: str
+    allow_missing: bool = False
+    allow_unused: bool = False
+    counts: dict[str, dict[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        counts = {s: {"leaves": 0, "elements": 0} for s in STATUSES}
+        for r in self.rows:
+            counts[r.status]["leaves"] += 1
+            counts[r.status]["elements"] += r.size
+        counts["transformed"] = {
+            "leaves": sum(1 for r in self.rows if r.transform and r.status == "loaded"),
+            "elements": sum(r.size for r in self.rows if r.transform and r.status == "loaded"),
+        }
+        object.__setattr__(self, "counts", counts)
+
+    def problems(self) -> list[str]:
+        """The statuses that stop the load: mismatches always, missing and unused unless allowed."""
+        allowed = {"missing": self.allow_missing, "unused": self.allow_unused, "mismatch": False}
+        return [s for s in PROBLEMS if self.counts[s]["leaves"] and not allowed[s]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems()
+
+    def check(self, caller: str = "load") -> None:
+        """Raise `LoadError` listing every problem, if any."""
+        problems = self.problems()
+        if not problems:
+            return
+        unused = [r for r in self.rows if r.status == "unused"]
+        parts = []
+        for status in problems:
+            rows = [r for r in self.rows if r.status == status]
+            lines = [_problem_line(r, unused) for r in rows[:_MAX_LISTED]]
+            if len(rows) > _MAX_LISTED:
+                lines.append(f"... and {len(rows) - _MAX_LISTED} more")
+            what = {
+                "missing": "model leaves have no checkpoint tensor",
+                "mismatch": "tensors do not fit their model leaf",
+                "unused": "checkpoint tensors are used by no model leaf",
+            }[status]
+            fix = {
+                "missing": "Rename a tensor to them, skip=[...] them to keep their initial values, "
+                "or pass allow_missing=True.",
+                "mismatch": "Add a transform (e.g. 'transpose', a dtype name) or skip=[...] them.",
+                "unused": "Rename them to model paths, ignore=[...] them, or pass allow_unused=True.",
+            }[status]
+            parts.append(f"{len(rows)} {what}:\n  " + "\n  ".join(lines) + f"\n{fix}")
+        raise LoadError(f"{caller}() from {self.source}: " + "\n".join(parts), self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for logging: `{"source", "counts": {status: {leaves, elements}}, "rows": [...]}`."""
+        return {
+            "source": self.source,
+            "ok": self.ok,
+            "counts": {k: dict(v) for k, v in self.counts.items()},
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def format(self, width: int | None = None) -> str:
+        """The report as text: one row per model leaf and per unused or ignored tensor, then the counts."""
+        table = [("path", "status", "source", "shape", "dtype", "note")]
+        for r in self.rows:
+            shape = r.shape if r.shape is not None else r.source_shape
+            dtype = r.dtype if r.dtype is not None else r.source_dtype
+            note = r.note or (f"via {r.transform}" if r.transform else "")
+            source = "-" if r.source is None else ("= " if r.source == r.path else "<- ") + r.source
+            table.append((r.path or "-", r.status, source, str(shape), str(dtype), note))
+        lines = render_table(table, right=set(), long=0, width=width)
+        lines.append("")
+        for status, count in self.counts.items():
+            if count["leaves"] or status in ("loaded", "missing", "unused"):
+                one = count["leaves"] == 1
+                what = (
+                    ("tensor" if one else "tensors")
+                    if status in ("unused", "ignored")
+                    else ("leaf" if one else "leaves")
+                )
+                flag = "  <- stops the load" if status in self.problems() else ""
+                lines.append(
+                    f"{status:<12}{count['leaves']:>7,} {what:<8}{count['elements']:>16,} elements{flag}"
+                )
+        return "\n".join(lines)
+
+
+def _problem_line(row: LoadRow, unused: list[LoadRow]) -> str:
+    if row.status == "mismatch":
+        return f"{row.path} {row.dtype}{row.shape} <- {row.source} {row.note}"
+    if row.status == "unused":
+        renamed = f" (renamed {row.note})" if row.note else ""
+        return f"{row.source}{renamed} {row.source_dtype}{row.source_shape}"
+    close = suggest(row.path or "", [r.note or r.source or "" for r in unused])
+    return f"{row.path} {row.dtype}{row.shape}" + (f"  (close: {', '.join(close)})" if close else "")
+
+
+# ----------------------------------------------------------------------------
+# Transforms
+
+
+def _named_transform(name: str, where: str) -> Callable[[Any], Any]:
+    if name == "transpose":
+        return _transpose
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        raise ValueError(
+            f"{where}: unknown transform {name!r}; a named transform is 'transpose' or a dtype name "
+            "such as 'float32' or 'bfloat16'. Pass a function for anything else."
+        ) from None
+    cast = _Cast(dtype)
+    return cast
+
+
+def _transpose(x: Any) -> Any:
+    """All axes reversed (`x.T`): PyTorch `Linear` (out, in) <-> `Conv1D` / JAX (in, out)."""
+    return x.T
+
+
+@dataclass(frozen=True)
+class _Cast:
+    dtype: Any
+
+    def __call__(self, x: Any) -> Any:
+        return x.astype(self.dtype)
+
+    @property
+    def __name__(self) -> str:
+        return f"astype({self.dtype})"
+
+
+def _transform_name(fn: Callable[[Any], Any]) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "transpose" if fn is _transpose else name
+
+
+def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
+    items = list(transform.items()) if isinstance(transform, Mapping) else transform
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
+        raise TypeError(
+            "transform must be a list of (pattern, function) pairs or a dict, e.g. "
+            f"[('*.c_fc.weight', 'transpose')], got {type(transform).__name__}: {transform!r}."
+        )
+    out = []
+    for index, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"transform[{index}] must be a (pattern, function) pair, got {item!r}.")
+        pattern, fn = item
+        if isinstance(fn, str):
+            fn = _named_transform(fn, f"transform[{index}]")
+        if not callable(fn):
+            raise TypeError(
+                f"transform[{index}]: {fn!r} is not callable; give a function of the array, "
+                "'transpose' or a dtype name."
+            )
+        out.append((pattern, fn))
+    return out
+
+
+def _output_meta(
+    fn: Callable[[Any], Any], shape: tuple[int, ...], dtype: Any
+) -> tuple[tuple[int, ...], Any] | None:
+    """The shape and dtype `fn` gives for a tensor, without its data; None if unknowable."""
+    try:  # jnp operations, .T, .reshape, slicing, .astype: traced abstractly
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+        return tuple(out.shape), jnp.dtype(out.dtype)
+    except Exception:  # e.g. np.split needs concrete NumPy arrays
+        pass
+    try:  # a zero-strided stand-in of the tensor: no memory, any NumPy view or op works
+        out = fn(np.broadcast_to(np.zeros((), dtype), shape))
+        return tuple(np.shape(out)), jnp.dtype(out.dtype)
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class _Plan:
+    view: TreeView
+    checkpoint: Checkpoint
+    report: LoadReport
+    # Per model row: (checkpoint name, transform) for rows that load; None otherwise.
+    reads: list[tuple[str, Callable[[Any], Any] | None] | None]
+    skipped: np.ndarray  # per row
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list of patterns from a list, a tuple or one pattern."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _plan(
+    target: Any,
+    source: Any,
+    *,
+    caller: str,
+    rename: Any,
+    skip: Any,
+    ignore: Any,
+    transform: Any,
+    stacked: Any,
+    strict: bool,
+    allow_missing: bool,
+    allow_unused: bool,
+) -> _Plan:
+    view = view_of(target, caller, stacked)
+    checkpoint = open_checkpoint(source)
+    rename_rules = parse_renames(rename or [])
+    transforms = parse_transforms(transform or [])
+    skip_list, ignore_list = _as_list(skip), _as_list(ignore)
+
+    # The checkpoint's names, printed as treeglob prints paths (and matched as such).
+    source_view = TreeView(checkpoint.meta)
+    names = [key_path[0].key for key_path in source_view.key_paths]  # in leaf (sorted) order
+    printed = dict(zip(source_view.paths, names, strict=True))
+    ignored = np.zeros(len(names), dtype=bool)
+    if ignore_list:
+        rules = [(p, True) for p in ignore_list]
+        ignored = _resolve_rows(source_view, rules, caller, strict, f"the ignore list given to {caller}()")
+    kept = [p for p, i in zip(source_view.paths, ignored.tolist(), strict=True) if not i]
+    renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
+
+    rows = range(len(view))
+    arrays = [r for r in rows if view.shapes[r] is not None]
+    index = {view.paths[r]: r for r in arrays}
+    taken: dict[int, str] = {}  # model row -> printed checkpoint name
+    for name, outs in renamed.items():
+        for out in outs:
+            row = index.get(out)
+            if row is None:
+                continue
+            if row in taken:
+                raise ValueError(
+                    f"{caller}(): the checkpoint tensors {taken[row]!r} and {name!r} both become the "
+                    f"model path {out!r}. Rename one of them elsewhere or ignore=[...] it."
+                )
+            taken[row] = name
+
+    skipped = np.zeros(len(view), dtype=bool)
+    if skip_list:
+        skipped = _resolve_rows(
+            view, [(p, True) for p in skip_list], caller, strict, f"the skip list given to {caller}()"
+        )
+    chosen = np.full(len(view), -1)
+    if transforms:
+        with_index = [(p, k) for k, (p, _) in enumerate(transforms)]
+        chosen = resolve(view, with_index, caller=caller, default=-1, strict=strict, merge="rows").decided
+
+    out_rows: list[LoadRow] = []
+    reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
+    for r in arrays:
+        path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
+        name = taken.get(r)
+        meta = None if name is None else checkpoint.meta[printed[name]]
+        src = (
+            {}
+            if meta is None
+            else {"source_shape": tuple(meta.shape), "source_dtype": str(jnp.dtype(meta.dtype))}
+        )
+        if skipped[r]:
+            out_rows.append(LoadRow("skipped", path, name, shape, str(dtype), **src, note="skip"))
+            continue
+        if name is None or meta is None:
+            out_rows.append(LoadRow("missing", path, None, shape, str(dtype)))
+            continue
+        fn = transforms[chosen[r]][1] if chosen[r] >= 0 else None
+        got = (
+            (tuple(meta.shape), jnp.dtype(meta.dtype))
+            if fn is None
+            else _output_meta(fn, tuple(meta.shape), meta.dtype)
+        )
+        label = None if fn is None else _transform_name(fn)
+        if got is not None and got != (shape, dtype):
+            note = f"gives {got[1]}{got[0]}" + (f" after {label}" if label else "")
+            out_rows.append(
+                LoadRow("mismatch", path, name, shape, str(dtype), **src, transform=label, note=note)
+            )
+            continue
+        note = "" if got is not None else "shape checked when loaded"
+        out_rows.append(LoadRow("loaded", path, name, shape, str(dtype), **src, transform=label, note=note))
+        reads[r] = (printed[name], fn)
+
+    used = set(taken.values())
+    for p, was_ignored in zip(source_view.paths, ignored.tolist(), strict=True):
+        meta = checkpoint.meta[printed[p]]
+        src = {"source_shape": tuple(meta.shape), "source_dtype": str(jnp.dtype(meta.dtype))}
+        if was_ignored:
+            out_rows.append(LoadRow("ignored", None, p, None, None, **src))
+        elif p not in used:
+            outs = [o for o in renamed[p] if o != p]
+            out_rows.append(LoadRow("unused", None, p, None, None, **src, note=", ".join(outs)))
+    report = LoadReport(tuple(out_rows), checkpoint.where, allow_missing, allow_unused)
+    return _Plan(view, checkpoint, report, reads, skipped)
+
+
+def _resolve_rows(
+    view: TreeView, rules: list[tuple[Any, bool]], caller: str, strict: bool, subject: str
+) -> np.ndarray:
+    """Per row: whether any of `rules` selects it (each rule must select something when strict)."""
+    resolution = resolve(
+        view, rules, caller=caller, default=False, strict=strict, merge="rows", warn=False, subject=subject
+    )
+    return resolution.decided >= 0
+
+
+def load_plan(
+    target: Any,
+    source: Any,
+    *,
+    rename: Any = None,
+    skip: Any = None,
+    ignore: Any = None,
+    transform: Any = None,
+    stacked: Any = None,
+    strict: bool = True,
+    allow_missing: bool = False,
+    allow_unused: bool = False,
+) -> LoadReport:
+    """What `treeglob.load` would do, from metadata only: no tensor is read.
+
+    Takes the arguments of `treeglob.load` (but `shardings`); `target` may be abstract
+    (e.g. from `eqx.filter_eval_shape`). Rule errors raise as in `load`;
+    missing, unused and mismatched tensors are in the report (`.ok`,
+    `.problems()`, `.check()` raises them as `load` would).
+    """
+    with paused_gc():
+        return _plan(
+            target,
+            source,
+            caller="load_plan",
+            rename=rename,
+            skip=skip,
+            ignore=ignore,
+            transform=transform,
+            stacked=stacked,
+            strict=strict,
+            allow_missing=allow_missing,
+            allow_unused=allow_unused,
+        ).report
+
+
+def load(
+    target: Any,
+    source: Any,
+    *,
+    rename: Any = None,
+    skip: Any = None,
+    ignore: Any = None,
+    transform: Any = None,
+    stacked: Any = None,
+    shardings: Any = None,
+    strict: bool = True,
+    allow_missing: bool = False,
+    allow_unused: bool = False,
+) -> tuple[Any, LoadReport]:
+    """Load a checkpoint into a model by rules, reading one tensor at a time.
+
+    Every array leaf of `target` is loaded from a checkpoint tensor or
+    skipped by a rule; every checkpoint tensor is used or ignored; shapes
+    and dtypes must agree (after `transform`). Anything else raises one
+    `LoadError` listing all of it, before any tensor is read.
+
+    Args:
+        target: the model (any PyTree: an Equinox module, Flax params, an
+            NNX State or module, Haiku params); abstract leaves
+            (`jax.ShapeDtypeStruct`) are fine where every leaf is loaded.
+        source: a `.safetensors` or `.npz` path, an orbax checkpoint
+            directory, or a PyTree in memory (names are its paths).
+        shardings: a tree of `jax.sharding.Sharding` like `target` (e.g.
+            from `treeglob.shardings`): each tensor is placed on its devices
+            as it is read, each device taking its own slice. Without it a
+            loaded leaf takes the sharding of the leaf it replaces.
+        rename: `[(pattern, replacement), ...]` (or a dict), applied in
+            order, from checkpoint names to model paths. A glob replaces the
+            segments it matches and captures a segment with `{name}`:
+            `("h.{i}.attn.c_attn", "blocks.{i}.attn.qkv")`; `"re:..."` or a
+            compiled regex replaces its first match (`{name}`, `{1}` for
+            groups). A tuple of replacements feeds several model leaves from
+            one tensor (then a `transform` per leaf takes its part).
+        skip: patterns (or selectors) of model leaves kept from
+            initialisation, even where the checkpoint has a tensor for them.
+        ignore: patterns of checkpoint names that nothing should use.
+        transform: `[(pattern, fn), ...]` (or a dict), first match by model
+            path: `fn(array) -> array` on the tensor read for that leaf (a
+            NumPy array), e.g. `lambda w: w.T`, or the names `"transpose"`
+            and a dtype such as `"bfloat16"` (a cast).
+        stacked: `{path: axes}`, as everywhere: per-layer checkpoint tensors
+            (`h.0...`, `h.1...`) fill the layers of a stacked leaf.
+        strict: each rename, skip, ignore and transform rule must match
+            something (`NoMatchError` with close matches otherwise).
+        allow_missing: let model leaves without a tensor keep their values.
+        allow_unused: let checkpoint tensors go unused.
+
+    Returns:
+        `(model, report)`: `target` with the loaded leaves replaced, and the
+        `LoadReport` (`print(report)` for the table, `report.to_dict()`).
+
+    Raises:
+        LoadError: (a `ValueError`) missing, unused or mismatched tensors.
+        NoMatchError: a rule that matches nothing (with `strict`).
+
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> ckpt = {"h.0.w": np.ones(2), "h.1.w": np.zeros(2), "head": np.ones(3)}
+        >>> model = {"blocks": [{"w": np.zeros(2)}, {"w": np.zeros(2)}], "head": np.zeros(5)}
+        >>> model, report = treeglob.load(model, ckpt, rename=[("h", "blocks")], skip=["head"])
+        >>> model["blocks"][0]["w"], model["head"]
+        (Array([1., 1.], dtype=float32), array([0., 0., 0., 0., 0.]))
+        >>> report.counts["loaded"], report.counts["skipped"]
+        ({'leaves': 2, 'elements': 4}, {'leaves': 1, 'elements': 5})
+    """
+    with paused_gc():
+        plan = _plan(
+            target,
+            source,
+            caller="load",
+            rename=rename,
+            skip=skip,
+            ignore=ignore,
+            transform=transform,
+            stacked=stacked,
+            strict=strict,
+            allow_missing=allow_missing,
+            allow_unused=allow_unused,
+        )
+    plan.report.check("load")
+    return _execute(plan, shardings), plan.report
+
+
+def _leaf_rows(view: TreeView) -> list[list[int]]:
+    """Per leaf: its rows, in layer order."""
+    if view.origin is None:
+        return [[r] for r in range(len(view))]
+    out: list[list[int]] = [[] for _ in view.leaves]
+    for row, leaf in enumerate(view.origin.tolist()):
+        out[leaf].append(row)
+    return out
+
+
+def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
+    if shardings is None:
+        return [leaf.sharding if isinstance(leaf, jax.Array) else None for leaf in view.leaves]
+    try:
+        flat = view.out_treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(
+            "load(): shardings must have the structure of the model (e.g. treeglob.shardings(model, "
+            f"rules, mesh)): {exc}"
+        ) from None
+    for path, s in zip(view.leaf_paths, flat, strict=True):
+        if s is not None and not isinstance(s, jax.sharding.Sharding):
+            raise TypeError(f"load(): shardings at {path!r} is {s!r}, not a jax.sharding.Sharding.")
+    return flat
+
+
+def _execute(plan: _Plan, shardings: Any) -> Any:
+    view, checkpoint = plan.view, plan.checkpoint
+    placements = _shardings_per_leaf(view, shardings)
+    new_leaves = list(view.leaves)
+    for leaf_index, rows in enumerate(_leaf_rows(view)):
+        reads = [plan.reads[r] for r in rows]
+        if all(read is None for read in reads):
+            continue  # skipped, not an array, or missing and allowed
+        leaf, sharding = view.leaves[leaf_index], placements[leaf_index]
+        shape, dtype = view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
+        assert shape is not None
+        if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
+            name, fn = reads[0]  # type: ignore[misc]
+            if fn is None and sharding is not None and not isinstance(checkpoint.meta[name], jax.Array):
+                # Each device reads its own slice; the whole tensor is never in one place.
+                new_leaves[leaf_index] = jax.make_array_from_callback(
+                    shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
+                )
+                continue
+            value = _read(checkpoint, name, fn, view.paths[rows[0]], shape, dtype)
+        else:
+            stack = view.leaf_stacks[leaf_index]
+            value = np.empty(shape, dtype)
+            for layer, (row, read) in enumerate(zip(rows, reads, strict=True)):
+                at = np.unravel_index(layer, stack)
+                if read is None:  # a skipped layer keeps its initial values
+                    if not isinstance(leaf, (jax.Array, np.ndarray)):
+                        raise ValueError(
+                            f"load(): layer {view.paths[row]!r} is skipped but the model leaf is abstract "
+                            f"({type(leaf).__name__}); load it, or initialise the model first."
+                        )
+                    value[at] = np.asarray(leaf[at])
+                else:
+                    value[at] = _read(
+                        checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype
+                    )
+        new_leaves[leaf_index] = (
+            jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        )
+    return jtu.tree_unflatten(view.treedef, new_leaves)
+
+
+def _read(
+    checkpoint: Checkpoint,
+    name: str,
+    fn: Callable[[Any], Any] | None,
+    path: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+) -> Any:
+    value = checkpoint.read(name)
+    if fn is not None:
+        value = fn(np.asarray(value))
+        if tuple(np.shape(value)) != shape or jnp.dtype(value.dtype) != dtype:
+            raise ValueError(
+                f"load(): the transform {_transform_name(fn)} gives {jnp.dtype(value.dtype)}"
+                f"{tuple(np.shape(value))} for {path!r} (from {name!r}), which is {dtype}{shape} in the model."
+            )
+    return value
+
+
+def save(
+    path: str | os.PathLike[str],
+    tree: Any,
+    *,
+    select: Any = None,
+    stacked: Any = None,
+    strict: bool = True,
+) -> list[str]:
+    """Write a model's arrays (or a selection of them) to a `.safetensors` file.
+
+    Each array leaf is one tensor named by its path, as `treeglob.paths`
+    prints it, so `treeglob.load(model, path)` loads it back bit for bit.
+    Under `stacked`, each layer of a stacked leaf is its own tensor
+    (`blocks.0.attn.weight`, `blocks.1.attn.weight`, ...): the checkpoint of
+    the same model built with a list of blocks. Non-array leaves are left out.
+
+    Args:
+        path: the file to write; written beside it and renamed, so a reader
+            never sees half a file.
+        tree: any PyTree of arrays.
+        select: a selector (or pattern) of the leaves to write; all by default.
+        stacked: `{path: axes}` for stacked layers, as everywhere.
+        strict: a `select` that matches nothing raises `NoMatchError`.
+
+    Returns:
+        The names written, in file order.
+    """
+    with paused_gc():
+        view = view_of(tree, "save", stacked)
+        chosen = np.ones(len(view), dtype=bool)
+        if select is not None:
+            chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
+        rows = [r for r in range(len(view)) if chosen[r] and view.shapes[r] is not None]
+    origin = view.origin.tolist() if view.origin is not None else None
+    layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
+
+    def read(k: int) -> np.ndarray:
+        row = rows[k]
+        leaf_index = row if origin is None else origin[row]
+        leaf, stack = view.leaves[leaf_index], view.leaf_stacks[leaf_index]
+        return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
+
+    tensors = [(view.paths[r], view.shapes[r] or (), view.dtypes[r]) for r in rows]
+    write(path, tensors, read)
+    return [name for name, _, _ in tensors]
