@@ -152,7 +152,9 @@ class LoadReport:
             shape = r.shape if r.shape is not None else r.source_shape
             dtype = r.dtype if r.dtype is not None else r.source_dtype
             note = r.note or (f"via {r.transform}" if r.transform else "")
-            source = "-" if r.source is None else ("= " if r.source == r.path else "<- ") + r.source
+            source = r.source or "-"
+            if r.path is not None and r.source is not None:
+                source = ("= " if r.source == r.path else "<- ") + r.source
             table.append((r.path or "-", r.status, source, str(shape), str(dtype), note))
         lines = render_table(table, right=set(), long=0, width=width)
         lines.append("")
@@ -165,8 +167,9 @@ class LoadReport:
                     else ("leaf" if one else "leaves")
                 )
                 flag = "  <- stops the load" if status in self.problems() else ""
+                elements = "element" if count["elements"] == 1 else "elements"
                 lines.append(
-                    f"{status:<12}{count['leaves']:>7,} {what:<8}{count['elements']:>16,} elements{flag}"
+                    f"{status:<12}{count['leaves']:>7,} {what:<8}{count['elements']:>16,} {elements}{flag}"
                 )
         return "\n".join(lines)
 
@@ -461,7 +464,9 @@ def load(
         shardings: a tree of `jax.sharding.Sharding` like `target` (e.g.
             from `treeglob.shardings`): each tensor is placed on its devices
             as it is read, each device taking its own slice. Without it a
-            loaded leaf takes the sharding of the leaf it replaces.
+            loaded leaf takes the sharding of the JAX array it replaces; a
+            NumPy leaf stays a NumPy array, an abstract one becomes a JAX
+            array on the default device.
         rename: `[(pattern, replacement), ...]` (or a dict), applied in
             order, from checkpoint names to model paths. A glob replaces the
             segments it matches and captures a segment with `{name}`:
@@ -497,7 +502,7 @@ def load(
         >>> model = {"blocks": [{"w": np.zeros(2)}, {"w": np.zeros(2)}], "head": np.zeros(5)}
         >>> model, report = treeglob.load(model, ckpt, rename=[("h", "blocks")], skip=["head"])
         >>> model["blocks"][0]["w"], model["head"]
-        (Array([1., 1.], dtype=float32), array([0., 0., 0., 0., 0.]))
+        (array([1., 1.]), array([0., 0., 0., 0., 0.]))
         >>> report.counts["loaded"], report.counts["skipped"]
         ({'leaves': 2, 'elements': 4}, {'leaves': 1, 'elements': 5})
     """
@@ -560,8 +565,10 @@ def _execute(plan: _Plan, shardings: Any) -> Any:
             name, fn = reads[0]  # type: ignore[misc]
             if fn is None and sharding is not None and not isinstance(checkpoint.meta[name], jax.Array):
                 # Each device reads its own slice; the whole tensor is never in one place.
-                new_leaves[leaf_index] = jax.make_array_from_callback(
-                    shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
+                new_leaves[leaf_index] = jax.block_until_ready(
+                    jax.make_array_from_callback(
+                        shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
+                    )
                 )
                 continue
             value = _read(checkpoint, name, fn, view.paths[rows[0]], shape, dtype)
@@ -581,10 +588,19 @@ def _execute(plan: _Plan, shardings: Any) -> Any:
                     value[at] = _read(
                         checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype
                     )
-        new_leaves[leaf_index] = (
-            jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
-        )
+        new_leaves[leaf_index] = _place(value, leaf, sharding)
+        del value  # before the next tensor is read
     return jtu.tree_unflatten(view.treedef, new_leaves)
+
+
+def _place(value: Any, leaf: Any, sharding: Any) -> Any:
+    """The loaded value as the leaf it replaces is: a NumPy array stays one (dtypes such
+    as float64 intact), anything else becomes a JAX array on the leaf's devices."""
+    if sharding is None and isinstance(leaf, np.ndarray):
+        return np.asarray(value)
+    placed = jax.device_put(value, sharding)
+    # Wait for the copy, so that the host buffer is released before the next tensor is read.
+    return jax.block_until_ready(placed)
 
 
 def _read(
