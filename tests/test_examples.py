@@ -86,3 +86,17 @@ def test_haiku_gpt_decays_no_bias_and_no_layer_norm():
     assert rows["block.linear.w"] == "decay" and rows["embed.embeddings"] == "decay"  # HF decays embeddings
     first, last = final_loss(out)
     assert last < first - 1.0, out
+
+
+def test_finetune_from_checkpoint_continues_from_the_pretrained_loss():
+    out = run("finetune_from_checkpoint.py", "--pretrain-steps", "30", "--steps", "5")
+    pretrained = float(re.search(r"held-out loss ([\d.]+)", out).group(1))
+    loaded = float(re.search(r"held-out LM loss ([\d.]+)", out).group(1))
+    assert abs(pretrained - loaded) < 1e-3, out
+    assert re.search(
+        r"^blocks.1.attn.value_proj.weight +loaded +<- transformer.h.1.attn.c_attn.weight .*via third\(2\)$",
+        out,
+        re.M,
+    ), out
+    assert re.search(r"^space_head.weight +skipped", out, re.M), out
+    assert re.search(r"^ignored +2 tensors", out, re.M), out

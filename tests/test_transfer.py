@@ -17,6 +17,7 @@ import treeglob as tg
 from treeglob._rename import apply_renames, parse_renames
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from finetune_from_checkpoint import IGNORE, RENAME, TRANSFORM, to_hugging_face  # noqa: E402
 from scanned_gpt import ScannedGPT  # noqa: E402
 from train_gpt import GPT  # noqa: E402
 
@@ -272,65 +273,12 @@ def test_orbax_checkpoint_directory(tmp_path):
 # Rules: rename, skip, ignore, transform
 
 
-def hf_style(model):
-    """A GPT's weights under Hugging Face GPT-2-style names: fused c_attn, Conv1D (in, out) weights."""
-    out = {"transformer.wte.weight": model.embed.weight, "transformer.wpe.weight": model.pos_embed}
-    for i, b in enumerate(model.blocks):
-        a, h = b.attn, f"transformer.h.{i}"
-        out[f"{h}.ln_1.weight"], out[f"{h}.ln_1.bias"] = b.ln1.weight, b.ln1.bias
-        q, k, v = a.query_proj, a.key_proj, a.value_proj
-        out[f"{h}.attn.c_attn.weight"] = jnp.concatenate([q.weight.T, k.weight.T, v.weight.T], axis=1)
-        out[f"{h}.attn.c_attn.bias"] = jnp.concatenate(
-            [q.bias, jnp.zeros_like(q.bias), jnp.zeros_like(q.bias)]
-        )
-        out[f"{h}.attn.c_proj.weight"], out[f"{h}.attn.c_proj.bias"] = (
-            a.output_proj.weight.T,
-            a.output_proj.bias,
-        )
-        out[f"{h}.ln_2.weight"], out[f"{h}.ln_2.bias"] = b.ln2.weight, b.ln2.bias
-        out[f"{h}.mlp.c_fc.weight"], out[f"{h}.mlp.c_fc.bias"] = b.fc.weight.T, b.fc.bias
-        out[f"{h}.mlp.c_proj.weight"], out[f"{h}.mlp.c_proj.bias"] = b.proj.weight.T, b.proj.bias
-        out[f"{h}.attn.bias"] = jnp.tril(jnp.ones((8, 8)))  # a causal-mask buffer, as old GPT-2 files have
-    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = model.ln_f.weight, model.ln_f.bias
-    out["lm_head.weight"] = model.head.weight
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def third(k):
-    def take(w):
-        return np.split(w, 3, axis=-1)[k].T
-
-    take.__name__ = f"third({k})"
-    return take
-
-
-HF_RULES = dict(
-    rename=[
-        ("^transformer.h", "blocks"),
-        ("^transformer.wte", "embed"),
-        ("^transformer.wpe.weight", "pos_embed"),
-        ("^transformer.ln_f", "ln_f"),
-        ("^lm_head", "head"),
-        ("blocks.{i}.ln_{n}", "blocks.{i}.ln{n}"),
-        ("mlp.c_fc", "fc"),
-        ("mlp.c_proj", "proj"),
-        ("attn.c_proj", "attn.output_proj"),
-        ("attn.c_attn", ("attn.query_proj", "attn.key_proj", "attn.value_proj")),
-    ],
-    skip=["head.bias"],
-    ignore=["*.attn.bias$"],
-    transform=[
-        ("attn.query_proj", third(0)),
-        ("attn.key_proj", third(1)),
-        ("attn.value_proj", third(2)),
-        ("{fc,proj,attn.output_proj}.weight", "transpose"),
-    ],
-)
+HF_RULES = dict(rename=RENAME, transform=TRANSFORM, ignore=IGNORE, skip=["head.bias"])
 
 
 def test_hugging_face_names_load_into_a_scanned_model(tmp_path):
     source = gpt(0, depth=3)
-    tg.save(tmp_path / "hf.safetensors", hf_style(source))
+    tg.save(tmp_path / "hf.safetensors", to_hugging_face(source))
     init = scanned(1, depth=3)
     model, report = tg.load(init, tmp_path / "hf.safetensors", stacked=STACKED, **HF_RULES)
     # key_proj has no bias in the model: the fused bias's middle third is unused by design.
@@ -362,7 +310,7 @@ def test_hugging_face_names_load_into_a_scanned_model(tmp_path):
 
 
 def test_the_plan_is_what_load_does(tmp_path):
-    tg.save(tmp_path / "hf.safetensors", hf_style(gpt(0)))
+    tg.save(tmp_path / "hf.safetensors", to_hugging_face(gpt(0)))
     abstract = eqx.filter_eval_shape(lambda: scanned(1))
     plan = tg.load_plan(abstract, tmp_path / "hf.safetensors", stacked=STACKED, **HF_RULES)
     _, report = tg.load(scanned(1), tmp_path / "hf.safetensors", stacked=STACKED, **HF_RULES)
