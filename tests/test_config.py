@@ -153,3 +153,69 @@ def test_missing_file_and_missing_key(tmp_path):
         tg.load_rules(tmp_path / "cfg.toml", key="optimizer.decay")
     with pytest.raises(tg.RulesFileError, match=r"cfg.toml \[optimizer\]: unknown key 'lr'"):
         tg.load_rules(tmp_path / "cfg.toml", key="optimizer")
+
+
+# ----------------------------------------------------------------------------
+# Transfer rules (skip, ignore, rename, transform) in the same files
+
+TRANSFER_TOML = """
+[optimizer.weight_decay]
+preset = "default"
+
+[checkpoint]
+skip = ["space_head"]
+ignore = "*.attn.bias$"
+transform = {"{fc,proj}.weight" = "transpose", "*.c_attn.*" = "bfloat16"}
+
+[checkpoint.rename]
+"^transformer.h" = "blocks"
+"attn.c_attn" = ["attn.query_proj", "attn.key_proj", "attn.value_proj"]
+"blocks.{i}.ln_{n}" = "blocks.{i}.ln{n}"
+"""
+
+
+def test_transfer_rules_from_toml_keep_their_order(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text(TRANSFER_TOML)
+    rules = tg.load_transfer(path, key="checkpoint")
+    assert rules == tg.TransferRules(
+        rename=[
+            ("^transformer.h", "blocks"),
+            ("attn.c_attn", ("attn.query_proj", "attn.key_proj", "attn.value_proj")),
+            ("blocks.{i}.ln_{n}", "blocks.{i}.ln{n}"),
+        ],
+        skip=["space_head"],
+        ignore=["*.attn.bias$"],
+        transform=[("{fc,proj}.weight", "transpose"), ("*.c_attn.*", "bfloat16")],
+    )
+    # The same file holds the optimizer's rules; each reader takes its own keys.
+    assert tg.load_rules(path, key="optimizer.weight_decay").rules == tg.presets.DEFAULT
+    assert tg.load_transfer({"rename": [["a", "b"]]}).rename == [("a", "b")]  # JSON's list of pairs
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({}, r"<dict>: no transfer rules; give skip, ignore, rename or transform"),
+        ({"skp": ["head"]}, r"unknown key 'skp'. Did you mean 'skip'\?"),
+        ({"skip": [3]}, r"skip must be a pattern or a list of patterns, got \[3\]"),
+        ({"skip": ["hea{d"]}, r"<dict>: Invalid pattern 'hea\{d' at position 3"),
+        ({"rename": "a=b"}, r"rename must be a table \{pattern = a replacement \(or a list of them\)\}"),
+        ({"rename": {"a": 3}}, r"rename entry 'a' = 3: expected a pattern and a replacement"),
+        (
+            {"rename": {"h.{i}": "blocks.{j}"}},
+            r"<dict>: rename rule 0 \('h.\{i\}' -> 'blocks.\{j\}'\): the replacement uses \{j\}",
+        ),
+        (
+            {"transform": {"*.w": "tranpose"}},
+            r"unknown transform 'tranpose'; a named transform is 'transpose' or a dtype",
+        ),
+        (
+            {"transform": {"*.w": ["transpose"]}},
+            r"transform entry '\*.w' = \['transpose'\]: expected a pattern and a transform name",
+        ),
+    ],
+)
+def test_transfer_rule_errors_name_the_source_and_the_problem(data, message):
+    with pytest.raises(tg.RulesFileError, match=message):
+        tg.load_transfer(data)

@@ -251,12 +251,18 @@ def _output_meta(
     fn: Callable[[Any], Any], shape: tuple[int, ...], dtype: Any
 ) -> tuple[tuple[int, ...], Any] | None:
     """The shape and dtype `fn` gives for a tensor, without its data; None if unknowable."""
-    try:  # jnp operations, .T, .reshape, slicing, .astype: traced abstractly
-        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
-        return tuple(out.shape), jnp.dtype(out.dtype)
-    except Exception:  # e.g. np.split needs concrete NumPy arrays
-        pass
-    try:  # a zero-strided stand-in of the tensor: no memory, any NumPy view or op works
+    # Traced abstractly where JAX keeps the dtype (jnp operations, .T, .reshape,
+    # slicing, .astype); 64-bit dtypes would be narrowed without x64, so those, and
+    # functions that need concrete NumPy arrays (np.split), get a zero-strided
+    # stand-in of the tensor instead: no memory, and NumPy's own dtype rules, which
+    # are what `fn` meets when the tensor is loaded.
+    if jnp.dtype(dtype).itemsize < 8 or jax.config.read("jax_enable_x64"):
+        try:
+            out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+            return tuple(out.shape), jnp.dtype(out.dtype)
+        except Exception:
+            pass
+    try:
         out = fn(np.broadcast_to(np.zeros((), dtype), shape))
         return tuple(np.shape(out)), jnp.dtype(out.dtype)
     except Exception:
@@ -298,10 +304,10 @@ def _plan(
     allow_missing: bool,
     allow_unused: bool,
 ) -> _Plan:
+    rename_rules = parse_renames(rename or [])  # malformed rules first, before any file is opened
+    transforms = parse_transforms(transform or [])
     view = view_of(target, caller, stacked)
     checkpoint = open_checkpoint(source)
-    rename_rules = parse_renames(rename or [])
-    transforms = parse_transforms(transform or [])
     skip_list, ignore_list = _as_list(skip), _as_list(ignore)
 
     # The checkpoint's names, printed as treeglob prints paths (and matched as such).
