@@ -10,10 +10,11 @@ does.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import jax
@@ -349,42 +350,41 @@ def _plan(
 
     out_rows: list[LoadRow] = []
     reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
+    # A model repeats a few shapes many times: each transform is traced once per input.
+    outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | None] = {}
     for r in arrays:
         path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
         name = taken.get(r)
         meta = None if name is None else checkpoint.meta[printed[name]]
-        src = (
-            {}
-            if meta is None
-            else {"source_shape": tuple(meta.shape), "source_dtype": str(jnp.dtype(meta.dtype))}
-        )
+        src = {} if meta is None else _source_meta(meta)
         if skipped[r]:
-            out_rows.append(LoadRow("skipped", path, name, shape, str(dtype), **src, note="skip"))
+            out_rows.append(LoadRow("skipped", path, name, shape, _text(dtype), **src, note="skip"))
             continue
         if name is None or meta is None:
-            out_rows.append(LoadRow("missing", path, None, shape, str(dtype)))
+            out_rows.append(LoadRow("missing", path, None, shape, _text(dtype)))
             continue
-        fn = transforms[chosen[r]][1] if chosen[r] >= 0 else None
-        got = (
-            (tuple(meta.shape), jnp.dtype(meta.dtype))
-            if fn is None
-            else _output_meta(fn, tuple(meta.shape), meta.dtype)
-        )
+        k = int(chosen[r])
+        fn = transforms[k][1] if k >= 0 else None
+        got = (tuple(meta.shape), jnp.dtype(meta.dtype))
+        if fn is not None:
+            key = (k, *got)
+            if key not in outputs:
+                outputs[key] = _output_meta(fn, *got)
+            got = outputs[key]
         label = None if fn is None else _transform_name(fn)
-        if got is not None and got != (shape, dtype):
+        row = LoadRow("loaded", path, name, shape, _text(dtype), **src, transform=label)
+        if got is None:
+            row = replace(row, note="shape checked when loaded")
+        elif got != (shape, dtype):
             note = f"gives {got[1]}{got[0]}" + (f" after {label}" if label else "")
-            out_rows.append(
-                LoadRow("mismatch", path, name, shape, str(dtype), **src, transform=label, note=note)
-            )
+            out_rows.append(replace(row, status="mismatch", note=note))
             continue
-        note = "" if got is not None else "shape checked when loaded"
-        out_rows.append(LoadRow("loaded", path, name, shape, str(dtype), **src, transform=label, note=note))
+        out_rows.append(row)
         reads[r] = (printed[name], fn)
 
     used = set(taken.values())
     for p, was_ignored in zip(source_view.paths, ignored.tolist(), strict=True):
-        meta = checkpoint.meta[printed[p]]
-        src = {"source_shape": tuple(meta.shape), "source_dtype": str(jnp.dtype(meta.dtype))}
+        src = _source_meta(checkpoint.meta[printed[p]])
         if was_ignored:
             out_rows.append(LoadRow("ignored", None, p, None, None, **src))
         elif p not in used:
@@ -392,6 +392,15 @@ def _plan(
             out_rows.append(LoadRow("unused", None, p, None, None, **src, note=", ".join(outs)))
     report = LoadReport(tuple(out_rows), checkpoint.where, allow_missing, allow_unused)
     return _Plan(view, checkpoint, report, reads, skipped)
+
+
+@functools.cache
+def _text(dtype: Any) -> str:
+    return str(dtype)  # NumPy builds a dtype's name anew each time
+
+
+def _source_meta(meta: Any) -> dict[str, Any]:
+    return {"source_shape": tuple(meta.shape), "source_dtype": _text(jnp.dtype(meta.dtype))}
 
 
 def _resolve_rows(
