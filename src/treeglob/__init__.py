@@ -21,6 +21,7 @@ from ._config import (
     load_transfer as load_transfer,
 )
 from ._errors import (
+    LoadError as LoadError,
     NoMatchError as NoMatchError,
     RulesFileError as RulesFileError,
     ShadowedRuleWarning as ShadowedRuleWarning,
@@ -40,7 +41,6 @@ from ._resolve import labels as labels, mask as mask
 from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
 from ._sharding import shardings as shardings
 from ._transfer import (
-    LoadError as LoadError,
     LoadReport as LoadReport,
     LoadRow as LoadRow,
     load as load,

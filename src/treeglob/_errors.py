@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
+    "LoadError",
     "NoMatchError",
     "RulesFileError",
     "ShadowedRuleWarning",
@@ -33,11 +35,21 @@ class RulesFileError(ValueError):
     """A rules file or dict that cannot be read as rules: names the file, the entry and the problem."""
 
 
+class LoadError(ValueError):
+    """A checkpoint transfer that does not fit: model leaves without a tensor, tensors
+    nothing uses, or shapes/dtypes that differ. Lists every problem at once; `.report`
+    (a `LoadReport`) has the rest."""
+
+    def __init__(self, message: str, report: Any):
+        super().__init__(message)
+        self.report = report
+
+
 class SourceError(ValueError):
     """A checkpoint or model factory that cannot be read (command line only)."""
 
 
-for _cls in (NoMatchError, ShadowedRuleWarning, RulesFileError):
+for _cls in (LoadError, NoMatchError, ShadowedRuleWarning, RulesFileError):
     _cls.__module__ = "treeglob"
 
 

@@ -23,32 +23,20 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checkpoint import Checkpoint, open_checkpoint
-from ._errors import suggest
+from ._errors import LoadError, suggest
 from ._rename import apply_renames, parse_renames
 from ._resolve import paused_gc, resolve, view_of
 from ._safetensors import write
 from ._table import render_table
 from ._tree import TreeView
 
-__all__ = ["LoadError", "LoadReport", "LoadRow", "load", "load_plan", "parse_transforms", "save"]
+__all__ = ["LoadReport", "LoadRow", "load", "load_plan", "parse_transforms", "save"]
 
 _MAX_LISTED = 20
 #: The statuses of the report, in the order it lists them.
 STATUSES = ("loaded", "skipped", "missing", "mismatch", "unused", "ignored")
 #: The statuses that stop a load (unless allowed per call).
 PROBLEMS = ("missing", "mismatch", "unused")
-
-
-class LoadError(ValueError):
-    """A transfer that does not fit: model leaves without a tensor, tensors nothing uses,
-    or shapes/dtypes that differ. Lists every problem at once; `.report` has the rest."""
-
-    def __init__(self, message: str, report: LoadReport):
-        super().__init__(message)
-        self.report = report
-
-
-LoadError.__module__ = "treeglob"
 
 
 @dataclass(frozen=True)
