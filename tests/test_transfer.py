@@ -351,10 +351,10 @@ def test_every_problem_is_listed_at_once(tmp_path):
     with pytest.raises(tg.LoadError) as info:
         tg.load(gpt(1), tmp_path / "m.safetensors")
     message = str(info.value)
-    assert re.search(r"1 model leaves have no checkpoint tensor:\n  ln_f.bias float32\(16,\)", message)
+    assert re.search(r"1 model leaf has no checkpoint tensor:\n  ln_f.bias float32\(16,\)", message)
     assert re.search(r"head.weight float32\(40, 16\) <- head.weight gives float32\(16, 40\)", message)
     assert re.search(
-        r"1 checkpoint tensors are used by no model leaf:\n  extra.weight float32\(3,\)", message
+        r"1 checkpoint tensor is used by no model leaf:\n  extra.weight float32\(3,\)", message
     )
     assert info.value.report.problems() == ["missing", "mismatch", "unused"]
     # Allowed per call; the mismatch is fixed by a transform.
@@ -416,7 +416,7 @@ def test_a_transform_whose_shape_cannot_be_known_ahead_is_checked_when_loaded(tm
     assert report.ok and report.rows[0].note == "shape checked when loaded"
     with pytest.raises(
         ValueError,
-        match=r"the transform opaque gives float32\(1, 3\) for 'w' \(from 'w'\), which is float32\(2, 3\)",
+        match=r"the transform opaque for 'w' \(from 'w'\) gives float32\(1, 3\), which is float32\(2, 3\)",
     ):
         tg.load({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", opaque)])
 

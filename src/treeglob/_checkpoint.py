@@ -11,25 +11,33 @@ shard).
 from __future__ import annotations
 
 import abc
+import collections
 import os
 import pathlib
 import zipfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._errors import SourceError
 from ._safetensors import TensorInfo, read_header
 from ._tree import TreeView
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "is_data", "open_checkpoint"]
 
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 SUFFIXES = (".safetensors", ".npz")
+
+
+def is_data(view: TreeView, row: int) -> bool:
+    """Whether a row is an array of numbers: a checkpoint holds those, not Python values
+    or PRNG keys (`jax.random.key`, an NNX module's `Rngs`), which transfers leave alone."""
+    return view.shapes[row] is not None and not jnp.issubdtype(view.dtypes[row], jax.dtypes.extended)
 
 
 class Checkpoint(abc.ABC):
@@ -120,10 +128,20 @@ class _Orbax(Checkpoint):
         tree = getattr(tree, "tree", tree)
         view = TreeView(tree)
         self.meta, self.leaf_index, self.tree = {}, {}, tree
-        for k, (name, leaf) in enumerate(zip(view.paths, view.leaves, strict=True)):
+        # A Flax NNX Variable is saved as {"value": array}: its path is the Variable's, as
+        # in the State it came from (`fc1.kernel`, not `fc1.kernel.value`).
+        parents = collections.Counter(s[:-1] for s in view.segments)
+        for k, (name, leaf, segments) in enumerate(zip(view.paths, view.leaves, view.segments, strict=True)):
             if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                if segments[-1] == "value" and parents[segments[:-1]] == 1 and len(segments) > 1:
+                    name = name.removesuffix(".value")
                 self.meta[name] = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
                 self.leaf_index[name] = k
+        if not self.meta:
+            raise SourceError(
+                f"{path}: not a readable orbax checkpoint: it holds no array metadata. A "
+                "CheckpointManager keeps each step's items below it: pass STEP/ITEM, e.g. ckpt/1/default."
+            )
 
     def read(self, name: str) -> np.ndarray:
         # Every other leaf is a placeholder: orbax reads only this array's files.
@@ -148,9 +166,7 @@ class _Tree(Checkpoint):
     def __init__(self, tree: Any):
         view = TreeView(tree)
         self.where = "the source tree"
-        self.meta = {
-            p: leaf for p, leaf, s in zip(view.paths, view.leaves, view.shapes, strict=True) if s is not None
-        }
+        self.meta = {view.paths[r]: view.leaves[r] for r in range(len(view)) if is_data(view, r)}
 
     def read(self, name: str) -> Any:
         return self.meta[name]

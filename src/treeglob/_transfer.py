@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._checkpoint import Checkpoint, open_checkpoint
-from ._errors import LoadError, suggest
+from ._checkpoint import Checkpoint, is_data, open_checkpoint
+from ._errors import LoadError, ShadowedRuleWarning, suggest, user_stacklevel
 from ._rename import apply_renames, parse_renames
 from ._resolve import paused_gc, resolve, view_of
 from ._safetensors import write
@@ -119,6 +120,9 @@ class LoadReport:
                 "mismatch": "Add a transform (e.g. 'transpose', a dtype name) or skip=[...] them.",
                 "unused": "Rename them to model paths, ignore=[...] them, or pass allow_unused=True.",
             }[status]
+            if len(rows) == 1:
+                what = what.replace("leaves have", "leaf has").replace("tensors do", "tensor does")
+                what = what.replace("tensors are", "tensor is").replace(" fit their", " fit its")
             parts.append(f"{len(rows)} {what}:\n  " + "\n  ".join(lines) + f"\n{fix}")
         raise LoadError(f"{caller}() from {self.source}: " + "\n".join(parts), self)
 
@@ -247,7 +251,9 @@ def _output_meta(
     # are what `fn` meets when the tensor is loaded.
     if jnp.dtype(dtype).itemsize < 8 or jax.config.read("jax_enable_x64"):
         try:
-            out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+            # Through a lambda: JAX caches traces on a weak reference to the function,
+            # which some callables (np.transpose, operator.methodcaller) refuse.
+            out = jax.eval_shape(lambda x: fn(x), jax.ShapeDtypeStruct(shape, dtype))
             return tuple(out.shape), jnp.dtype(out.dtype)
         except Exception:
             pass
@@ -311,7 +317,7 @@ def _plan(
     renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
 
     rows = range(len(view))
-    arrays = [r for r in rows if view.shapes[r] is not None]
+    arrays = [r for r in rows if is_data(view, r)]
     index = {view.paths[r]: r for r in arrays}
     taken: dict[int, str] = {}  # model row -> printed checkpoint name
     for name, outs in renamed.items():
@@ -334,7 +340,25 @@ def _plan(
     chosen = np.full(len(view), -1)
     if transforms:
         with_index = [(p, k) for k, (p, _) in enumerate(transforms)]
-        chosen = resolve(view, with_index, caller=caller, default=-1, strict=strict, merge="rows").decided
+        subject = f"a transform pattern given to {caller}()"
+        resolution = resolve(
+            view,
+            with_index,
+            caller=caller,
+            default=-1,
+            strict=strict,
+            merge="rows",
+            warn=False,
+            subject=subject,
+        )
+        for k in resolution.shadowed:
+            warnings.warn(
+                f"transform[{k}] ({transforms[k][0]!r}) never applies: every leaf it matches is taken by "
+                "an earlier transform (the first match wins). Move it up or remove it.",
+                ShadowedRuleWarning,
+                stacklevel=user_stacklevel(),
+            )
+        chosen = resolution.decided
 
     out_rows: list[LoadRow] = []
     reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
@@ -616,11 +640,21 @@ def _read(
 ) -> Any:
     value = checkpoint.read(name)
     if fn is not None:
-        value = fn(np.asarray(value))
+        where = f"load(): the transform {_transform_name(fn)} for {path!r} (from {name!r})"
+        try:
+            value = fn(np.asarray(value))
+        except Exception as exc:
+            hint = ""
+            if np.asarray(value).dtype.kind == "V":
+                hint = (
+                    f" The tensor's dtype is {np.asarray(value).dtype} (raw bytes: NumPy writes "
+                    "bfloat16 so in .npz files); reinterpret it, e.g. lambda x: x.view(jnp.bfloat16)."
+                )
+            raise ValueError(f"{where} failed: {type(exc).__name__}: {exc}.{hint}") from exc
         if tuple(np.shape(value)) != shape or jnp.dtype(value.dtype) != dtype:
             raise ValueError(
-                f"load(): the transform {_transform_name(fn)} gives {jnp.dtype(value.dtype)}"
-                f"{tuple(np.shape(value))} for {path!r} (from {name!r}), which is {dtype}{shape} in the model."
+                f"{where} gives {jnp.dtype(value.dtype)}{tuple(np.shape(value))}, "
+                f"which is {dtype}{shape} in the model."
             )
     return value
 
@@ -657,7 +691,7 @@ def save(
         chosen = np.ones(len(view), dtype=bool)
         if select is not None:
             chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
-        rows = [r for r in range(len(view)) if chosen[r] and view.shapes[r] is not None]
+        rows = [r for r in range(len(view)) if chosen[r] and is_data(view, r)]
     origin = view.origin.tolist() if view.origin is not None else None
     layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 
