@@ -172,7 +172,10 @@ def test_no_strict_lets_a_rule_match_nothing(capsys, npz_file):
     "argv, message",
     [
         (["paths", "missing.safetensors"], r"missing.safetensors: no such file"),
-        (["paths", "model.npz.txt"], r"not a .safetensors or .npz file, an orbax checkpoint directory, nor a module:function factory"),
+        (
+            ["paths", "model.npz.txt"],
+            r"not a .safetensors or .npz file, an orbax checkpoint directory, nor a module:function factory",
+        ),
         (["explain", "{npz}", "--rule", "nolabel"], r"--rule 'nolabel': write LABEL=PATTERN"),
         (["explain", "{npz}", "--rule", "x=a..b"], r"empty segment"),
         (["explain", "{npz}"], r"explain needs rules"),

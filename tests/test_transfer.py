@@ -353,9 +353,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
     message = str(info.value)
     assert re.search(r"1 model leaf has no checkpoint tensor:\n  ln_f.bias float32\(16,\)", message)
     assert re.search(r"head.weight float32\(40, 16\) <- head.weight gives float32\(16, 40\)", message)
-    assert re.search(
-        r"1 checkpoint tensor is used by no model leaf:\n  extra.weight float32\(3,\)", message
-    )
+    assert re.search(r"1 checkpoint tensor is used by no model leaf:\n  extra.weight float32\(3,\)", message)
     assert info.value.report.problems() == ["missing", "mismatch", "unused"]
     # Allowed per call; the mismatch is fixed by a transform.
     model, report = tg.load(
