@@ -11,10 +11,10 @@ shard).
 from __future__ import annotations
 
 import abc
-import collections
 import os
 import pathlib
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -41,47 +41,78 @@ def is_data(view: TreeView, row: int) -> bool:
 
 
 class Checkpoint(abc.ABC):
-    """Tensors by name: `meta[name]` has `shape` and `dtype`; data is read on demand."""
+    """A checkpoint's tensors by path, data read on demand.
 
-    where: str
-    meta: dict[str, Any]
+    `tree` is its structure as stored (a flat dict of names for a file, nested
+    for orbax or a tree in memory), `view` the `TreeView` patterns match, and
+    `meta` maps the printed path of each array to its metadata (`shape`,
+    `dtype`). Paths are never split again after printing, so keys that need
+    quoting (`"conv.1"`) stay one segment.
+    """
+
+    #: Whether `read_slice` reads only the slice (else the whole tensor each time).
+    slices: bool = False
+    #: The paths that have metadata but no values (a `ShapeDtypeStruct` in a tree).
+    abstract: frozenset[str] = frozenset()
+
+    def __init__(self, where: str, tree: Any):
+        self.where, self.tree = where, tree
+        self.view = view = TreeView(tree)
+        self.rows = {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
+        self.meta = {path: view.leaves[r] for path, r in self.rows.items()}
+
+    def read(self, path: str) -> Any:
+        """The whole tensor (a NumPy array, or the array itself for a tree in memory)."""
+        return self._read(self.rows[path], path)
+
+    def read_slice(self, path: str, index: Any) -> np.ndarray:
+        """`read(path)[index]`."""
+        return np.asarray(self.read(path)[index])
 
     @abc.abstractmethod
-    def read(self, name: str) -> Any:
-        """The whole tensor (a NumPy array, or the array itself for a tree in memory)."""
-
-    def read_slice(self, name: str, index: Any) -> np.ndarray:
-        """`read(name)[index]`, reading no more than the slice where the format allows."""
-        return np.asarray(self.read(name)[index])
+    def _read(self, row: int, path: str) -> Any: ...
 
 
 class _Safetensors(Checkpoint):
-    def __init__(self, path: pathlib.Path):
-        self.where, self.path = str(path), path
-        self.meta, self.data_start = read_header(path)
+    slices = True
 
-    def read(self, name: str) -> np.ndarray:
-        info: TensorInfo = self.meta[name]
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        header, self.data_start = read_header(path)
+        super().__init__(str(path), header)
+
+    def _read(self, row: int, path: str) -> np.ndarray:
+        info: TensorInfo = self.view.leaves[row]
         out = np.empty(info.shape, info.dtype)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + info.begin)
             if f.readinto(out.reshape(-1).view(np.uint8).data) != info.end - info.begin:
-                raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
+                raise SourceError(f"{self.where}: tensor {path!r} is cut short; the file is truncated.")
         return out
 
-    def read_slice(self, name: str, index: Any) -> np.ndarray:
-        info: TensorInfo = self.meta[name]
+    def read_slice(self, path: str, index: Any) -> np.ndarray:
+        info: TensorInfo = self.meta[path]
         if not info.shape or 0 in info.shape:
-            return self.read(name)[index]
+            return self.read(path)[index]
+        # Mapped, so that only the pages of the slice are read.
         mapped = np.memmap(self.path, info.dtype, "r", self.data_start + info.begin, info.shape)
         return np.array(mapped[index])
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One array of an `.npz` archive: its metadata and where it is."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    member: str
 
 
 class _Npz(Checkpoint):
     """An `.npz` archive; members may be compressed, so each is read whole."""
 
     def __init__(self, path: pathlib.Path):
-        self.where, self.path, self.meta, self.members = str(path), path, {}, {}
+        self.path, members = path, {}
         try:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.namelist():
@@ -95,15 +126,19 @@ class _Npz(Checkpoint):
                                 f"{member} uses .npy format version {version}, which treeglob cannot read"
                             )
                         shape, _, dtype = read(f)
-                    name = member[: -len(".npy")]
-                    self.meta[name] = jax.ShapeDtypeStruct(shape, dtype)
-                    self.members[name] = member
+                    members[member[: -len(".npy")]] = _Member(tuple(shape), dtype, member)
         except (zipfile.BadZipFile, ValueError, OSError) as exc:
             raise SourceError(f"{path}: not a readable .npz file: {exc}") from None
+        super().__init__(str(path), members)
 
-    def read(self, name: str) -> np.ndarray:
-        with zipfile.ZipFile(self.path) as archive, archive.open(self.members[name]) as f:
+    def _read(self, row: int, path: str) -> np.ndarray:
+        with zipfile.ZipFile(self.path) as archive, archive.open(self.view.leaves[row].member) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _is_variable(node: Any) -> bool:
+    """How orbax stores a Flax NNX Variable: `{"value": array metadata}`."""
+    return isinstance(node, dict) and len(node) == 1 and hasattr(node.get("value"), "shape")
 
 
 class _Orbax(Checkpoint):
@@ -116,7 +151,7 @@ class _Orbax(Checkpoint):
             raise SourceError(
                 f"{path}: reading an orbax checkpoint needs orbax-checkpoint: pip install 'treeglob[orbax]'."
             ) from None
-        self.where, self.path, self.ocp = str(path), path.resolve(), ocp
+        self.path, self.ocp = path.resolve(), ocp
         self.checkpointer = ocp.PyTreeCheckpointer()
         try:
             metadata = self.checkpointer.metadata(self.path)
@@ -124,52 +159,45 @@ class _Orbax(Checkpoint):
             raise SourceError(
                 f"{path}: not a readable orbax checkpoint: {type(exc).__name__}: {exc}"
             ) from None
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        view = TreeView(tree)
-        self.meta, self.leaf_index, self.tree = {}, {}, tree
-        # A Flax NNX Variable is saved as {"value": array}: its path is the Variable's, as
-        # in the State it came from (`fc1.kernel`, not `fc1.kernel.value`).
-        parents = collections.Counter(s[:-1] for s in view.segments)
-        for k, (name, leaf, segments) in enumerate(zip(view.paths, view.leaves, view.segments, strict=True)):
-            if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-                if segments[-1] == "value" and parents[segments[:-1]] == 1 and len(segments) > 1:
-                    name = name.removesuffix(".value")
-                self.meta[name] = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
-                self.leaf_index[name] = k
+        stored = getattr(metadata, "item_metadata", metadata)
+        self.stored = getattr(stored, "tree", stored)
+        # A Variable's path is the Variable's, as in the State it came from (`fc1.kernel`,
+        # not `fc1.kernel.value`); each holds one leaf, so the leaf order is unchanged.
+        tree = jax.tree.map(lambda n: n["value"] if _is_variable(n) else n, self.stored, is_leaf=_is_variable)
+        super().__init__(str(path), tree)
         if not self.meta:
             raise SourceError(
                 f"{path}: not a readable orbax checkpoint: it holds no array metadata. A "
                 "CheckpointManager keeps each step's items below it: pass STEP/ITEM, e.g. ckpt/1/default."
             )
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, row: int, path: str) -> np.ndarray:
         # Every other leaf is a placeholder: orbax reads only this array's files.
-        ocp, wanted = self.ocp, self.leaf_index[name]
-        leaves, treedef = jax.tree.flatten(self.tree)
-        item = treedef.unflatten([leaf if k == wanted else ocp.PLACEHOLDER for k, leaf in enumerate(leaves)])
+        ocp = self.ocp
+        leaves, treedef = jax.tree.flatten(self.stored)
+        item = treedef.unflatten([leaf if k == row else ocp.PLACEHOLDER for k, leaf in enumerate(leaves)])
         restore_args = treedef.unflatten(
             [
-                ocp.RestoreArgs(restore_type=np.ndarray) if k == wanted else ocp.PLACEHOLDER
+                ocp.RestoreArgs(restore_type=np.ndarray) if k == row else ocp.PLACEHOLDER
                 for k in range(len(leaves))
             ]
         )
         restored = self.checkpointer.restore(
             self.path, args=ocp.args.PyTreeRestore(item, restore_args=restore_args)
         )
-        return np.asarray(treedef.flatten_up_to(restored)[wanted])
+        return np.asarray(treedef.flatten_up_to(restored)[row])
 
 
 class _Tree(Checkpoint):
     """A PyTree in memory (another model, a dict of arrays): its leaves by printed path."""
 
     def __init__(self, tree: Any):
-        view = TreeView(tree)
-        self.where = "the source tree"
-        self.meta = {view.paths[r]: view.leaves[r] for r in range(len(view)) if is_data(view, r)}
+        super().__init__("the source tree", tree)
+        arrays = (jax.Array, np.ndarray, np.generic)
+        self.abstract = frozenset(p for p, leaf in self.meta.items() if not isinstance(leaf, arrays))
 
-    def read(self, name: str) -> Any:
-        return self.meta[name]
+    def _read(self, row: int, path: str) -> Any:
+        return self.view.leaves[row]
 
 
 def open_checkpoint(source: Any) -> Checkpoint:

@@ -108,7 +108,7 @@ def load_source(source: str, variables: str = "Param") -> Any:
     """
     path = pathlib.Path(source)
     if path.suffix in SUFFIXES or path.is_dir():
-        return open_checkpoint(path).meta
+        return open_checkpoint(path).tree
     if ":" in source:
         return _factory(source, variables)
     raise SourceError(

@@ -181,9 +181,24 @@ def _problem_line(row: LoadRow, unused: list[LoadRow]) -> str:
 # Transforms
 
 
-def _named_transform(name: str, where: str) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class _Named:
+    """A transform given by name: `"transpose"` or a dtype (a cast). Its output's shape
+    and dtype are known without running it."""
+
+    __name__: str
+    dtype: Any = None  # the cast's dtype; None for the transpose
+
+    def __call__(self, x: Any) -> Any:
+        return x.T if self.dtype is None else x.astype(self.dtype)
+
+    def output(self, shape: tuple[int, ...], dtype: Any) -> tuple[tuple[int, ...], Any]:
+        return (shape[::-1], dtype) if self.dtype is None else (shape, self.dtype)
+
+
+def _named_transform(name: str, where: str) -> _Named:
     if name == "transpose":
-        return _transpose
+        return _Named("transpose")
     try:
         dtype = jnp.dtype(name)
     except TypeError:
@@ -191,30 +206,11 @@ def _named_transform(name: str, where: str) -> Callable[[Any], Any]:
             f"{where}: unknown transform {name!r}; a named transform is 'transpose' or a dtype name "
             "such as 'float32' or 'bfloat16'. Pass a function for anything else."
         ) from None
-    cast = _Cast(dtype)
-    return cast
-
-
-def _transpose(x: Any) -> Any:
-    """All axes reversed (`x.T`): PyTorch `Linear` (out, in) <-> `Conv1D` / JAX (in, out)."""
-    return x.T
-
-
-@dataclass(frozen=True)
-class _Cast:
-    dtype: Any
-
-    def __call__(self, x: Any) -> Any:
-        return x.astype(self.dtype)
-
-    @property
-    def __name__(self) -> str:
-        return f"astype({self.dtype})"
+    return _Named(f"astype({dtype})", dtype)
 
 
 def _transform_name(fn: Callable[[Any], Any]) -> str:
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return "transpose" if fn is _transpose else name
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
@@ -242,26 +238,28 @@ def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
 
 def _output_meta(
     fn: Callable[[Any], Any], shape: tuple[int, ...], dtype: Any
-) -> tuple[tuple[int, ...], Any] | None:
-    """The shape and dtype `fn` gives for a tensor, without its data; None if unknowable."""
-    # Traced abstractly where JAX keeps the dtype (jnp operations, .T, .reshape,
-    # slicing, .astype); 64-bit dtypes would be narrowed without x64, so those, and
-    # functions that need concrete NumPy arrays (np.split), get a zero-strided
-    # stand-in of the tensor instead: no memory, and NumPy's own dtype rules, which
-    # are what `fn` meets when the tensor is loaded.
+) -> tuple[tuple[int, ...], Any] | str:
+    """The shape and dtype `fn` gives for a tensor, without its data; else why not."""
+    if isinstance(fn, _Named):
+        return fn.output(shape, dtype)
+    # A zero-strided NumPy stand-in of the tensor: no memory for views (.T, slices,
+    # np.split, reshape), and NumPy's own dtype rules, which are what `fn` meets when
+    # the tensor is loaded.
+    try:
+        out = fn(np.broadcast_to(np.zeros((), dtype), shape))
+        return tuple(np.shape(out)), jnp.dtype(out.dtype)
+    except Exception as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    # Else traced abstractly (a function of JAX arrays only), where JAX keeps the dtype;
+    # through a lambda, since JAX caches traces on a weak reference to the function,
+    # which some callables (operator.methodcaller) refuse.
     if jnp.dtype(dtype).itemsize < 8 or jax.config.read("jax_enable_x64"):
         try:
-            # Through a lambda: JAX caches traces on a weak reference to the function,
-            # which some callables (np.transpose, operator.methodcaller) refuse.
             out = jax.eval_shape(lambda x: fn(x), jax.ShapeDtypeStruct(shape, dtype))
             return tuple(out.shape), jnp.dtype(out.dtype)
         except Exception:
             pass
-    try:
-        out = fn(np.broadcast_to(np.zeros((), dtype), shape))
-        return tuple(np.shape(out)), jnp.dtype(out.dtype)
-    except Exception:
-        return None
+    return failure
 
 
 # ----------------------------------------------------------------------------
@@ -275,7 +273,6 @@ class _Plan:
     report: LoadReport
     # Per model row: (checkpoint name, transform) for rows that load; None otherwise.
     reads: list[tuple[str, Callable[[Any], Any] | None] | None]
-    skipped: np.ndarray  # per row
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -305,15 +302,14 @@ def _plan(
     checkpoint = open_checkpoint(source)
     skip_list, ignore_list = _as_list(skip), _as_list(ignore)
 
-    # The checkpoint's names, printed as treeglob prints paths (and matched as such).
-    source_view = TreeView(checkpoint.meta)
-    names = [key_path[0].key for key_path in source_view.key_paths]  # in leaf (sorted) order
-    printed = dict(zip(source_view.paths, names, strict=True))
-    ignored = np.zeros(len(names), dtype=bool)
+    # The checkpoint's names are its paths, printed as treeglob prints paths.
+    source_view = checkpoint.view
+    ignored = np.zeros(len(source_view), dtype=bool)
     if ignore_list:
         rules = [(p, True) for p in ignore_list]
         ignored = _resolve_rows(source_view, rules, caller, strict, f"the ignore list given to {caller}()")
-    kept = [p for p, i in zip(source_view.paths, ignored.tolist(), strict=True) if not i]
+    ignored_names = {source_view.paths[r] for r in np.flatnonzero(ignored).tolist()}
+    kept = [p for p in checkpoint.meta if p not in ignored_names]
     renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
 
     rows = range(len(view))
@@ -363,11 +359,11 @@ def _plan(
     out_rows: list[LoadRow] = []
     reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
     # A model repeats a few shapes many times: each transform is traced once per input.
-    outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | None] = {}
+    outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | str] = {}
     for r in arrays:
         path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
         name = taken.get(r)
-        meta = None if name is None else checkpoint.meta[printed[name]]
+        meta = None if name is None else checkpoint.meta[name]
         src = {} if meta is None else _source_meta(meta)
         if skipped[r]:
             out_rows.append(LoadRow("skipped", path, name, shape, _text(dtype), **src, note="skip"))
@@ -385,25 +381,25 @@ def _plan(
             got = outputs[key]
         label = None if fn is None else _transform_name(fn)
         row = LoadRow("loaded", path, name, shape, _text(dtype), **src, transform=label)
-        if got is None:
-            row = replace(row, note="shape checked when loaded")
+        if isinstance(got, str):
+            row = replace(row, note=f"checked when loaded (without data: {got[:80]})")
         elif got != (shape, dtype):
             note = f"gives {got[1]}{got[0]}" + (f" after {label}" if label else "")
             out_rows.append(replace(row, status="mismatch", note=note))
             continue
         out_rows.append(row)
-        reads[r] = (printed[name], fn)
+        reads[r] = (name, fn)
 
     used = set(taken.values())
-    for p, was_ignored in zip(source_view.paths, ignored.tolist(), strict=True):
-        src = _source_meta(checkpoint.meta[printed[p]])
-        if was_ignored:
+    for p, meta in checkpoint.meta.items():
+        src = _source_meta(meta)
+        if p in ignored_names:
             out_rows.append(LoadRow("ignored", None, p, None, None, **src))
         elif p not in used:
             outs = [o for o in renamed[p] if o != p]
             out_rows.append(LoadRow("unused", None, p, None, None, **src, note=", ".join(outs)))
     report = LoadReport(tuple(out_rows), checkpoint.where, allow_missing, allow_unused)
-    return _Plan(view, checkpoint, report, reads, skipped)
+    return _Plan(view, checkpoint, report, reads)
 
 
 @functools.cache
@@ -548,7 +544,35 @@ def load(
             allow_unused=allow_unused,
         )
     plan.report.check("load")
-    return _execute(plan, shardings), plan.report
+    _check_values(plan)
+    return _execute(plan, _shardings_per_leaf(plan.view, shardings)), plan.report
+
+
+def _check_values(plan: _Plan) -> None:
+    """What only `load` needs: values to keep, and values to read (before anything is read)."""
+    view, checkpoint = plan.view, plan.checkpoint
+    arrays = (jax.Array, np.ndarray)
+    kept = [
+        view.paths[r]
+        for r in range(len(view))
+        if plan.reads[r] is None
+        and is_data(view, r)
+        and not isinstance(view.leaves[r if view.origin is None else int(view.origin[r])], arrays)
+    ]
+    abstract = sorted(
+        {name for read in plan.reads if read is not None and (name := read[0]) in checkpoint.abstract}
+    )
+    for paths, what in (
+        (
+            kept,
+            "are skipped or missing, but the model holds no values for them (abstract leaves): "
+            "load them, or initialise the model first",
+        ),
+        (abstract, "of the source tree hold no values (abstract leaves): load from arrays or a file"),
+    ):
+        if paths:
+            shown = ", ".join(paths[:_MAX_LISTED]) + (", ..." if len(paths) > _MAX_LISTED else "")
+            raise LoadError(f"load(): {len(paths)} leaves {what}: {shown}.", plan.report)
 
 
 def _leaf_rows(view: TreeView) -> list[list[int]]:
@@ -562,8 +586,8 @@ def _leaf_rows(view: TreeView) -> list[list[int]]:
 
 
 def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
-    if shardings is None:
-        return [leaf.sharding if isinstance(leaf, jax.Array) else None for leaf in view.leaves]
+    if shardings is None:  # the sharding of the leaf replaced (a ShapeDtypeStruct may have one)
+        return [getattr(leaf, "sharding", None) for leaf in view.leaves]
     try:
         flat = view.out_treedef.flatten_up_to(shardings)
     except (ValueError, TypeError) as exc:
@@ -571,15 +595,23 @@ def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
             "load(): shardings must have the structure of the model (e.g. treeglob.shardings(model, "
             f"rules, mesh)): {exc}"
         ) from None
-    for path, s in zip(view.leaf_paths, flat, strict=True):
-        if s is not None and not isinstance(s, jax.sharding.Sharding):
+    for path, s, shape in zip(view.leaf_paths, flat, view.leaf_shapes, strict=True):
+        if s is None:
+            continue
+        if not isinstance(s, jax.sharding.Sharding):
             raise TypeError(f"load(): shardings at {path!r} is {s!r}, not a jax.sharding.Sharding.")
+        if shape is not None:
+            try:
+                s.shard_shape(shape)
+            except (ValueError, IndexError, TypeError) as exc:
+                raise ValueError(
+                    f"load(): shardings at {path!r} ({s}) does not fit its shape {shape}: {exc}"
+                ) from None
     return flat
 
 
-def _execute(plan: _Plan, shardings: Any) -> Any:
+def _execute(plan: _Plan, placements: list[Any]) -> Any:
     view, checkpoint = plan.view, plan.checkpoint
-    placements = _shardings_per_leaf(view, shardings)
     new_leaves = list(view.leaves)
     for leaf_index, rows in enumerate(_leaf_rows(view)):
         reads = [plan.reads[r] for r in rows]
@@ -590,7 +622,7 @@ def _execute(plan: _Plan, shardings: Any) -> Any:
         assert shape is not None
         if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
             name, fn = reads[0]  # type: ignore[misc]
-            if fn is None and sharding is not None and not isinstance(checkpoint.meta[name], jax.Array):
+            if fn is None and sharding is not None and checkpoint.slices:
                 # Each device reads its own slice; the whole tensor is never in one place.
                 new_leaves[leaf_index] = jax.block_until_ready(
                     jax.make_array_from_callback(
@@ -604,12 +636,7 @@ def _execute(plan: _Plan, shardings: Any) -> Any:
             value = np.empty(shape, dtype)
             for layer, (row, read) in enumerate(zip(rows, reads, strict=True)):
                 at = np.unravel_index(layer, stack)
-                if read is None:  # a skipped layer keeps its initial values
-                    if not isinstance(leaf, (jax.Array, np.ndarray)):
-                        raise ValueError(
-                            f"load(): layer {view.paths[row]!r} is skipped but the model leaf is abstract "
-                            f"({type(leaf).__name__}); load it, or initialise the model first."
-                        )
+                if read is None:  # a skipped (or allowed missing) layer keeps its values
                     value[at] = np.asarray(leaf[at])
                 else:
                     value[at] = _read(
