@@ -10,8 +10,10 @@
 4. Fine-tune on the language-modelling loss plus the new head's task: the
    language-modelling loss starts where pretraining ended.
 
-The same plan, dry-run from the command line without reading any tensor:
-    treeglob load-plan examples/finetune_from_checkpoint.py:build_model CKPT --stacked blocks=1 ...
+The rules that are data (renames, skips, "transpose") can also be dry-run from
+the command line on a checkpoint's header, `treeglob load-plan
+examples/finetune_from_checkpoint.py:build_model CKPT --stacked blocks=1 ...`;
+splitting the fused `c_attn` takes the Python functions below.
 """
 
 from __future__ import annotations

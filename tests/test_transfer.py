@@ -412,7 +412,9 @@ def test_a_transform_whose_shape_cannot_be_known_ahead_is_checked_when_loaded(tm
         return w[:1]
 
     report = tg.load_plan({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", opaque)])
-    assert report.ok and report.rows[0].note == "checked when loaded (without data: TypeError: wants real data)"
+    assert (
+        report.ok and report.rows[0].note == "checked when loaded (without data: TypeError: wants real data)"
+    )
     with pytest.raises(
         ValueError,
         match=r"the transform opaque for 'w' \(from 'w'\) gives float32\(1, 3\), which is float32\(2, 3\)",
@@ -588,3 +590,125 @@ print((peak - retained) / 2**20, (after - before) / 2**10)
     # was made from): one tensor at a time.
     assert extra_mib < 1.5 * tensor_mib, extra_mib
     assert rss_growth_mib < model_mib + 3 * tensor_mib, rss_growth_mib
+
+
+# ----------------------------------------------------------------------------
+# Edge cases: keys that need quoting, several stack axes, 64-bit casts, abstract trees
+
+
+def test_keys_that_need_quoting_round_trip(tmp_path):
+    model = {"params": {"conv.1": {"kernel": np.arange(2.0)}, "a b": np.ones(1), "re:x": np.zeros(3)}}
+    zeros = jax.tree.map(np.zeros_like, model)
+    loaded, report = tg.load(zeros, model)  # from the tree itself
+    assert report.ok and [r.path for r in report.rows] == tg.paths(model)
+    np.testing.assert_array_equal(loaded["params"]["conv.1"]["kernel"], [0.0, 1.0])
+    names = tg.save(tmp_path / "q.safetensors", model)
+    assert names == tg.paths(model) == ['params."a b"', 'params."conv.1".kernel', 'params."re:x"']
+    loaded, report = tg.load(zeros, tmp_path / "q.safetensors")
+    assert report.ok
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(model), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_two_stacked_axes_follow_the_layer_order_of_nested_lists(tmp_path):
+    rng = np.random.default_rng(0)
+    nested = {"blocks": [[{"w": rng.standard_normal(3)} for _ in range(3)] for _ in range(2)]}
+    tg.save(tmp_path / "n.safetensors", nested)
+    stacked = {"blocks": {"w": np.zeros((2, 3, 3))}}
+    loaded, report = tg.load(stacked, tmp_path / "n.safetensors", stacked={"blocks": 2})
+    assert report.ok
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(loaded["blocks"]["w"][i, j], nested["blocks"][i][j]["w"])
+    tg.save(tmp_path / "s.safetensors", loaded, stacked={"blocks": 2})
+    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "n.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "transform, gives",
+    [("float64", np.float64), (lambda w: w.astype(float), np.float64), (lambda w: w * 2.0, np.float32)],
+)
+def test_a_plan_with_64_bit_outputs_is_what_load_does(tmp_path, transform, gives):
+    """NumPy's dtype rules, which a transform meets when loading, also when planning (JAX
+    without x64 would narrow float64 to float32)."""
+    tg.save(tmp_path / "f.safetensors", {"w": np.arange(3, dtype=np.float32)})
+    for dtype in (np.float64, np.float32):
+        model = {"w": np.zeros(3, dtype)}
+        plan = tg.load_plan(model, tmp_path / "f.safetensors", transform=[("w", transform)])
+        assert plan.ok == (dtype == gives)
+        if dtype == gives:
+            loaded, _ = tg.load(model, tmp_path / "f.safetensors", transform=[("w", transform)])
+            assert loaded["w"].dtype == dtype
+        else:
+            message = rf"w {np.dtype(dtype)}\(3,\) <- w gives {np.dtype(gives)}\(3,\)"
+            with pytest.raises(tg.LoadError, match=message):
+                tg.load(model, tmp_path / "f.safetensors", transform=[("w", transform)])
+
+
+def test_an_abstract_source_tree_is_refused_before_reading():
+    source = {"a": jax.ShapeDtypeStruct((2,), np.float32), "b": np.ones(2, np.float32)}
+    target = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    assert tg.load_plan(target, source).ok
+    with pytest.raises(tg.LoadError, match=r"1 leaves of the source tree hold no values .*: a\."):
+        tg.load(target, source)
+    loaded, _ = tg.load(target, source, skip=["a"])
+    np.testing.assert_array_equal(loaded["b"], 1.0)
+
+
+def test_a_big_endian_array_is_saved_little_endian(tmp_path):
+    tg.save(tmp_path / "b.safetensors", {"w": np.arange(4, dtype=">f4")})
+    loaded, _ = tg.load({"w": np.zeros(4, np.float32)}, tmp_path / "b.safetensors")
+    np.testing.assert_array_equal(loaded["w"], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("m.bin", ValueError, r"save\(\): '.*m.bin' does not end in .safetensors"),
+        ("nodir/m.safetensors", FileNotFoundError, r"save\(\): the directory '.*nodir' of .* does not exist"),
+    ],
+)
+def test_save_refuses_paths_load_cannot_read(tmp_path, name, error, message):
+    with pytest.raises(error, match=message):
+        tg.save(tmp_path / name, {"w": np.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    "rule, name, expected",
+    [
+        (("h", "blocks"), "h.0.h.w", ["blocks.0.h.w"]),  # the leftmost match
+        (("a.**.c", "x"), "a.b.c.d.c.w", ["x.w"]),  # ** takes as much as it can
+        (("^h", "blocks"), "th.10.w", None),  # whole segments only
+        ((r"re:h\.(\d+)", "blocks.{1}"), "th.10.w", ["tblocks.10.w"]),  # re.search: anchor with ^
+        ((r"re:^h\.(\d+)", "blocks.{1}"), "th.10.w", None),
+    ],
+)
+def test_which_part_a_rename_changes(rule, name, expected):
+    (parsed,) = parse_renames([rule])
+    assert parsed.apply(name) == expected
+
+
+def test_sharded_load_from_npz_from_abstract_shardings_and_bad_specs(tmp_path):
+    code = f"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import treeglob as tg
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+w = np.arange(64, dtype=np.float32).reshape(8, 8)
+np.savez({str(tmp_path / "m.npz")!r}, w=w)
+sharding = NamedSharding(mesh, P("data", "model"))
+# A ShapeDtypeStruct with a sharding (jax.eval_shape of a sharded init): the loaded leaf keeps it.
+abstract = {{"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=sharding)}}
+loaded, _ = tg.load(abstract, {str(tmp_path / "m.npz")!r})
+assert loaded["w"].sharding == sharding, loaded["w"].sharding
+np.testing.assert_array_equal(np.asarray(loaded["w"]), w)
+# A spec that does not fit the leaf is named, not a JAX traceback.
+bad = {{"w": NamedSharding(mesh, P(None, None, "model"))}}
+try:
+    tg.load(abstract, {str(tmp_path / "m.npz")!r}, shardings=bad)
+except ValueError as exc:
+    print(exc)
+"""
+    out = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    assert re.match(r"load\(\): shardings at 'w' \(.*\) does not fit its shape \(8, 8\)", out), out

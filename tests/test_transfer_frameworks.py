@@ -285,7 +285,7 @@ def test_nnx_module_with_dropout_loads_directly(tmp_path):
 
 
 def test_nnx_module_with_dropout_loads_through_its_param_state(tmp_path):
-    """The workaround for the xfail above: nnx.state(model, nnx.Param) holds no RNG state."""
+    """The usual way: nnx.state(model, nnx.Param) holds no RNG state."""
     nnx, Net = nnx_net()
     source, model = Net(nnx.Rngs(0), dropout=True), Net(nnx.Rngs(1), dropout=True)
     tg.save(tmp_path / "net.safetensors", nnx.state(source, nnx.Param))

@@ -25,6 +25,7 @@ from ._errors import (
     NoMatchError as NoMatchError,
     RulesFileError as RulesFileError,
     ShadowedRuleWarning as ShadowedRuleWarning,
+    SourceError as SourceError,
 )
 from ._layer_decay import (
     layer_decay as layer_decay,
@@ -64,6 +65,7 @@ __all__ = [
     "RulesFileError",
     "Selector",
     "ShadowedRuleWarning",
+    "SourceError",
     "TransferRules",
     "all_of",
     "any_of",

@@ -28,14 +28,13 @@ from typing import Any
 from . import presets
 from ._checkpoint import open_checkpoint
 from ._config import RuleConfig, TransferRules, load_rules, load_transfer
-from ._rename import parse_renames
 from ._report import Explanation
 from ._resolve import Resolution, resolve, view_of
 from ._rules import MISSING
 from ._selector import Context, Selector, coerce
 from ._sources import load_source
 from ._table import painter, render_table
-from ._transfer import load_plan, parse_transforms
+from ._transfer import check_rules, load_plan
 
 __all__ = ["main"]
 
@@ -217,7 +216,7 @@ def _check(
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
-        pattern, sep, value = item.partition("=")
+        pattern, sep, value = item.rpartition("=")  # a pattern may hold "=" ("re:(?=...)")
         if not sep or not pattern or not value:
             raise _BadInput(f"{option} {item!r}: write {example}.")
         out.append((pattern, value))
@@ -233,13 +232,10 @@ def _transfer_rules(args: argparse.Namespace) -> TransferRules:
     rules = TransferRules(rename, list(args.skip), list(args.ignore), transform)
     if args.rules:
         data = load_transfer(args.rules, key=args.key)
-        rules = TransferRules(*(mine + theirs for mine, theirs in zip(rules, data, strict=True)))
+        rules = TransferRules(*(list(mine) + list(theirs) for mine, theirs in zip(rules, data, strict=True)))
     elif args.key:
         raise _BadInput("--key needs --rules FILE.")
-    parse_renames(rules.rename)
-    parse_transforms(rules.transform)
-    for pattern in rules.skip + rules.ignore:
-        coerce(pattern)
+    check_rules(**rules._asdict())
     return rules
 
 

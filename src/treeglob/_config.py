@@ -26,16 +26,15 @@ import json
 import pathlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from . import presets
 from ._conditions import COMPARISONS, inside, ndim
 from ._errors import RulesFileError, suggest
-from ._rename import parse_renames
 from ._rules import MISSING, check_label
 from ._selector import Selector, all_of, any_of, coerce, optional
-from ._transfer import parse_transforms
+from ._transfer import check_rules
 
 __all__ = ["RuleConfig", "TransferRules", "load_rules", "load_transfer"]
 
@@ -250,10 +249,10 @@ def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | Non
 class TransferRules(NamedTuple):
     """Checkpoint-transfer rules loaded from data: `treeglob.load(model, source, **rules._asdict())`."""
 
-    rename: list[Any] = []  # (pattern, replacement or tuple of them)
-    skip: list[Any] = []  # patterns
-    ignore: list[Any] = []  # patterns
-    transform: list[Any] = []  # (pattern, transform name)
+    rename: Sequence[Any] = ()  # (pattern, replacement or tuple of them)
+    skip: Sequence[Any] = ()  # patterns
+    ignore: Sequence[Any] = ()  # patterns
+    transform: Sequence[Any] = ()  # (pattern, transform name)
 
 
 def _patterns(data: Mapping[str, Any], key: str, origin: str) -> list[str]:
@@ -324,10 +323,7 @@ def load_transfer(source: str | pathlib.Path | Mapping[str, Any], *, key: str | 
     if not any(rules):
         raise RulesFileError(f"{origin}: no transfer rules; give skip, ignore, rename or transform.")
     try:
-        parse_renames(rules.rename)
-        parse_transforms(rules.transform)
-        for pattern in rules.skip + rules.ignore:
-            coerce(pattern)
+        check_rules(**rules._asdict())
     except (TypeError, ValueError) as exc:
         raise RulesFileError(f"{origin}: {exc}") from None
     return rules

@@ -46,10 +46,11 @@ class LoadError(ValueError):
 
 
 class SourceError(ValueError):
-    """A checkpoint or model factory that cannot be read (command line only)."""
+    """A checkpoint (or, on the command line, a model factory) that cannot be read:
+    names the file and the problem."""
 
 
-for _cls in (LoadError, NoMatchError, ShadowedRuleWarning, RulesFileError):
+for _cls in (LoadError, NoMatchError, ShadowedRuleWarning, RulesFileError, SourceError):
     _cls.__module__ = "treeglob"
 
 

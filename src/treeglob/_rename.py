@@ -11,19 +11,25 @@ paths (a fused `c_attn` to `query_proj`, `key_proj`, `value_proj`; a
 `transform` per path then takes its part).
 
 Rules apply in order, each to the names the previous ones produced, as a
-conversion script's chain of substitutions does.
+conversion script's chain of substitutions does. Each rule changes one part
+of a name: a glob its leftmost match (`h` on `h.0.h.w` gives `blocks.0.h.w`),
+with `**` and captures taking as much as they can; a regex its first match,
+found with `re.search` (anchor it with `^` to match from the start), unlike
+selector regexes, which match whole paths. `{name}` with an identifier inside
+is a capture here, not a brace group (which needs two alternatives anyway).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import NoMatchError, suggest
 from ._pattern import compile_glob, compile_regex
 
-__all__ = ["RenameRule", "apply_renames", "parse_renames"]
+__all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames"]
 
 _CAPTURE = re.compile(r"(?<!\\)\{([A-Za-z_]\w*)\}")
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -43,19 +49,19 @@ def _glob_regex(pattern: str) -> tuple[re.Pattern[str], list[str]]:
     # letters of the same length, then compile it with the stand-ins.
     same_length = _CAPTURE.sub(lambda m: "x" * len(m.group(0)), pattern)
     try:
-        compile_glob(same_length)
+        anchors = compile_glob(same_length)
     except ValueError as exc:
         raise ValueError(str(exc).replace(repr(same_length), repr(pattern))) from None
     body = _CAPTURE.sub(lambda m: _HOLE.format(names.index(m.group(1))), pattern)
-    anchored_start = body.startswith("^")
-    anchored_end = body.endswith("$") and not body.endswith("\\$")
-    body = body.removeprefix("^").removesuffix("$") if anchored_end else body.removeprefix("^")
+    body = body[1:] if anchors.anchored_start else body
+    body = body[:-1] if anchors.anchored_end else body
+    # The matched part alone (anchored both ends); the segments before and after are kept.
     core = compile_glob("^" + body + "$").regex()
     for k, name in enumerate(names):
         core = core.replace(_HOLE.format(k), f"(?P<c_{name}>[^.]+)")
-    before = "" if anchored_start else r"(?:[^.]+\.)*?"
-    after = "$" if anchored_end else r"(?:\..*)?$"
-    return re.compile(f"^(?P<before>{before})(?P<core>{core})(?P<after>{after[:-1]})$"), names
+    before = "" if anchors.anchored_start else r"(?:[^.]+\.)*?"  # the leftmost match
+    after = "" if anchors.anchored_end else r"(?:\..*)?"
+    return re.compile(f"^(?P<before>{before})(?P<core>{core})(?P<after>{after})$"), names
 
 
 @dataclass(frozen=True)
@@ -110,19 +116,26 @@ def _check_fields(rule: RenameRule, allowed: set[str], groups: int) -> None:
             )
 
 
-def parse_renames(rename: Any, argument: str = "rename") -> list[RenameRule]:
-    """Check and compile a list of `(pattern, replacement)` pairs (or a dict in order)."""
-    items = list(rename.items()) if isinstance(rename, dict) else rename
+def pairs(value: Any, argument: str, second: str, example: str) -> list[tuple[Any, Any]]:
+    """A list of `(pattern, second)` pairs, from a list of pairs or a dict (in order)."""
+    items = list(value.items()) if isinstance(value, Mapping) else value
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
         raise TypeError(
-            f"{argument} must be a list of (pattern, replacement) pairs or a dict, e.g. "
-            f"[('h.{{i}}', 'blocks.{{i}}')], got {type(rename).__name__}: {rename!r}."
+            f"{argument} must be a list of (pattern, {second}) pairs or a dict, e.g. [{example}], "
+            f"got {type(value).__name__}: {value!r}."
         )
-    out = []
     for index, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"{argument}[{index}] must be a (pattern, replacement) pair, got {item!r}.")
-        pattern, replacement = item
+            raise TypeError(f"{argument}[{index}] must be a (pattern, {second}) pair, got {item!r}.")
+    return [(pattern, other) for pattern, other in items]
+
+
+def parse_renames(rename: Any, argument: str = "rename") -> list[RenameRule]:
+    """Check and compile a list of `(pattern, replacement)` pairs (or a dict in order)."""
+    out = []
+    for index, (pattern, replacement) in enumerate(
+        pairs(rename, argument, "replacement", "('h.{i}', 'blocks.{i}')")
+    ):
         replacements = (replacement,) if isinstance(replacement, str) else replacement
         if not (
             isinstance(replacements, tuple) and replacements and all(isinstance(r, str) for r in replacements)

@@ -190,6 +190,8 @@ def write(
     """
     header: dict[str, Any] = {}
     offset = 0
+    # The format is little-endian: a big-endian array is written byte-swapped.
+    tensors = [(name, shape, jnp.dtype(dtype).newbyteorder("<")) for name, shape, dtype in tensors]
     for name, shape, dtype in tensors:
         kind = _NAMES.get(jnp.dtype(dtype))
         if kind is None:
@@ -209,8 +211,8 @@ def write(
             f.write(len(text).to_bytes(8, "little"))
             f.write(text)
             for k, (name, shape, dtype) in enumerate(tensors):
-                array = np.asarray(read(k), order="C")
-                if array.shape != tuple(shape) or array.dtype != jnp.dtype(dtype):
+                array = np.asarray(read(k), dtype=dtype, order="C")
+                if array.shape != tuple(shape):
                     raise ValueError(
                         f"tensor {name!r}: expected {jnp.dtype(dtype)} of shape {tuple(shape)}, "
                         f"got {array.dtype} of shape {array.shape}."

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ._keys import key_text
+from ._keys import key_text, split_path
 
 __all__ = [
     "LEAF",
@@ -153,6 +153,8 @@ def _key_parts(key: Any, flat: bool) -> tuple[str, ...] | None:
     raw = key.key if isinstance(key, jtu.DictKey) else None
     if isinstance(raw, tuple) and raw:
         parts = tuple(key_text(jtu.DictKey(k)) for k in raw)
+    elif isinstance(raw, str) and flat and '"' in raw:
+        parts = split_path(raw)  # a printed path with quoted segments, as `treeglob.save` writes
     elif isinstance(raw, str) and ("/" in raw or (flat and "." in raw)):
         parts = tuple((raw.replace("/", ".") if flat else raw).split("." if flat else "/"))
     else:

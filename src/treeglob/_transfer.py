@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pathlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -25,13 +26,14 @@ import numpy as np
 
 from ._checkpoint import Checkpoint, is_data, open_checkpoint
 from ._errors import LoadError, ShadowedRuleWarning, suggest, user_stacklevel
-from ._rename import apply_renames, parse_renames
+from ._rename import apply_renames, pairs, parse_renames
 from ._resolve import paused_gc, resolve, view_of
 from ._safetensors import write
+from ._selector import coerce
 from ._table import render_table
 from ._tree import TreeView
 
-__all__ = ["LoadReport", "LoadRow", "load", "load_plan", "parse_transforms", "save"]
+__all__ = ["LoadReport", "LoadRow", "check_rules", "load", "load_plan", "parse_transforms", "save"]
 
 _MAX_LISTED = 20
 #: The statuses of the report, in the order it lists them.
@@ -75,7 +77,7 @@ class LoadReport:
     source: str
     allow_missing: bool = False
     allow_unused: bool = False
-    counts: dict[str, dict[str, int]] = field(init=False)
+    counts: dict[str, dict[str, int]] = field(init=False, compare=False, hash=False)  # from the rows
 
     def __post_init__(self) -> None:
         counts = {s: {"leaves": 0, "elements": 0} for s in STATUSES}
@@ -109,10 +111,15 @@ class LoadReport:
             lines = [_problem_line(r, unused) for r in rows[:_MAX_LISTED]]
             if len(rows) > _MAX_LISTED:
                 lines.append(f"... and {len(rows) - _MAX_LISTED} more")
+            one = len(rows) == 1
             what = {
-                "missing": "model leaves have no checkpoint tensor",
-                "mismatch": "tensors do not fit their model leaf",
-                "unused": "checkpoint tensors are used by no model leaf",
+                "missing": "model leaf has" if one else "model leaves have",
+                "mismatch": "tensor does not fit its" if one else "tensors do not fit their",
+                "unused": "checkpoint tensor is" if one else "checkpoint tensors are",
+            }[status] + {
+                "missing": " no checkpoint tensor",
+                "mismatch": " model leaf",
+                "unused": " used by no model leaf",
             }[status]
             fix = {
                 "missing": "Rename a tensor to them, skip=[...] them to keep their initial values, "
@@ -120,9 +127,6 @@ class LoadReport:
                 "mismatch": "Add a transform (e.g. 'transpose', a dtype name) or skip=[...] them.",
                 "unused": "Rename them to model paths, ignore=[...] them, or pass allow_unused=True.",
             }[status]
-            if len(rows) == 1:
-                what = what.replace("leaves have", "leaf has").replace("tensors do", "tensor does")
-                what = what.replace("tensors are", "tensor is").replace(" fit their", " fit its")
             parts.append(f"{len(rows)} {what}:\n  " + "\n  ".join(lines) + f"\n{fix}")
         raise LoadError(f"{caller}() from {self.source}: " + "\n".join(parts), self)
 
@@ -214,17 +218,11 @@ def _transform_name(fn: Callable[[Any], Any]) -> str:
 
 
 def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
-    items = list(transform.items()) if isinstance(transform, Mapping) else transform
-    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
-        raise TypeError(
-            "transform must be a list of (pattern, function) pairs or a dict, e.g. "
-            f"[('*.c_fc.weight', 'transpose')], got {type(transform).__name__}: {transform!r}."
-        )
+    """Check a list of `(pattern, function or name)` pairs (or a dict in order)."""
     out = []
-    for index, item in enumerate(items):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"transform[{index}] must be a (pattern, function) pair, got {item!r}.")
-        pattern, fn = item
+    for index, (pattern, fn) in enumerate(
+        pairs(transform, "transform", "function", "('*.c_fc.weight', 'transpose')")
+    ):
         if isinstance(fn, str):
             fn = _named_transform(fn, f"transform[{index}]")
         if not callable(fn):
@@ -234,6 +232,14 @@ def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
             )
         out.append((pattern, fn))
     return out
+
+
+def check_rules(rename: Any = None, skip: Any = None, ignore: Any = None, transform: Any = None) -> None:
+    """Raise what `load` would for malformed rules, before any model or checkpoint is read."""
+    parse_renames(rename or [])
+    parse_transforms(transform or [])
+    for pattern in _as_list(skip) + _as_list(ignore):
+        coerce(pattern)
 
 
 def _output_meta(
@@ -436,7 +442,7 @@ def load_plan(
 ) -> LoadReport:
     """What `treeglob.load` would do, from metadata only: no tensor is read.
 
-    Takes the arguments of `treeglob.load` (but `shardings`); `target` may be abstract
+    Takes the arguments of `treeglob.load` except `shardings`; `target` may be abstract
     (e.g. from `eqx.filter_eval_shape`). Rule errors raise as in `load`;
     missing, unused and mismatched tensors are in the report (`.ok`,
     `.problems()`, `.check()` raises them as `load` would).
@@ -713,6 +719,13 @@ def save(
     Returns:
         The names written, in file order.
     """
+    target = pathlib.Path(path)
+    if target.suffix != ".safetensors":
+        raise ValueError(f"save(): {str(path)!r} does not end in .safetensors, the format save() writes.")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"save(): the directory {str(target.parent)!r} of {str(path)!r} does not exist."
+        )
     with paused_gc():
         view = view_of(tree, "save", stacked)
         chosen = np.ones(len(view), dtype=bool)
