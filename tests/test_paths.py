@@ -159,3 +159,52 @@ def test_structure_is_shared_by_equal_treedefs_and_follows_changes():
     assert jax.tree.leaves(tg.mask(a, "blocks.{2..9}")) == [False, False, True]
     assert jax.tree.leaves(tg.mask(b, "blocks.{2..9}")) == [False, False, True, True]
     assert jax.tree.leaves(tg.mask(a, "blocks.{2..9}")) == [False, False, True]
+
+
+def test_what_the_structure_decides_is_remembered_and_what_the_leaves_decide_is_not():
+    # Globs and types are remembered per treedef (read-only, for every later call);
+    # shapes and the types of the leaves themselves are read on every call.
+    from treeglob._selector import Context
+    from treeglob._tree import TreeView
+
+    class Tag:
+        pass
+
+    a = {"w": np.zeros((2, 2)), "b": np.zeros(2)}
+    b = {"w": np.zeros(2), "b": np.zeros((2, 2))}  # the same treedef, other shapes
+    assert tg.mask(a, tg.ndim >= 2) == {"b": False, "w": True}
+    assert tg.mask(b, tg.ndim >= 2) == {"b": True, "w": False}
+    assert tg.mask({"w": Tag(), "b": 1}, Tag) == {"b": False, "w": True}
+    assert tg.mask({"w": 1, "b": Tag()}, Tag) == {"b": True, "w": False}
+    view = TreeView(a)
+    hit = Context(view, strict=True).evaluate(tg.glob("w"))
+    assert hit.tolist() == [False, True] and not hit.flags.writeable
+    assert Context(TreeView(b), strict=True).evaluate(tg.glob("w")) is hit
+    for i in range(300):
+        Context(view, strict=False).evaluate(tg.glob(f"x{i}"))
+    assert view.structure.memo is not None and len(view.structure.memo) <= 128
+
+
+def test_the_blocks_of_a_flat_checkpoint_share_one_structure():
+    # As equal treedefs do: the blocks of a checkpoint are walked once, not once each.
+    from treeglob._tree import TreeView
+
+    flat = {f"blocks.{i}.{name}": np.zeros(2) for i in range(12) for name in ("attn.w", "mlp.w", "mlp.b")}
+    blocks = dict(TreeView(flat).structure.children)["blocks"]
+    assert [name for name, _ in blocks.children] == [str(i) for i in sorted(range(12), key=str)]
+    assert len({id(child) for _, child in blocks.children}) == 1
+    assert tg.paths(flat)[:3] == ["blocks.0.attn.w", "blocks.0.mlp.b", "blocks.0.mlp.w"]
+
+
+def test_a_leaf_class_that_declares_shape_but_leaves_it_unset():
+    class Meta:
+        __slots__ = ("dtype", "shape")
+
+    partial, full = Meta(), Meta()
+    partial.dtype = full.dtype = np.dtype(np.float32)
+    full.shape = (3,)
+    assert tg.mask({"a": partial, "b": full, "c": np.zeros((2, 2))}, tg.ndim == 1) == {
+        "a": False,
+        "b": True,
+        "c": False,
+    }

@@ -23,6 +23,7 @@ from hypothesis import assume, given, strategies as st
 import treeglob as tg
 from treeglob._keys import key_text, quote, split_path
 from treeglob._pattern import compile_glob
+from treeglob._tree import TreeView
 
 # ----------------------------------------------------------------------------
 # Random PyTrees with awkward keys
@@ -188,6 +189,13 @@ def test_paths_are_unique_and_lead_back_to_their_leaf(tree):
         assert resolve(tree, p) is leaf
         if p:  # SPEC: glob("^" + p + "$") selects exactly the leaf at p
             assert [j for j, hit in enumerate(bits(tree, tg.glob("^" + p + "$"))) if hit] == [i]
+
+
+@given(TREES)
+def test_printed_paths_are_the_quoted_segments_joined_with_dots(tree):
+    view = TreeView(tree)
+    assert view.paths == [".".join(map(quote, segments)) for segments in view.segments]
+    assert view.leaf_paths == view.paths
 
 
 @given(

@@ -19,13 +19,27 @@ import numpy as np
 
 from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
 from ._selector import BOOL_MESSAGE, Context, Selector, coerce
-from ._structure import walk
+from ._structure import Node, remember, walk
 
 __all__ = ["COMPARISONS", "dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 
 
 # ----------------------------------------------------------------------------
 # Paths
+
+
+def _structural(root: Node, key: Selector, rows: Callable[[], list[bool]]) -> np.ndarray:
+    """The rows a condition on paths and node types selects, computed once per structure.
+
+    Read-only: the same array answers every later call on a tree of this treedef.
+    """
+
+    def compute() -> np.ndarray:
+        out = np.array(rows(), bool)
+        out.flags.writeable = False
+        return out
+
+    return remember(root, key, compute)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -37,14 +51,18 @@ class _Glob(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         glob = self.compiled
-        hits = walk(
-            ctx.view.structure,
-            glob.start(),
-            lambda state, segment, child: glob.step(state, segment),
-            glob.accepts,
-            lambda state: True if state is MATCHED else False if glob.dead(state) else None,
+        root = ctx.view.structure
+        return _structural(
+            root,
+            self,
+            lambda: walk(
+                root,
+                glob.start(),
+                lambda state, segment, child: glob.step(state, segment),
+                glob.accepts,
+                lambda state: True if state is MATCHED else False if glob.dead(state) else None,
+            ),
         )
-        return np.array(hits, bool)
 
     def _literals(self) -> list[str]:
         return [self.compiled.literal()]
@@ -149,18 +167,24 @@ class _Inside(Selector):
         # The state is "inside an instance already"; the root counts, and so
         # does a leaf that is itself an instance.
         root = ctx.view.structure
-        hits = walk(
+        out = _structural(
             root,
-            root.is_a(self.classes),
-            lambda inside, segment, child: inside or child.is_a(self.classes),
-            lambda inside: inside,
-            lambda inside: True if inside else None,
+            self,
+            lambda: walk(
+                root,
+                root.is_a(self.classes),
+                lambda inside, segment, child: inside or child.is_a(self.classes),
+                lambda inside: inside,
+                lambda inside: True if inside else None,
+            ),
         )
-        out = np.array(hits, bool)
+        # Leaf types are not part of the structure: checked on every call.
         leaf_kinds = [t for t in ctx.view.leaf_types if issubclass(t, self.classes)]
         if leaf_kinds:  # rare: leaves that are themselves instances (checked per type, not per leaf)
             leaves = ctx.view.leaves
-            out |= ctx.view.rows_of(np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves)))
+            out = out | ctx.view.rows_of(
+                np.fromiter((type(x) in leaf_kinds for x in leaves), bool, len(leaves))
+            )
         return out
 
     def __repr__(self) -> str:
@@ -174,17 +198,20 @@ class _OwnedBy(Selector):
     def _eval(self, ctx: Context) -> np.ndarray:
         # The state is "the node being walked is an instance": a leaf child inherits it.
         root = ctx.view.structure
-        hits = walk(
+        return _structural(
             root,
-            root.is_a(self.classes),
-            # A leaf is owned by its parent, a wrapped leaf (an NNX Variable) by its wrapper too.
-            lambda owner, segment, child: (
-                (owner or child.is_a(self.classes)) if not child.children else child.is_a(self.classes)
+            self,
+            lambda: walk(
+                root,
+                root.is_a(self.classes),
+                # A leaf is owned by its parent, a wrapped leaf (an NNX Variable) by its wrapper too.
+                lambda owner, segment, child: (
+                    (owner or child.is_a(self.classes)) if not child.children else child.is_a(self.classes)
+                ),
+                lambda owner: owner,
+                lambda owner: None,
             ),
-            lambda owner: owner,
-            lambda owner: None,
         )
-        return np.array(hits, bool)
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"
@@ -244,7 +271,10 @@ class _Compare(Selector):
 
     def _eval(self, ctx: Context) -> np.ndarray:
         op, value = COMPARISONS[self.op], self.value
-        values = ctx.view.ndims if self.metric == "ndim" else ctx.view.sizes
+        if self.metric == "ndim":  # one vector comparison; -1 marks the rows that are not arrays
+            ndims = ctx.view.ndim_array
+            return op(ndims, value) & (ndims >= 0)
+        values = ctx.view.sizes
         return np.fromiter((v is not None and op(v, value) for v in values), bool, len(ctx.view))
 
     def __repr__(self) -> str:

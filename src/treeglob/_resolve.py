@@ -28,7 +28,7 @@ from ._rules import MISSING, Rule, Rules, normalize_rules, same_label
 from ._selector import Context, Selector, coerce
 from ._tree import TreeView
 
-__all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "resolve", "select", "view_of"]
+__all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "paused_gc", "resolve", "select", "view_of"]
 
 _MAX_LISTED = 20
 
@@ -260,8 +260,10 @@ def resolve(
         uncovered = np.flatnonzero(decided < 0)
         if len(uncovered) and default is MISSING:
             raise _uncovered(view, uncovered)
-        labels = [r.label for r in rules] + [default]
-        rows = [labels[d] for d in decided.tolist()]  # -1 picks the default, last
+        labels = np.empty(len(rules) + 1, object)  # filled one by one: a tuple label stays one object
+        for i, label in enumerate([r.label for r in rules] + [default]):
+            labels[i] = label
+        rows = labels[decided].tolist()  # -1 picks the default, last
         if relabel is not None:
             rows = relabel(view, rows)
         merge_fn = MERGES[merge]

@@ -129,7 +129,7 @@ def _range_regex(lo: int, hi: int) -> str:
 class SegmentMatcher:
     """Matches one path segment against the items of one pattern segment."""
 
-    __slots__ = ("items", "literal", "_tests", "_next", "_eps", "_closure", "_accept", "_memo")
+    __slots__ = ("items", "literal", "_tests", "_next", "_eps", "_closure", "_accept", "_memo", "_dfa")
 
     def __init__(self, items: tuple[object, ...]):
         self.items = items
@@ -139,6 +139,7 @@ class SegmentMatcher:
             else None
         )
         self._memo: dict[str, bool] = {}
+        self._dfa: dict[tuple[frozenset[int], str], frozenset[int]] = {}
         if self.literal is None:
             self._tests: list[object] = []
             self._next: list[int] = []
@@ -215,20 +216,32 @@ class SegmentMatcher:
         return hit
 
     def _run(self, text: str) -> bool:
+        # The set of NFA states after each character, with the transitions
+        # memoised per (states, character): the DFA built lazily, so the 1000
+        # block indices of a model cost a dict lookup per digit after the first few.
         current = self._closure[0]
-        tests, nxt, closure = self._tests, self._next, self._closure
+        dfa = self._dfa
         for ch in text:
-            following: set[int] = set()
-            for s in current:
-                test = tests[s]
-                if test is None:
-                    continue
-                if test is True or test == ch or (callable(test) and test(ch)):
-                    following |= closure[nxt[s]]
+            following = dfa.get((current, ch))
+            if following is None:
+                if len(dfa) > 65536:  # bound memory on adversarial inputs
+                    dfa.clear()
+                following = dfa[(current, ch)] = self._advance(current, ch)
             if not following:
                 return False
             current = following
         return self._accept in current
+
+    def _advance(self, current: frozenset[int], ch: str) -> frozenset[int]:
+        tests, nxt, closure = self._tests, self._next, self._closure
+        following: set[int] = set()
+        for s in current:
+            test = tests[s]
+            if test is None:
+                continue
+            if test is True or test == ch or (callable(test) and test(ch)):
+                following |= closure[nxt[s]]
+        return frozenset(following)
 
     def regex(self) -> str:
         return "".join(_item_regex(it) for it in self.items)

@@ -9,19 +9,21 @@ static metadata is read, never array values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import operator
 import sys
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._keys import quote
 from ._stacking import Stack, close_subtrees, row_origin, stack_structure
-from ._structure import Node, is_wrapper, row_segments, structure_of
+from ._structure import Node, is_wrapper, remember, row_paths, row_segments, structure_of
 
 __all__ = ["TreeView", "paths", "shape_of"]
 
@@ -89,6 +91,11 @@ class TreeView:
 
     @functools.cached_property
     def leaf_shapes(self) -> list[tuple[int, ...] | None]:
+        if all(map(_array_type, self.leaf_types)):
+            # Every leaf's class declares shape and dtype (jax and NumPy arrays,
+            # ShapeDtypeStruct): read them without asking each leaf, twice as fast.
+            with contextlib.suppress(AttributeError):  # an unset slot: asked leaf by leaf below
+                return list(map(tuple, map(_SHAPE, self.leaves)))
         return [shape_of(leaf) for leaf in self.leaves]
 
     @functools.cached_property
@@ -108,7 +115,7 @@ class TreeView:
         """Per leaf: its printed path (a stacked leaf's has no layer index)."""
         if self.origin is None and "paths" in self.__dict__:
             return self.paths
-        return [".".join(map(quote, s)) for s in row_segments(self.leaf_structure)]
+        return row_paths(self.leaf_structure)
 
     # Per row --------------------------------------------------------------
 
@@ -127,7 +134,7 @@ class TreeView:
     @functools.cached_property
     def paths(self) -> list[str]:
         """Per row: the printed path, segments quoted where needed and joined with "."."""
-        return [".".join(map(quote, s)) for s in self.segments]
+        return row_paths(self.structure)
 
     @functools.cached_property
     def row_leaves(self) -> list[Any]:
@@ -163,6 +170,14 @@ class TreeView:
         return [None if s is None else len(s) for s in self.shapes]
 
     @functools.cached_property
+    def ndim_array(self) -> np.ndarray:
+        """Per row: the number of dimensions, -1 for a row that is not an array."""
+        shapes = self.shapes
+        if None in shapes:
+            return np.fromiter((-1 if s is None else len(s) for s in shapes), np.intp, len(shapes))
+        return np.fromiter(map(len, cast("list[tuple[int, ...]]", shapes)), np.intp, len(shapes))
+
+    @functools.cached_property
     def sizes(self) -> list[int | None]:
         return [None if s is None else math.prod(s) for s in self.shapes]
 
@@ -191,9 +206,12 @@ class TreeView:
         out += values[row:]
         return out
 
-    @functools.cached_property
+    @property
     def wrapped(self) -> bool:
         """Whether leaves sit in wrappers (NNX Variables) that paths and outputs leave out."""
+        return remember(self.leaf_structure, "wrapped", self._find_wrapped)
+
+    def _find_wrapped(self) -> bool:
         seen, stack = set(), [self.leaf_structure]
         while stack:
             node = stack.pop()
@@ -205,14 +223,20 @@ class TreeView:
                     stack.append(child)
         return False
 
-    @functools.cached_property
+    @property
     def out_treedef(self) -> Any:
         """The structure of outputs (masks, labels): the tree's, with each wrapper (an NNX
         Variable) in place of its leaf, as optax sees the params at `update`; a mask of
-        that shape is a prefix of the wrapped params at `init` too."""
+        that shape is a prefix of the wrapped params at `init` too. A function of the
+        treedef, so computed once per structure: flattening again with an `is_leaf` in
+        Python costs more than the whole rest of a mask of an NNX State."""
         if not self.wrapped:
             return self.treedef
-        return jtu.tree_structure(self.tree, is_leaf=lambda x: is_wrapper(type(x)) and _one_leaf(x))
+        return remember(
+            self.leaf_structure,
+            "out_treedef",
+            lambda: jtu.tree_structure(self.tree, is_leaf=lambda x: is_wrapper(type(x)) and _one_leaf(x)),
+        )
 
     def unflatten(self, per_leaf: list[Any]) -> Any:
         return jtu.tree_unflatten(self.out_treedef, per_leaf)
@@ -224,6 +248,20 @@ class TreeView:
 
 def _one_leaf(x: Any) -> bool:
     return jtu.tree_structure(x).num_leaves == 1
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+@functools.cache
+def _array_type(kind: type) -> bool:
+    """Whether the class itself declares `shape` and `dtype` (a property or a slot), so
+    every instance has them; a leaf class without (a Python scalar, a string, a class
+    that makes attributes up in `__getattr__`) is asked leaf by leaf (`shape_of`)."""
+    return all(isinstance(getattr(kind, name, None), _DESCRIPTORS) for name in ("shape", "dtype"))
+
+
+_DESCRIPTORS = (property, functools.cached_property, types.GetSetDescriptorType, types.MemberDescriptorType)
 
 
 def paths(tree: Any, *, stacked: Any = None) -> list[str]:
