@@ -1,5 +1,6 @@
 """The command line on checkpoints the tests write and on model factories."""
 
+import gc
 import json
 import os
 import pathlib
@@ -136,6 +137,38 @@ def test_explain_json_schema(capsys, st_file, rules_file):
         "frozen": {"leaves": 1, "elements": 40},
         "decay": {"leaves": 3, "elements": 108},
     }
+
+
+def test_json_has_one_line_per_leaf_and_keeps_equal_values_of_other_types_apart(capsys, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(
+        json.dumps({"rules": [{"match": "*.bias", "label": 1}, {"match": "head", "label": True}]})
+    )
+    checkpoint = tmp_path / "m.safetensors"
+    save_file(
+        {"head.weight": np.zeros((2, 2), np.float32), "h.bias": np.zeros(2, np.float32)}, str(checkpoint)
+    )
+    status, out, _ = cli(capsys, "explain", checkpoint, "--rules", rules, "--json")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[:3] == ["{", f' "source": {json.dumps(str(checkpoint))},', ' "leaves": [']
+    assert json.loads(lines[3].rstrip(",")) == {
+        "path": "h.bias",
+        "shape": [2],
+        "dtype": "float32",
+        "size": 2,
+        "label": 1,
+        "rule": 0,
+        "selector": "glob('*.bias')",
+    }
+    assert json.loads(lines[4])["label"] is True
+    assert [leaf["label"] for leaf in json.loads(out)["leaves"]] == [1, True]
+
+
+def test_the_command_line_pauses_the_garbage_collector_only_while_it_runs(capsys, npz_file):
+    assert gc.isenabled()
+    assert cli(capsys, "paths", npz_file)[0] == 0
+    assert gc.isenabled()
 
 
 def test_explain_with_rules_on_the_command_line_and_a_preset(capsys, npz_file):

@@ -168,6 +168,13 @@ def test_explain_report(params):
     }
     header = text.splitlines()[0]
     assert header.split() == ["path", "shape", "dtype", "size", "label", "rule"]
+    # The rows, the table and the data are the same columns.
+    assert [leaf["path"] for leaf in data["leaves"]] == [r.path for r in report.rows] == tg.paths(params)
+    assert data["leaves"][3] == {f: getattr(report.rows[3], f) for f in data["leaves"][3]}
+    subset = [r for r in report.rows if r.label == "decay"]
+    assert report.to_dict(rows=subset)["leaves"] == [dict(vars(r)) for r in subset]
+    shown = report.format(rows=subset).split("\n\n")[0].splitlines()[1:]
+    assert [line.split()[0] for line in shown] == [r.path for r in subset]
 
 
 def test_explain_raises_like_labels(params):

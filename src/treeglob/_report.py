@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -48,18 +50,52 @@ def _key(label: Any) -> Any:
     return label
 
 
+def _per_row(values: list[Any], index: np.ndarray) -> list[Any]:
+    """`[values[i] for i in index]`, gathered in C (an object array keeps tuples whole)."""
+    table = np.empty(len(values), object)
+    for i, value in enumerate(values):
+        table[i] = value
+    return table[index].tolist()
+
+
+def _texts(values: list[Any], text: Callable[[Any], Any], keys: list[Any] | None = None) -> list[Any]:
+    """`text(v)` for each value, computed once per distinct value (a tree has few shapes and
+    dtypes), or once per distinct key where the key decides the value (a row's rule, its label)."""
+    seen: dict[Any, Any] = {}
+    out = []
+    for v, k in zip(values, values if keys is None else keys, strict=True):
+        t = seen.get(k, seen)
+        if t is seen:
+            t = seen[k] = text(v)
+        out.append(t)
+    return out
+
+
+_FIELDS = tuple(f.name for f in fields(LeafRow))
+
+
 @dataclass(frozen=True)
 class Explanation:
-    """What `treeglob.explain` returns; `str()` renders it as a table."""
+    """What `treeglob.explain` returns; `str()` renders it as a table.
 
-    rows: tuple[LeafRow, ...]
+    Attributes:
+        rows: one `LeafRow` per leaf (per layer slice under `stacked`), in
+            leaf order; built on first access (the table and `to_dict` read
+            the same columns without them).
+        rules: one `RuleRow` per rule.
+        summary: label -> `{"leaves": n, "elements": n}`, labels in rule
+            order, the default last.
+    """
+
+    columns: tuple[list[Any], ...] = field(repr=False)  # per LeafRow field, one value per row
     rules: tuple[RuleRow, ...]
-    summary: dict[Any, dict[str, int]]  # label -> {"leaves": n, "elements": n}
+    summary: dict[Any, dict[str, int]]
 
     @classmethod
     def of(cls, resolution: Resolution) -> Explanation:
         """The report of a resolution: exactly the decisions the outputs are built from."""
         view, rules, decided = resolution.view, resolution.rules, resolution.decided
+        # One repr per rule, not per row; per row an index into them (-1: the default).
         selectors = [repr(r.selector) for r in rules]
         rule_rows = tuple(
             RuleRow(
@@ -72,19 +108,14 @@ class Explanation:
             )
             for r, m in zip(rules, resolution.matches, strict=True)
         )
-        rows = tuple(
-            LeafRow(
-                path=path,
-                shape=shape,
-                dtype=None if dtype is None else str(dtype),
-                size=size,
-                label=resolution.label_of(d),
-                rule=None if d < 0 else d,
-                selector="default" if d < 0 else selectors[d],
-            )
-            for path, shape, dtype, size, d in zip(
-                view.paths, view.shapes, view.dtypes, view.sizes, decided.tolist(), strict=True
-            )
+        columns = (
+            view.paths,
+            view.shapes,
+            _texts(view.dtypes, lambda d: None if d is None else str(d)),
+            view.sizes,
+            _per_row([r.label for r in rules] + [resolution.default], decided),
+            _per_row([*range(len(rules)), None], decided),
+            _per_row([*selectors, "default"], decided),
         )
         # Labels in rule order, the default last (the order a reader wrote them);
         # rules sharing a label count together. Group -1 is the default's.
@@ -104,12 +135,24 @@ class Explanation:
             for g, label in enumerate(order)
             if leaves[g]
         }
-        return cls(rows, rule_rows, summary)
+        return cls(columns, rule_rows, summary)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for logging: `{"leaves": [...], "rules": [...], "summary": {...}}`."""
+    @functools.cached_property
+    def rows(self) -> tuple[LeafRow, ...]:
+        return tuple(map(LeafRow, *self.columns))
+
+    def to_dict(self, rows: Any = None) -> dict[str, Any]:
+        """Plain data for logging: `{"leaves": [...], "rules": [...], "summary": {...}}`.
+
+        Args:
+            rows: the leaf rows to include (e.g. a filtered subset of `rows`); all by default.
+        """
+        if rows is None:
+            leaves = [dict(zip(_FIELDS, values, strict=True)) for values in zip(*self.columns, strict=True)]
+        else:
+            leaves = [{name: getattr(r, name) for name in _FIELDS} for r in rows]
         return {
-            "leaves": [asdict(r) for r in self.rows],
+            "leaves": leaves,
             "rules": [asdict(r) for r in self.rules],
             "summary": {str(k): dict(v) for k, v in self.summary.items()},
         }
@@ -125,21 +168,26 @@ class Explanation:
                 path (and each rule's selector) on a line of its own, above
                 its other columns, so long paths stay verbatim and readable.
             color: ANSI colours for a terminal (labels, headers).
-            rows: the leaf rows to show (e.g. a filtered subset); all by default.
+            rows: the leaf rows to show (e.g. a filtered subset of `rows`); all by default.
         """
         labels = [str(label) for label in self.summary]
-        table = [("path", "shape", "dtype", "size", "label", "rule")]
-        for r in self.rows if rows is None else rows:
-            table.append(
-                (
-                    r.path or "<root>",
-                    "-" if r.shape is None else str(r.shape),
-                    r.dtype or "-",
-                    "-" if r.size is None else f"{r.size:,}",
-                    str(r.label),
-                    "default" if r.rule is None else str(r.rule),
-                )
+        if rows is None:
+            paths, shapes, dtypes, sizes, row_labels, rule, _ = self.columns
+        else:
+            paths, shapes, dtypes, sizes, row_labels, rule, _ = (
+                [getattr(r, name) for r in rows] for name in _FIELDS
             )
+        # Each column's text computed once per distinct value: a tree has few shapes, sizes, labels.
+        table = [("path", "shape", "dtype", "size", "label", "rule")]
+        table += zip(
+            [p or "<root>" for p in paths],
+            _texts(shapes, lambda s: "-" if s is None else str(s)),
+            [d or "-" for d in dtypes],
+            _texts(sizes, lambda s: "-" if s is None else f"{s:,}"),
+            _texts(row_labels, str, keys=rule),  # the deciding rule decides the label
+            _texts(rule, lambda i: "default" if i is None else str(i)),
+            strict=True,
+        )
         lines = render_table(table, right={3}, long=0, width=width, paint=painter(color, labels, 4))
         if self.rules:
             rules = [("rule", "label", "matched", "decided", "selector")]

@@ -13,12 +13,12 @@ Painter = Callable[[int, int, str, str], str]
 _COLORS = ("32", "33", "36", "35", "34", "31")  # green, yellow, cyan, magenta, blue, red
 
 
-def painter(color: bool, labels: list[str] = [], label_column: int = -1) -> Painter:  # noqa: B006 (read only)
-    """Bold headers and one colour per label in `label_column`; plain text without `color`."""
+def painter(color: bool, labels: list[str] = [], label_column: int = -1) -> Painter | None:  # noqa: B006 (read only)
+    """Bold headers and one colour per label in `label_column`; None (plain text) without `color`."""
+    if not color:
+        return None
 
     def style(row: int, col: int, cell: str, text: str) -> str:
-        if not color:
-            return cell
         if row == 0:
             return f"\033[1m{cell}\033[0m"
         if col == label_column and text in labels:
@@ -40,20 +40,25 @@ def render_table(
     `long` goes on a line of its own (wrapped to `width` if `wrap`; paths are
     never wrapped), the other columns aligned on an indented line below it."""
     style: Painter = paint or (lambda row, col, padded, text: padded)
+    # Column by column: a report has one row per leaf, and a checkpoint 100k leaves.
+    texts = list(zip(*table, strict=True))
+    widths = [max(map(len, column)) for column in texts]
 
     def align(cols: list[int], indent: str) -> list[str]:
-        widths = {c: max(len(r[c]) for r in table) for c in cols}
-        out = []
-        for i, r in enumerate(table):
-            cells = [
-                style(i, c, r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]), r[c])
-                for c in cols
-            ]
-            out.append((indent + "  ".join(cells)).rstrip())
-        return out
+        padded = []
+        for c in cols:
+            pad = str.rjust if c in right else str.ljust
+            cells = [pad(text, widths[c]) for text in texts[c]]
+            if paint is not None:
+                cells = [
+                    style(i, c, cell, text)
+                    for i, (cell, text) in enumerate(zip(cells, texts[c], strict=True))
+                ]
+            padded.append(cells)
+        return [(indent + "  ".join(cells)).rstrip() for cells in zip(*padded, strict=True)]
 
     columns = range(len(table[0]))
-    full_width = sum(max(len(r[c]) for r in table) for c in columns) + 2 * (len(columns) - 1)
+    full_width = sum(widths) + 2 * (len(columns) - 1)
     if width is None or full_width <= width:
         return align(list(columns), "")
     rest = align([c for c in columns if c != long], "    ")
