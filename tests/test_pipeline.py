@@ -372,6 +372,37 @@ def test_no_private_name_is_imported_across_modules():
     assert _imports()[1] == []
 
 
+LAZY_IMPORT = """
+import sys
+import treeglob
+loaded = {m for m in sys.modules if m.startswith("treeglob.")}
+print(sorted(loaded & {f"treeglob.{m}" for m in %r}))
+from treeglob import *
+names = {name: getattr(treeglob, name) for name in treeglob.__all__}
+print(len(names), set(treeglob.__all__) <= set(dir(treeglob)), "__version__" in dir(treeglob))
+print(treeglob.presets.DEFAULT is sys.modules["treeglob.presets"].DEFAULT, treeglob.__version__)
+"""
+
+
+def test_import_loads_the_core_and_every_public_name_on_first_use():
+    # The report, recipes, presets, metrics, sharding, rules files and checkpoints are
+    # loaded on first use; `from treeglob import X` and dir() see every name all the same.
+    lazy = ["presets", "_config", "_layer_decay", "_metrics", "_recipes", "_report", "_sharding", "_transfer"]
+    result = subprocess.run(
+        [sys.executable, "-c", LAZY_IMPORT % (lazy,)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import treeglob
+
+    assert result.stdout.splitlines() == [
+        "[]",
+        f"{len(tg.__all__)} True True",
+        f"True {treeglob.__version__}",
+    ]
+    for name in tg.__all__:
+        exec(f"from treeglob import {name}", {})
+
+
 def test_ordinary_trees_take_the_structure_from_the_treedef():
     # The key paths are a fallback for custom nodes that refuse placeholder leaves
     # (and for the jax releases that cannot rebuild one level of a treedef).

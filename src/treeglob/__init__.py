@@ -1,8 +1,9 @@
 """treeglob: select PyTree leaves by path, layer type and array metadata."""
 
-import importlib.metadata
+import importlib
+from typing import TYPE_CHECKING
 
-from . import presets as presets
+# The selection core, imported with the package.
 from ._conditions import (
     dtype as dtype,
     glob as glob,
@@ -14,12 +15,6 @@ from ._conditions import (
     size as size,
     where as where,
 )
-from ._config import (
-    RuleConfig as RuleConfig,
-    TransferRules as TransferRules,
-    load_rules as load_rules,
-    load_transfer as load_transfer,
-)
 from ._errors import (
     LoadError as LoadError,
     NoMatchError as NoMatchError,
@@ -27,30 +22,78 @@ from ._errors import (
     ShadowedRuleWarning as ShadowedRuleWarning,
     SourceError as SourceError,
 )
-from ._layer_decay import (
-    layer_decay as layer_decay,
-    layer_decay_scales as layer_decay_scales,
-    layer_ids as layer_ids,
-)
-from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
-from ._metrics import norm_ratios as norm_ratios, summarize as summarize
 from ._optax import masked as masked, multi_transform as multi_transform
 from ._pattern import translate as translate
-from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
-from ._report import Explanation as Explanation, explain as explain
 from ._resolve import labels as labels, mask as mask
 from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
-from ._sharding import shardings as shardings
-from ._transfer import (
-    LoadReport as LoadReport,
-    LoadRow as LoadRow,
-    load as load,
-    load_plan as load_plan,
-    save as save,
-)
 from ._tree import paths as paths
 
-__version__ = importlib.metadata.version("treeglob")
+# The rest is imported on first use (`__getattr__`), so that `import treeglob`
+# costs little more than jax, equinox and optax: the report, the recipes and
+# their presets, metrics, sharding, rules files, checkpoints.
+if TYPE_CHECKING:
+    from . import presets as presets
+    from ._config import (
+        RuleConfig as RuleConfig,
+        TransferRules as TransferRules,
+        load_rules as load_rules,
+        load_transfer as load_transfer,
+    )
+    from ._layer_decay import (
+        layer_decay as layer_decay,
+        layer_decay_scales as layer_decay_scales,
+        layer_ids as layer_ids,
+    )
+    from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
+    from ._metrics import norm_ratios as norm_ratios, summarize as summarize
+    from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
+    from ._report import Explanation as Explanation, explain as explain
+    from ._sharding import shardings as shardings
+    from ._transfer import (
+        LoadReport as LoadReport,
+        LoadRow as LoadRow,
+        load as load,
+        load_plan as load_plan,
+        save as save,
+    )
+
+    __version__: str
+
+_LAZY = {
+    name: module
+    for module, names in {
+        ".presets": ["presets"],
+        "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer"],
+        "._layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
+        "._layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
+        "._metrics": ["norm_ratios", "summarize"],
+        "._recipes": ["decay_mask", "freeze", "scale_by_rules"],
+        "._report": ["Explanation", "explain"],
+        "._sharding": ["shardings"],
+        "._transfer": ["LoadReport", "LoadRow", "load", "load_plan", "save"],
+    }.items()
+    for name in names
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is not None:
+        loaded = importlib.import_module(module, __name__)
+        value = loaded if module == "." + name else getattr(loaded, name)
+    elif name == "__version__":
+        from importlib.metadata import version  # reading the installed metadata takes a millisecond
+
+        value = version("treeglob")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "__version__"})
+
 
 __all__ = [
     "JOIN_NEXT",
