@@ -22,6 +22,7 @@ import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._errors import pattern_error
 from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Class, DoubleStar, Lit, Range, SegmentMatcher, Sep
@@ -306,6 +307,18 @@ class CompiledGlob:
     anchored_end: bool
     ignore_case: bool
     _transitions: dict = field(default_factory=dict, repr=False, compare=False)
+    # A segment moves a state only through which tokens it matches: segments with the
+    # same matches (the 1000 block indices, for most patterns) share their transitions.
+    _by_signature: dict = field(default_factory=dict, repr=False, compare=False)
+    _literals: frozenset = field(init=False, repr=False, compare=False)  # literal tokens' texts
+    _general: tuple = field(init=False, repr=False, compare=False)  # the other tokens but `*`
+
+    def __post_init__(self) -> None:
+        tokens = dict.fromkeys(t for tokens in self.alternatives for t in tokens if t is not ANY_SEGMENTS)
+        literals = frozenset(t.literal for t in tokens if t.literal is not None)  # type: ignore[attr-defined]
+        general = tuple(t for t in tokens if t.literal is None and t.items != (STAR,))  # type: ignore[attr-defined]
+        object.__setattr__(self, "_literals", literals)
+        object.__setattr__(self, "_general", general)
 
     def start(self) -> frozenset[tuple[int, int]]:
         return self._settle({(a, 0) for a in range(len(self.alternatives))})
@@ -333,8 +346,19 @@ class CompiledGlob:
         if following is None:
             if len(self._transitions) > _MAX_TRANSITIONS:  # bound memory on adversarial inputs
                 self._transitions.clear()
-            following = self._transitions[key] = self._advance(state, segment)
+                self._by_signature.clear()
+            by_signature = (state, self._signature(segment))
+            following = self._by_signature.get(by_signature)
+            if following is None:
+                following = self._by_signature[by_signature] = self._advance(state, segment)
+            self._transitions[key] = following
         return following
+
+    def _signature(self, segment: str) -> tuple[Any, ...]:
+        """What decides which tokens `segment` matches: the text itself if a literal token
+        has it (none does otherwise), then whether each other token matches (`*` does)."""
+        text = segment.casefold() if self.ignore_case else segment
+        return (text if text in self._literals else None, *(t.match(text) for t in self._general))
 
     def _advance(self, state: frozenset[tuple[int, int]], segment: str) -> frozenset[tuple[int, int]]:
         text = segment.casefold() if self.ignore_case else segment

@@ -270,22 +270,26 @@ def build(treedef: Any, key_paths: Callable[[], list]) -> Node:
 
 _CACHE: dict[Any, Node] = {}  # treedef -> structure, most recently used last
 _CACHE_LOCK = threading.Lock()
+_LATEST: Node | None = None  # the last entry of _CACHE (looking it up would hash its treedef again)
 
 
 def structure_of(treedef: Any, key_paths: Callable[[], list]) -> Node:
     """`build`, remembered for the last few treedefs: a training loop asks about the
     same tree again and again (every optax init and update)."""
+    global _LATEST
     with _CACHE_LOCK:
         cached = _get(_CACHE, treedef)
         # Most recently used: to the end. Moving costs two more comparisons of
         # the whole treedef (9 ms for a 12k-leaf NNX State), so a hit that is
         # already last, the usual one in a training loop, stays where it is.
-        if cached is not None and _CACHE[next(reversed(_CACHE))] is not cached:
+        if cached is not None and cached is not _LATEST:
             _CACHE[treedef] = _CACHE.pop(treedef)
+            _LATEST = cached
     if cached is None:
         cached = build(treedef, key_paths)
         with _CACHE_LOCK:
             _put(_CACHE, treedef, cached)
+            _LATEST = cached
             while len(_CACHE) > 8:
                 del _CACHE[next(iter(_CACHE))]
     return cached

@@ -172,6 +172,14 @@ class TreeView:
     @functools.cached_property
     def ndim_array(self) -> np.ndarray:
         """Per row: the number of dimensions, -1 for a row that is not an array."""
+        if (
+            self.origin is None
+            and "leaf_shapes" not in self.__dict__
+            and all(map(_array_type, self.leaf_types))
+        ):
+            # Only the lengths: no tuple of each shape where nothing else asks for shapes.
+            with contextlib.suppress(AttributeError):  # an unset slot: asked leaf by leaf below
+                return np.fromiter(map(len, map(_SHAPE, self.leaves)), np.intp, len(self.leaves))
         shapes = self.shapes
         if None in shapes:
             return np.fromiter((-1 if s is None else len(s) for s in shapes), np.intp, len(shapes))
