@@ -14,10 +14,16 @@ def test_benchmark_script_runs_in_its_quick_configuration():
     assert result.returncode == 0, result.stdout + result.stderr
     for section in (
         "## Label building",
+        "## The report and presets",
+        "## Peers",
+        "## Eager optimizer update",
+        "## Import",
+        "## Command line",
         "## Compiled step",
         "## Layer-wise LR decay",
         "## Adversarial patterns",
         "## Targets",
     ):
         assert section in result.stdout
-    assert "jaxpr identical to the hand-written mask: True" in result.stdout
+    for wrapper in ("decay_mask", "masked", "multi_transform"):
+        assert f"jaxpr of {wrapper} identical to the hand-written one: True" in result.stdout
