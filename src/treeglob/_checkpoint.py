@@ -11,6 +11,7 @@ shard).
 from __future__ import annotations
 
 import abc
+import functools
 import os
 import pathlib
 import zipfile
@@ -37,7 +38,13 @@ SUFFIXES = (".safetensors", ".npz")
 def is_data(view: TreeView, row: int) -> bool:
     """Whether a row is an array of numbers: a checkpoint holds those, not Python values
     or PRNG keys (`jax.random.key`, an NNX module's `Rngs`), which transfers leave alone."""
-    return view.shapes[row] is not None and not jnp.issubdtype(view.dtypes[row], jax.dtypes.extended)
+    return view.shapes[row] is not None and not _extended(view.dtypes[row])
+
+
+@functools.lru_cache(maxsize=256)
+def _extended(dtype: Any) -> bool:
+    # Asked once per dtype, not once per tensor (jnp.issubdtype costs microseconds).
+    return jnp.issubdtype(dtype, jax.dtypes.extended)
 
 
 class Checkpoint(abc.ABC):
@@ -57,9 +64,20 @@ class Checkpoint(abc.ABC):
 
     def __init__(self, where: str, tree: Any):
         self.where, self.tree = where, tree
-        self.view = view = TreeView(tree)
-        self.rows = {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
-        self.meta = {path: view.leaves[r] for path, r in self.rows.items()}
+
+    # Built on first use: listing a checkpoint (`treeglob paths`, `explain`) needs only `tree`.
+    @functools.cached_property
+    def view(self) -> TreeView:
+        return TreeView(self.tree)
+
+    @functools.cached_property
+    def rows(self) -> dict[str, int]:
+        view = self.view
+        return {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        return {path: self.view.leaves[r] for path, r in self.rows.items()}
 
     def read(self, path: str) -> Any:
         """The whole tensor (a NumPy array, or the array itself for a tree in memory)."""

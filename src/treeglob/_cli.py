@@ -22,13 +22,14 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, NamedTuple
 
 from . import presets
 from ._checkpoint import open_checkpoint
 from ._config import RuleConfig, TransferRules, load_rules, load_transfer
-from ._report import Explanation
+from ._report import Explanation, LeafRow
 from ._resolve import Resolution, paused_gc, resolve, view_of
 from ._rules import MISSING
 from ._selector import Context, Selector, coerce
@@ -210,7 +211,10 @@ def _check(
     if not args.json:
         print(report.format(width=width, color=color, rows=rows))
         return {}
-    return report.to_dict(rows=rows)
+    # The leaves as columns, as the report holds them: no dict per leaf.
+    names = [f.name for f in fields(LeafRow)]
+    columns = report.columns if rows is None else [[getattr(r, name) for r in rows] for name in names]
+    return {**report.to_dict(rows=[]), "leaves": _Columns(names, columns)}
 
 
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
@@ -310,6 +314,13 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+class _Columns(NamedTuple):
+    """Records (a report's leaves) as one list per field."""
+
+    names: list[str]
+    columns: Sequence[list[Any]]
+
+
 def _json(data: dict[str, Any]) -> str:
     """`data` as JSON, one line per key and per item of a list (a leaf, a rule).
 
@@ -321,24 +332,23 @@ def _json(data: dict[str, Any]) -> str:
     lines = []
     for key, value in data.items():
         if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            if all(item.keys() == value[0].keys() for item in value):  # records: as columns
+                value = _Columns(list(value[0]), [[item[name] for item in value] for name in value[0]])
+        if isinstance(value, _Columns):
             items = ",\n".join(_records(value, encode))
-            lines.append(f" {encode(key)}: [\n{items}\n ]")
+            lines.append(f" {encode(key)}: [\n{items}\n ]" if items else f" {encode(key)}: []")
         else:
             lines.append(f" {encode(key)}: {encode(value)}")
     return "{\n" + ",\n".join(lines) + "\n}"
 
 
-def _records(records: list[dict[str, Any]], encode: Callable[[Any], str]) -> list[str]:
-    """Each record (all with the same keys) as a JSON object on one line, encoded column
-    by column and each distinct value once: the leaves of a report repeat a few shapes,
-    dtypes, labels and (long) selectors."""
-    keys = records[0].keys()
-    if any(r.keys() != keys for r in records):
-        return ["  " + encode(r) for r in records]
+def _records(records: _Columns, encode: Callable[[Any], str]) -> list[str]:
+    """Each record as a JSON object on one line, encoded column by column and each distinct
+    value once: the leaves of a report repeat a few shapes, dtypes, labels and (long) selectors."""
     columns = []
-    for key in keys:
-        prefix, done, texts = f"{encode(key)}: ", {}, []
-        for value in [r[key] for r in records]:
+    for name, values in zip(records.names, records.columns, strict=True):
+        prefix, done, texts = f"{encode(name)}: ", {}, []
+        for value in values:
             # Only types whose equal values encode alike (not 0.0 and -0.0); 1 and True kept apart.
             if type(value) not in _SAME_TEXT:
                 texts.append(prefix + encode(value))
@@ -348,7 +358,7 @@ def _records(records: list[dict[str, Any]], encode: Callable[[Any], str]) -> lis
                 text = done[(type(value), value)] = prefix + encode(value)
             texts.append(text)
         columns.append(texts)
-    return ["  {" + ", ".join(fields) + "}" for fields in zip(*columns, strict=True)]
+    return ["  {" + ", ".join(cells) + "}" for cells in zip(*columns, strict=True)]
 
 
 _SAME_TEXT = {str, int, bool, type(None), tuple}

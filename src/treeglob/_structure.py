@@ -396,13 +396,38 @@ def row_segments(root: Node) -> list[tuple[str, ...]]:
 
 def row_paths(root: Node) -> list[str]:
     """The printed path of every row, in row order: `row_segments` quoted and joined with
-    ".", built prefix by prefix rather than row by row."""
+    ".", built prefix by prefix; a subtree met more than once (a model's blocks) renders its
+    own paths once, and each place it appears prefixes them."""
+    return _paths_below(root, _shared(root), {})
+
+
+def _shared(root: Node) -> set[int]:
+    """The inner nodes that are the child of more than one parent, or twice of one."""
+    seen, shared, stack = {id(root)}, set(), [root]
+    while stack:
+        for _, child in stack.pop().children:
+            if child.children:
+                if id(child) in seen:
+                    shared.add(id(child))
+                else:
+                    seen.add(id(child))
+                    stack.append(child)
+    return shared
+
+
+def _paths_below(top: Node, shared: set[int], memo: dict[int, list[str]]) -> list[str]:
+    # Recursion only into shared subtrees: nesting k of them takes 2**k rows, so it stays shallow.
     out: list[str] = []
-    stack: list[tuple[Node, str]] = [(root, "")]
+    stack: list[tuple[Node, str]] = [(top, "")]
     while stack:
         node, prefix = stack.pop()
         if not node.children:
             out += [prefix] * node.n
+        elif prefix and id(node) in shared:
+            below = memo.get(id(node))
+            if below is None:
+                below = memo[id(node)] = _paths_below(node, shared, memo)
+            out += [f"{prefix}.{path}" for path in below]
         else:
             stack.extend(
                 (child, f"{prefix}.{quote(segment)}" if prefix else quote(segment))
