@@ -564,7 +564,9 @@ print(sorted(set(slices)), reads, w_shards)
     )
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="measures resident memory on Linux")
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="measures resident memory on Linux"
+)
 def test_loading_holds_one_tensor_at_a_time(tmp_path):
     """A 256 MiB checkpoint of 16 tensors of 16 MiB loads into an abstract model with about
     one tensor of host memory beyond the loaded model itself: traced (tracemalloc) and
