@@ -86,6 +86,16 @@ class _Regex(Selector):
         # The regex's plain characters: enough to point at a near miss.
         return [re.sub(r"\\(.)|[\\^$.*+?()\[\]{}|]", r"\1", self.pattern)]
 
+    def _hint(self, ctx: Context) -> str:
+        search = self.compiled.search
+        found = next((p for p in ctx.view.paths if search(p)), None)
+        if found is None:
+            return ""
+        return (
+            f"A regex selects a path it matches whole (re.fullmatch), and {found!r} only contains a "
+            f"match: write 're:.*{self.pattern}' to allow anything before it."
+        )
+
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
 

@@ -57,6 +57,10 @@ class Selector:
         """The literal text of the patterns inside this selector, to suggest close matches."""
         return []
 
+    def _hint(self, ctx: Context) -> str:
+        """Why this selector might have matched nothing, when it can tell (else "")."""
+        return ""
+
     def __and__(self, other: Any) -> Selector:
         return all_of(self, other)
 
@@ -114,8 +118,15 @@ class Context:
         close = self.suggestions(selector)
         if close:
             lines.append("Close matches in the tree: " + ", ".join(close) + ".")
-        if extra:
-            lines.append(extra)
+        slashed = next((text for text in selector._literals() if "/" in text), None)
+        if slashed is not None:
+            lines.append(
+                f"A '/' in a name (Haiku's modules, a dict flattened with '/') is a segment boundary "
+                f"in treeglob's paths: write {slashed.replace('/', '.')!r}."
+            )
+        for hint in (selector._hint(self), extra):
+            if hint:
+                lines.append(hint)
         lines.append(_STRICT_FIX)
         return NoMatchError("\n".join(lines))
 
@@ -123,6 +134,7 @@ class Context:
         """Segments (or whole paths, for a literal spanning segments) close to the selector's text."""
         out: list[str] = []
         for literal in selector._literals():
+            literal = literal.replace("/", ".")
             if "." in literal:
                 candidates = self.view.paths
             else:
