@@ -306,67 +306,17 @@ def _plan(
     transforms = parse_transforms(transform or [])
     view = view_of(target, caller, stacked)
     checkpoint = open_checkpoint(source)
-    skip_list, ignore_list = _as_list(skip), _as_list(ignore)
-
-    # The checkpoint's names are its paths, printed as treeglob prints paths.
-    source_view = checkpoint.view
-    ignored = np.zeros(len(source_view), dtype=bool)
-    if ignore_list:
-        rules = [(p, True) for p in ignore_list]
-        ignored = _resolve_rows(source_view, rules, caller, strict, f"the ignore list given to {caller}()")
-    ignored_names = {source_view.paths[r] for r in np.flatnonzero(ignored).tolist()}
-    kept = [p for p in checkpoint.meta if p not in ignored_names]
-    renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
-
-    rows = range(len(view))
-    arrays = [r for r in rows if is_data(view, r)]
-    index = {view.paths[r]: r for r in arrays}
-    taken: dict[int, str] = {}  # model row -> printed checkpoint name
-    for name, outs in renamed.items():
-        for out in outs:
-            row = index.get(out)
-            if row is None:
-                continue
-            if row in taken:
-                raise ValueError(
-                    f"{caller}(): the checkpoint tensors {taken[row]!r} and {name!r} both become the "
-                    f"model path {out!r}. Rename one of them elsewhere or ignore=[...] it."
-                )
-            taken[row] = name
-
+    ignored, renamed, taken = _match_tensors(view, checkpoint, rename_rules, _as_list(ignore), caller, strict)
     skipped = np.zeros(len(view), dtype=bool)
-    if skip_list:
-        skipped = _resolve_rows(
-            view, [(p, True) for p in skip_list], caller, strict, f"the skip list given to {caller}()"
-        )
-    chosen = np.full(len(view), -1)
-    if transforms:
-        with_index = [(p, k) for k, (p, _) in enumerate(transforms)]
-        subject = f"a transform pattern given to {caller}()"
-        resolution = resolve(
-            view,
-            with_index,
-            caller=caller,
-            default=-1,
-            strict=strict,
-            merge="rows",
-            warn=False,
-            subject=subject,
-        )
-        for k in resolution.shadowed:
-            warnings.warn(
-                f"transform[{k}] ({transforms[k][0]!r}) never applies: every leaf it matches is taken by "
-                "an earlier transform (the first match wins). Move it up or remove it.",
-                ShadowedRuleWarning,
-                stacklevel=user_stacklevel(),
-            )
-        chosen = resolution.decided
+    if skip_rules := [(p, True) for p in _as_list(skip)]:
+        skipped = _resolve_rows(view, skip_rules, caller, strict, f"the skip list given to {caller}()")
+    chosen = _choose_transforms(view, transforms, caller, strict)
 
     out_rows: list[LoadRow] = []
     reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
     # A model repeats a few shapes many times: each transform is traced once per input.
     outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | str] = {}
-    for r in arrays:
+    for r in (r for r in range(len(view)) if is_data(view, r)):
         path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
         name = taken.get(r)
         meta = None if name is None else checkpoint.meta[name]
@@ -399,13 +349,72 @@ def _plan(
     used = set(taken.values())
     for p, meta in checkpoint.meta.items():
         src = _source_meta(meta)
-        if p in ignored_names:
+        if p in ignored:
             out_rows.append(LoadRow("ignored", None, p, None, None, **src))
         elif p not in used:
             outs = [o for o in renamed[p] if o != p]
             out_rows.append(LoadRow("unused", None, p, None, None, **src, note=", ".join(outs)))
     report = LoadReport(tuple(out_rows), checkpoint.where, allow_missing, allow_unused)
     return _Plan(view, checkpoint, report, reads)
+
+
+def _match_tensors(
+    view: TreeView,
+    checkpoint: Checkpoint,
+    rename_rules: list[Any],
+    ignore: list[Any],
+    caller: str,
+    strict: bool,
+) -> tuple[set[str], dict[str, list[str]], dict[int, str]]:
+    """The checkpoint names ignored, each name's renamed paths, and per model row the name it takes."""
+    source_view = checkpoint.view  # names are the checkpoint's paths, as treeglob prints paths
+    ignored: set[str] = set()
+    if ignore:
+        rules = [(p, True) for p in ignore]
+        hit = _resolve_rows(source_view, rules, caller, strict, f"the ignore list given to {caller}()")
+        ignored = {source_view.paths[r] for r in np.flatnonzero(hit).tolist()}
+    kept = [p for p in checkpoint.meta if p not in ignored]
+    renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
+    index = {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
+    taken: dict[int, str] = {}
+    for name, outs in renamed.items():
+        for out in outs:
+            row = index.get(out)
+            if row is None:
+                continue
+            if row in taken:
+                raise ValueError(
+                    f"{caller}(): the checkpoint tensors {taken[row]!r} and {name!r} both become the "
+                    f"model path {out!r}. Rename one of them elsewhere or ignore=[...] it."
+                )
+            taken[row] = name
+    return ignored, renamed, taken
+
+
+def _choose_transforms(
+    view: TreeView, transforms: list[tuple[Any, Callable[[Any], Any]]], caller: str, strict: bool
+) -> np.ndarray:
+    """Per model row, the index of its transform (first match), -1 for none."""
+    if not transforms:
+        return np.full(len(view), -1)
+    resolution = resolve(
+        view,
+        [(pattern, k) for k, (pattern, _) in enumerate(transforms)],
+        caller=caller,
+        default=-1,
+        strict=strict,
+        merge="rows",
+        warn=False,
+        subject=f"a transform pattern given to {caller}()",
+    )
+    for k in resolution.shadowed:
+        warnings.warn(
+            f"transform[{k}] ({transforms[k][0]!r}) never applies: every leaf it matches is taken by "
+            "an earlier transform (the first match wins). Move it up or remove it.",
+            ShadowedRuleWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return resolution.decided
 
 
 @functools.cache
