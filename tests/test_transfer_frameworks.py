@@ -724,7 +724,7 @@ def test_a_directory_that_is_no_orbax_checkpoint_is_refused(tmp_path, where):
 
 def test_orbax_checkpoint_manager_item_directory_loads(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
-    params = {"w": np.arange(3, dtype=np.float32), "b": np.float32(2.5)}
+    params = {"w": np.arange(3, dtype=np.float32), "b": np.asarray(2.5, np.float32)}
     with ocp.CheckpointManager(tmp_path / "manager") as manager:
         manager.save(1, args=ocp.args.StandardSave(params))
         manager.wait_until_finished()
