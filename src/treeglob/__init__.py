@@ -45,17 +45,12 @@ if TYPE_CHECKING:
         layer_ids as layer_ids,
     )
     from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
+    from ._load_report import LoadReport as LoadReport, LoadRow as LoadRow
     from ._metrics import norm_ratios as norm_ratios, summarize as summarize
     from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
     from ._report import Explanation as Explanation, explain as explain
     from ._sharding import shardings as shardings
-    from ._transfer import (
-        LoadReport as LoadReport,
-        LoadRow as LoadRow,
-        load as load,
-        load_plan as load_plan,
-        save as save,
-    )
+    from ._transfer import load as load, load_plan as load_plan, save as save
 
     __version__: str
 
@@ -70,7 +65,8 @@ _LAZY = {
         "._recipes": ["decay_mask", "freeze", "scale_by_rules"],
         "._report": ["Explanation", "explain"],
         "._sharding": ["shardings"],
-        "._transfer": ["LoadReport", "LoadRow", "load", "load_plan", "save"],
+        "._load_report": ["LoadReport", "LoadRow"],
+        "._transfer": ["load", "load_plan", "save"],
     }.items()
     for name in names
 }

@@ -11,12 +11,11 @@ does.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import pathlib
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -25,213 +24,18 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checkpoint import Checkpoint, is_data, open_checkpoint
-from ._errors import LoadError, ShadowedRuleWarning, suggest, user_stacklevel
-from ._rename import apply_renames, pairs, parse_renames
+from ._errors import LoadError, ShadowedRuleWarning, user_stacklevel
+from ._load_report import LoadReport, LoadRow
+from ._rename import apply_renames, parse_renames
 from ._resolve import paused_gc, resolve, view_of
 from ._safetensors import write
 from ._selector import coerce
-from ._table import render_table
+from ._transforms import output_meta, parse_transforms, transform_name
 from ._tree import TreeView
 
-__all__ = ["LoadReport", "LoadRow", "check_rules", "load", "load_plan", "parse_transforms", "save"]
+__all__ = ["check_rules", "load", "load_plan", "save"]
 
-_MAX_LISTED = 20
-#: The statuses of the report, in the order it lists them.
-STATUSES = ("loaded", "skipped", "missing", "mismatch", "unused", "ignored")
-#: The statuses that stop a load (unless allowed per call).
-PROBLEMS = ("missing", "mismatch", "unused")
-
-
-@dataclass(frozen=True)
-class LoadRow:
-    """One model leaf (one layer under `stacked`) or one checkpoint tensor, and what the transfer does with it.
-
-    `path` is the model path (None for a checkpoint tensor no leaf takes);
-    `source` the checkpoint name (None for a model leaf that takes none).
-    `shape`/`dtype` are the model's, `source_shape`/`source_dtype` the
-    checkpoint's; `transform` names the function a tensor passes through.
-    """
-
-    status: str
-    path: str | None
-    source: str | None
-    shape: tuple[int, ...] | None
-    dtype: str | None
-    source_shape: tuple[int, ...] | None = None
-    source_dtype: str | None = None
-    transform: str | None = None
-    note: str = ""
-
-    @property
-    def size(self) -> int:
-        shape = self.shape if self.shape is not None else self.source_shape
-        return 0 if shape is None else math.prod(shape)
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The plan of a transfer: every model leaf loaded or skipped, every checkpoint tensor
-    used or ignored, and what does not fit. `str()` renders it as a table."""
-
-    rows: tuple[LoadRow, ...]
-    source: str
-    allow_missing: bool = False
-    allow_unused: bool = False
-    counts: dict[str, dict[str, int]] = field(init=False, compare=False, hash=False)  # from the rows
-
-    def __post_init__(self) -> None:
-        counts = {s: {"leaves": 0, "elements": 0} for s in STATUSES}
-        for r in self.rows:
-            counts[r.status]["leaves"] += 1
-            counts[r.status]["elements"] += r.size
-        counts["transformed"] = {
-            "leaves": sum(1 for r in self.rows if r.transform and r.status == "loaded"),
-            "elements": sum(r.size for r in self.rows if r.transform and r.status == "loaded"),
-        }
-        object.__setattr__(self, "counts", counts)
-
-    def problems(self) -> list[str]:
-        """The statuses that stop the load: mismatches always, missing and unused unless allowed."""
-        allowed = {"missing": self.allow_missing, "unused": self.allow_unused, "mismatch": False}
-        return [s for s in PROBLEMS if self.counts[s]["leaves"] and not allowed[s]]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems()
-
-    def check(self, caller: str = "load") -> None:
-        """Raise `LoadError` listing every problem, if any."""
-        problems = self.problems()
-        if not problems:
-            return
-        unused = [r for r in self.rows if r.status == "unused"]
-        parts = []
-        for status in problems:
-            rows = [r for r in self.rows if r.status == status]
-            lines = [_problem_line(r, unused) for r in rows[:_MAX_LISTED]]
-            if len(rows) > _MAX_LISTED:
-                lines.append(f"... and {len(rows) - _MAX_LISTED} more")
-            one = len(rows) == 1
-            what = {
-                "missing": "model leaf has" if one else "model leaves have",
-                "mismatch": "tensor does not fit its" if one else "tensors do not fit their",
-                "unused": "checkpoint tensor is" if one else "checkpoint tensors are",
-            }[status] + {
-                "missing": " no checkpoint tensor",
-                "mismatch": " model leaf",
-                "unused": " used by no model leaf",
-            }[status]
-            fix = {
-                "missing": "Rename a tensor to them, skip=[...] them to keep their initial values, "
-                "or pass allow_missing=True.",
-                "mismatch": "Add a transform (e.g. 'transpose', a dtype name) or skip=[...] them.",
-                "unused": "Rename them to model paths, ignore=[...] them, or pass allow_unused=True.",
-            }[status]
-            parts.append(f"{len(rows)} {what}:\n  " + "\n  ".join(lines) + f"\n{fix}")
-        raise LoadError(f"{caller}() from {self.source}: " + "\n".join(parts), self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for logging: `{"source", "counts": {status: {leaves, elements}}, "rows": [...]}`."""
-        return {
-            "source": self.source,
-            "ok": self.ok,
-            "counts": {k: dict(v) for k, v in self.counts.items()},
-            "rows": [asdict(r) for r in self.rows],
-        }
-
-    def __str__(self) -> str:
-        return self.format()
-
-    def format(self, width: int | None = None) -> str:
-        """The report as text: one row per model leaf and per unused or ignored tensor, then the counts."""
-        table = [("path", "status", "source", "shape", "dtype", "note")]
-        for r in self.rows:
-            shape = r.shape if r.shape is not None else r.source_shape
-            dtype = r.dtype if r.dtype is not None else r.source_dtype
-            note = r.note or (f"via {r.transform}" if r.transform else "")
-            source = r.source or "-"
-            if r.path is not None and r.source is not None:
-                source = ("= " if r.source == r.path else "<- ") + r.source
-            table.append((r.path or "-", r.status, source, str(shape), str(dtype), note))
-        lines = render_table(table, right=set(), long=0, width=width)
-        lines.append("")
-        for status, count in self.counts.items():
-            if count["leaves"] or status in ("loaded", "missing", "unused"):
-                one = count["leaves"] == 1
-                what = (
-                    ("tensor" if one else "tensors")
-                    if status in ("unused", "ignored")
-                    else ("leaf" if one else "leaves")
-                )
-                flag = "  <- stops the load" if status in self.problems() else ""
-                elements = "element" if count["elements"] == 1 else "elements"
-                lines.append(
-                    f"{status:<12}{count['leaves']:>7,} {what:<8}{count['elements']:>16,} {elements}{flag}"
-                )
-        return "\n".join(lines)
-
-
-def _problem_line(row: LoadRow, unused: list[LoadRow]) -> str:
-    if row.status == "mismatch":
-        return f"{row.path} {row.dtype}{row.shape} <- {row.source} {row.note}"
-    if row.status == "unused":
-        renamed = f" (renamed {row.note})" if row.note else ""
-        return f"{row.source}{renamed} {row.source_dtype}{row.source_shape}"
-    close = suggest(row.path or "", [r.note or r.source or "" for r in unused])
-    return f"{row.path} {row.dtype}{row.shape}" + (f"  (close: {', '.join(close)})" if close else "")
-
-
-# ----------------------------------------------------------------------------
-# Transforms
-
-
-@dataclass(frozen=True)
-class _Named:
-    """A transform given by name: `"transpose"` or a dtype (a cast). Its output's shape
-    and dtype are known without running it."""
-
-    __name__: str
-    dtype: Any = None  # the cast's dtype; None for the transpose
-
-    def __call__(self, x: Any) -> Any:
-        return x.T if self.dtype is None else x.astype(self.dtype)
-
-    def output(self, shape: tuple[int, ...], dtype: Any) -> tuple[tuple[int, ...], Any]:
-        return (shape[::-1], dtype) if self.dtype is None else (shape, self.dtype)
-
-
-def _named_transform(name: str, where: str) -> _Named:
-    if name == "transpose":
-        return _Named("transpose")
-    try:
-        dtype = jnp.dtype(name)
-    except TypeError:
-        raise ValueError(
-            f"{where}: unknown transform {name!r}; a named transform is 'transpose' or a dtype name "
-            "such as 'float32' or 'bfloat16'. Pass a function for anything else."
-        ) from None
-    return _Named(f"astype({dtype})", dtype)
-
-
-def _transform_name(fn: Callable[[Any], Any]) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
-    """Check a list of `(pattern, function or name)` pairs (or a dict in order)."""
-    out = []
-    for index, (pattern, fn) in enumerate(
-        pairs(transform, "transform", "function", "('*.c_fc.weight', 'transpose')")
-    ):
-        if isinstance(fn, str):
-            fn = _named_transform(fn, f"transform[{index}]")
-        if not callable(fn):
-            raise TypeError(
-                f"transform[{index}]: {fn!r} is not callable; give a function of the array, "
-                "'transpose' or a dtype name."
-            )
-        out.append((pattern, fn))
-    return out
+_MAX_LISTED = 20  # paths listed in one message
 
 
 def check_rules(rename: Any = None, skip: Any = None, ignore: Any = None, transform: Any = None) -> None:
@@ -240,32 +44,6 @@ def check_rules(rename: Any = None, skip: Any = None, ignore: Any = None, transf
     parse_transforms(transform or [])
     for pattern in _as_list(skip) + _as_list(ignore):
         coerce(pattern)
-
-
-def _output_meta(
-    fn: Callable[[Any], Any], shape: tuple[int, ...], dtype: Any
-) -> tuple[tuple[int, ...], Any] | str:
-    """The shape and dtype `fn` gives for a tensor, without its data; else why not."""
-    if isinstance(fn, _Named):
-        return fn.output(shape, dtype)
-    # A zero-strided NumPy stand-in of the tensor: no memory for views (.T, slices,
-    # np.split, reshape), and NumPy's own dtype rules, which are what `fn` meets when
-    # the tensor is loaded.
-    try:
-        out = fn(np.broadcast_to(np.zeros((), dtype), shape))
-        return tuple(np.shape(out)), jnp.dtype(out.dtype)
-    except Exception as exc:
-        failure = f"{type(exc).__name__}: {exc}"
-    # Else traced abstractly (a function of JAX arrays only), where JAX keeps the dtype;
-    # through a lambda, since JAX caches traces on a weak reference to the function,
-    # which some callables (operator.methodcaller) refuse.
-    if jnp.dtype(dtype).itemsize < 8 or jax.config.read("jax_enable_x64"):
-        try:
-            out = jax.eval_shape(lambda x: fn(x), jax.ShapeDtypeStruct(shape, dtype))
-            return tuple(out.shape), jnp.dtype(out.dtype)
-        except Exception:
-            pass
-    return failure
 
 
 # ----------------------------------------------------------------------------
@@ -333,9 +111,9 @@ def _plan(
         if fn is not None:
             key = (k, *got)
             if key not in outputs:
-                outputs[key] = _output_meta(fn, *got)
+                outputs[key] = output_meta(fn, *got)
             got = outputs[key]
-        label = None if fn is None else _transform_name(fn)
+        label = None if fn is None else transform_name(fn)
         row = LoadRow("loaded", path, name, shape, _text(dtype), **src, transform=label)
         if isinstance(got, str):
             row = replace(row, note=f"checked when loaded (without data: {got[:80]})")
@@ -682,7 +460,7 @@ def _read(
 ) -> Any:
     value = checkpoint.read(name)
     if fn is not None:
-        where = f"load(): the transform {_transform_name(fn)} for {path!r} (from {name!r})"
+        where = f"load(): the transform {transform_name(fn)} for {path!r} (from {name!r})"
         try:
             value = fn(np.asarray(value))
         except Exception as exc:
