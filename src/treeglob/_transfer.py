@@ -233,6 +233,21 @@ def load_plan(
     (e.g. from `eqx.filter_eval_shape`). Rule errors raise as in `load`;
     missing, unused and mismatched tensors are in the report (`.ok`,
     `.problems()`, `.check()` raises them as `load` would).
+
+    Examples:
+        >>> import numpy as np, treeglob
+        >>> report = treeglob.load_plan({"w": np.zeros(2), "b": np.zeros(1)}, {"w": np.ones(2), "x": np.ones(3)})
+        >>> report.ok, report.problems()
+        (False, ['missing', 'unused'])
+        >>> print(report)
+        path  status   source  shape  dtype    note
+        b     missing  -       (1,)   float64
+        w     loaded   = w     (2,)   float64
+        -     unused   x       (3,)   float64
+        <BLANKLINE>
+        loaded            1 leaf                   2 elements
+        missing           1 leaf                   1 element  <- stops the load
+        unused            1 tensor                 3 elements  <- stops the load
     """
     with paused_gc():
         return _plan(
@@ -505,6 +520,15 @@ def save(
 
     Returns:
         The names written, in file order.
+
+    Examples:
+        >>> import os, tempfile, numpy as np, treeglob
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> treeglob.save(path, {"blocks": [{"w": np.ones(2)}], "head": np.zeros(3), "act": "gelu"})
+        ['blocks.0.w', 'head']
+        >>> model, report = treeglob.load({"blocks": [{"w": np.zeros(2)}], "head": np.ones(3)}, path)
+        >>> model["blocks"][0]["w"]
+        array([1., 1.])
     """
     target = pathlib.Path(path)
     if target.suffix != ".safetensors":
