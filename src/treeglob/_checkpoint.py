@@ -19,32 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._errors import SourceError
 from ._safetensors import TensorInfo, read_header
 from ._tree import TreeView
 
-__all__ = ["Checkpoint", "is_data", "open_checkpoint"]
+__all__ = ["Checkpoint", "open_checkpoint"]
 
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 SUFFIXES = (".safetensors", ".npz")
-
-
-def is_data(view: TreeView, row: int) -> bool:
-    """Whether a row is an array of numbers: a checkpoint holds those, not Python values
-    or PRNG keys (`jax.random.key`, an NNX module's `Rngs`), which transfers leave alone."""
-    return view.shapes[row] is not None and not _extended(view.dtypes[row])
-
-
-@functools.lru_cache(maxsize=256)
-def _extended(dtype: Any) -> bool:
-    # Asked once per dtype, not once per tensor (jnp.issubdtype costs microseconds).
-    return jnp.issubdtype(dtype, jax.dtypes.extended)
 
 
 class Checkpoint(abc.ABC):
@@ -73,7 +60,7 @@ class Checkpoint(abc.ABC):
     @functools.cached_property
     def rows(self) -> dict[str, int]:
         view = self.view
-        return {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
+        return {view.paths[r]: r for r in view.data_rows}
 
     @functools.cached_property
     def meta(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._checkpoint import Checkpoint, is_data, open_checkpoint
+from ._checkpoint import Checkpoint, open_checkpoint
 from ._errors import LoadError, ShadowedRuleWarning, user_stacklevel
 from ._load_report import LoadReport, LoadRow
 from ._rename import apply_renames, parse_renames
@@ -94,7 +94,7 @@ def _plan(
     reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
     # A model repeats a few shapes many times: each transform is traced once per input.
     outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | str] = {}
-    for r in (r for r in range(len(view)) if is_data(view, r)):
+    for r in view.data_rows:
         path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
         name = taken.get(r)
         meta = None if name is None else checkpoint.meta[name]
@@ -153,7 +153,7 @@ def _match_tensors(
         ignored = {source_view.paths[r] for r in np.flatnonzero(hit).tolist()}
     kept = [p for p in checkpoint.meta if p not in ignored]
     renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
-    index = {view.paths[r]: r for r in range(len(view)) if is_data(view, r)}
+    index = {view.paths[r]: r for r in view.data_rows}
     taken: dict[int, str] = {}
     for name, outs in renamed.items():
         for out in outs:
@@ -362,9 +362,8 @@ def _check_values(plan: _Plan) -> None:
     arrays = (jax.Array, np.ndarray)
     kept = [
         view.paths[r]
-        for r in range(len(view))
+        for r in view.data_rows
         if plan.reads[r] is None
-        and is_data(view, r)
         and not isinstance(view.leaves[r if view.origin is None else int(view.origin[r])], arrays)
     ]
     abstract = sorted(
@@ -542,7 +541,7 @@ def save(
         chosen = np.ones(len(view), dtype=bool)
         if select is not None:
             chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
-        rows = [r for r in range(len(view)) if chosen[r] and is_data(view, r)]
+        rows = [r for r in view.data_rows if chosen[r]]
     origin = view.origin.tolist() if view.origin is not None else None
     layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 

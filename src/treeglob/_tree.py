@@ -166,6 +166,12 @@ class TreeView:
         ]
 
     @functools.cached_property
+    def data_rows(self) -> list[int]:
+        """The rows that are arrays of numbers, what a checkpoint holds: not Python values,
+        nor PRNG keys (`jax.random.key`, an NNX module's `Rngs`)."""
+        return [r for r, d in enumerate(self.dtypes) if d is not None and not _extended(d)]
+
+    @functools.cached_property
     def ndims(self) -> list[int | None]:
         return [None if s is None else len(s) for s in self.shapes]
 
@@ -306,3 +312,9 @@ def paths(tree: Any, *, stacked: Any = None) -> list[str]:
         ['']
     """
     return TreeView(tree, stacked).paths
+
+
+@functools.lru_cache(maxsize=256)
+def _extended(dtype: Any) -> bool:
+    # Asked once per dtype, not once per row (jnp.issubdtype costs microseconds).
+    return bool(jax.numpy.issubdtype(dtype, jax.dtypes.extended))
