@@ -231,7 +231,13 @@ def test_nnx_scanned_layers_load_from_a_list_of_blocks_and_back(tmp_path):
     state, report = tg.load(nnx.state(listed, nnx.Param), tmp_path / "s.safetensors")
     assert report.ok
     nnx.update(listed, state)
-    assert bits(listed(X)) == bits(scanned(X))
+    for i, block in enumerate(listed.blocks):
+        assert_bit_equal(
+            nnx.to_pure_dict(nnx.state(block, nnx.Param)),
+            jax.tree.map(lambda x, i=i: x[i], nnx.to_pure_dict(nnx.state(scanned.blocks, nnx.Param))),
+        )
+    # A scan and an unrolled loop may round differently in XLA: the outputs agree to float precision.
+    np.testing.assert_allclose(listed(X), scanned(X), rtol=1e-6, atol=1e-6)
 
     tg.save(tmp_path / "l.safetensors", nnx.state(listed, nnx.Param))
     again = Scanned(nnx.Rngs(2))
