@@ -9,6 +9,7 @@ scales equal timm's `lr_scale` values bit for bit.
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,12 +21,12 @@ from ._errors import NoMatchError
 from ._keys import quote, split_path
 from ._layers import JOIN_NEXT, JOIN_PREVIOUS, LayerGroups
 from ._pattern import compile_glob
-from ._recipes import scale_updates
-from ._resolve import Resolution, resolve, view_of
+from ._resolve import Recall, Resolution, resolve, view_of
 from ._rules import normalize_rules
 from ._selector import optional
 from ._structure import Node, find
 from ._tree import TreeView
+from ._wrapper import RuleWrapper
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
 
@@ -128,8 +129,19 @@ def _joined(blocks: list[_Block]):
 
 
 def _layer_ids(
-    tree: Any, caller: str, blocks: str | None, rules: Any, default: Any, strict: bool, stacked: Any
+    tree: Any,
+    *,
+    caller: str,
+    blocks: str | None,
+    rules: Any,
+    default: Any,
+    strict: bool,
+    stacked: Any,
+    types_from: Any = None,
+    recall: Recall | None = None,
 ) -> tuple[Resolution, int]:
+    """The layer id of every leaf (the rules built from the blocks found in the tree, or in
+    `types_from`, where the rules are resolved), and the number of blocks."""
     view = view_of(tree, caller, stacked)
     if isinstance(rules, LayerGroups):  # an explicit blocks= wins over the family's
         blocks, rules = rules.blocks if blocks is None else blocks, rules.rules
@@ -139,7 +151,8 @@ def _layer_ids(
             "blocks must be the path of the block sequence (e.g. 'blocks', 'encoder.layers') or a pattern "
             "matching the blocks (e.g. 'stages.*.blocks.*')."
         )
-    found = _blocks_at(view, blocks) if _is_path(blocks) else _blocks_matching(view, blocks)
+    source = view if types_from is None else view_of(types_from, caller, stacked)
+    found = _blocks_at(source, blocks) if _is_path(blocks) else _blocks_matching(source, blocks)
     num_blocks = max(b.layer for b in found)
     top = num_blocks + 1
     # Blocks take precedence: the rules see only the leaves outside them, and
@@ -161,6 +174,8 @@ def _layer_ids(
         default=_layer_number(default, top, "default"),
         strict=strict,
         relabel=_joined(found),
+        types_from=types_from,
+        recall=recall,
     )
     return resolution, num_blocks
 
@@ -178,6 +193,7 @@ def layer_ids(
     default: int = -1,
     stacked: Any = None,
     strict: bool = True,
+    types_from: Any = None,
 ) -> Any:
     """The layer id of every leaf: block `i` is `i + 1`, the rest from `rules`.
 
@@ -206,6 +222,7 @@ def layer_ids(
         stacked: `{path: axes}` for stacked blocks: a stacked leaf gets an
             int array of per-layer ids, shape `(L, 1, ...)`.
         strict: as in `treeglob.labels`.
+        types_from: as in `treeglob.mask` (the blocks are found in it, too).
 
     Examples:
         >>> import numpy as np, treeglob
@@ -216,7 +233,16 @@ def layer_ids(
         >>> treeglob.layer_ids(convnext, blocks="stages.*.blocks.*", rules=[("stem", 0), ("downsample", treeglob.JOIN_NEXT)])
         {'head': 4, 'stages': [{'blocks': [1, 2]}, {'blocks': [3], 'downsample': 3}], 'stem': 0}
     """
-    return _layer_ids(tree, "layer_ids", blocks, rules, default, strict, stacked)[0].tree()
+    return _layer_ids(
+        tree,
+        caller="layer_ids",
+        blocks=blocks,
+        rules=rules,
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        types_from=types_from,
+    )[0].tree()
 
 
 def layer_decay_scales(
@@ -228,6 +254,7 @@ def layer_decay_scales(
     default: int = -1,
     stacked: Any = None,
     strict: bool = True,
+    types_from: Any = None,
 ) -> Any:
     """The learning-rate scale of every leaf: `decay ** (L + 1 - layer id)`.
 
@@ -242,21 +269,21 @@ def layer_decay_scales(
         {'blocks': [{'w': 0.25}, {'w': 0.5}], 'cls_token': 0.125, 'head': {'w': 1.0}, 'norm': {'scale': 0.5}}
     """
     _check_decay(decay)
-    return _scales(tree, "layer_decay_scales", decay, blocks, rules, default, strict, stacked)
+    return _scales(
+        tree,
+        decay,
+        caller="layer_decay_scales",
+        blocks=blocks,
+        rules=rules,
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        types_from=types_from,
+    ).tree()
 
 
-def _scales(
-    tree: Any,
-    caller: str,
-    decay: float,
-    blocks: str | None,
-    rules: Any,
-    default: Any,
-    strict: bool,
-    stacked: Any,
-) -> Any:
-    resolution, num_blocks = _layer_ids(tree, caller, blocks, rules, default, strict, stacked)
-    top = num_blocks + 1
+def _scale(decay: float, top: int) -> Any:
+    """A layer id (or per-layer ids of a stacked leaf) to its scale `decay ** (top - id)`."""
 
     def scale(layer: Any) -> Any:
         if isinstance(layer, np.ndarray):
@@ -264,7 +291,13 @@ def _scales(
             return np.array([decay ** (top - int(i)) for i in layer.flat]).reshape(layer.shape)
         return decay ** (top - layer)
 
-    return resolution.tree(scale)
+    return scale
+
+
+def _scales(tree: Any, decay: float, recall: Recall | None = None, **options: Any) -> Resolution:
+    """The resolution of the layer ids, its values turned into scales."""
+    resolution, num_blocks = _layer_ids(tree, recall=recall, **options)
+    return replace(resolution, values=list(map(_scale(decay, num_blocks + 1), resolution.values)))
 
 
 def layer_decay(
@@ -275,6 +308,7 @@ def layer_decay(
     default: int = -1,
     stacked: Any = None,
     strict: bool = True,
+    types_from: Any = None,
 ) -> optax.GradientTransformation:
     """Layer-wise learning-rate decay as one stateless transform.
 
@@ -293,6 +327,14 @@ def layer_decay(
         [-0.25, -0.5, -1.0]
     """
     _check_decay(decay)
-    return scale_updates(
-        lambda tree: _scales(tree, "layer_decay", decay, blocks, rules, default, strict, stacked)
-    )
+    return RuleWrapper(
+        _scales,
+        decay=decay,
+        caller="layer_decay",
+        blocks=blocks,
+        rules=rules,
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        types_from=types_from,
+    ).scale()

@@ -16,9 +16,10 @@ from typing import Any
 
 import optax
 
-from ._resolve import Recall, resolve, select
+from ._resolve import select
 from ._rules import MISSING, normalize_rules
 from ._selector import coerce
+from ._wrapper import RuleWrapper
 
 __all__ = ["masked", "multi_transform"]
 
@@ -51,19 +52,14 @@ def masked(
         >>> {k: v.tolist() for k, v in updates.items()}
         {'b': [1.0, 1.0], 'w': [-0.5, -0.5]}
     """
-    selector, recall = coerce(selector), Recall()
-
-    def mask_of(tree: Any) -> Any:
-        return select(
-            tree,
-            selector,
-            caller="masked",
-            strict=strict,
-            stacked=stacked,
-            types_from=types_from,
-            recall=recall,
-        ).tree()
-
+    mask_of = RuleWrapper(
+        select,
+        selector=coerce(selector),
+        caller="masked",
+        strict=strict,
+        stacked=stacked,
+        types_from=types_from,
+    ).tree_fn()
     return optax.masked(inner, mask_of)
 
 
@@ -131,19 +127,13 @@ def multi_transform(
             "Give every label exactly one transform (check the spelling), or remove the extra ones."
         )
 
-    recall = Recall()
-
-    def labels_of(tree: Any) -> Any:
-        return resolve(
-            tree,
-            normalized,
-            caller="multi_transform",
-            default=default,
-            strict=strict,
-            stacked=stacked,
-            merge="label",
-            types_from=types_from,
-            recall=recall,
-        ).tree()
-
+    labels_of = RuleWrapper(
+        caller="multi_transform",
+        rules=normalized,
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        merge="label",
+        types_from=types_from,
+    ).tree_fn()
     return optax.partition(dict(transforms), labels_of)

@@ -11,16 +11,14 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
-import jax.tree_util as jtu
 import optax
 
 from . import presets
-from ._resolve import Recall, resolve
 from ._rules import normalize_rules
 from ._selector import coerce
+from ._wrapper import RuleWrapper
 
-__all__ = ["decay_mask", "freeze", "scale_by_rules", "scale_updates"]
+__all__ = ["decay_mask", "freeze", "scale_by_rules"]
 
 
 def decay_mask(
@@ -62,40 +60,13 @@ def decay_mask(
             f"{normalized.labels()!r}. Pass label=<the label meaning decay>."
         )
 
-    recall = Recall()
-
-    def mask_fn(tree: Any) -> Any:
-        resolution = resolve(
-            tree,
-            normalized,
-            caller="decay_mask",
-            strict=strict,
-            stacked=stacked,
-            types_from=types_from,
-            recall=recall,
-        )
-        return resolution.tree(lambda value: value == label)
-
-    return mask_fn
-
-
-def scale_updates(scales_of: Callable[[Any], Any]) -> optax.GradientTransformation:
-    """Multiply each update by its scale from `scales_of(updates)`; scale 1 costs nothing."""
-
-    def scale(u: Any, s: Any) -> Any:
-        if isinstance(s, numbers.Number) and s == 1:
-            return u
-        return u * jnp.asarray(s, dtype=u.dtype)
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        return jtu.tree_map(scale, updates, scales_of(updates)), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return RuleWrapper(
+        caller="decay_mask", rules=normalized, strict=strict, stacked=stacked, types_from=types_from
+    ).tree_fn(lambda value: value == label)
 
 
 def scale_by_rules(
-    rules: Any, *, default: Any = 1.0, stacked: Any = None, strict: bool = True
+    rules: Any, *, default: Any = 1.0, stacked: Any = None, strict: bool = True, types_from: Any = None
 ) -> optax.GradientTransformation:
     """Multiply each update by its numeric label: learning-rate multipliers by rule.
 
@@ -118,20 +89,14 @@ def scale_by_rules(
         _check_number(r.label, r.describe())
     _check_number(default, "default")
 
-    recall = Recall()
-
-    def scales_of(tree: Any) -> Any:
-        return resolve(
-            tree,
-            normalized,
-            caller="scale_by_rules",
-            default=default,
-            strict=strict,
-            stacked=stacked,
-            recall=recall,
-        ).tree()
-
-    return scale_updates(scales_of)
+    return RuleWrapper(
+        caller="scale_by_rules",
+        rules=normalized,
+        default=default,
+        strict=strict,
+        stacked=stacked,
+        types_from=types_from,
+    ).scale()
 
 
 def _check_number(value: Any, where: str) -> None:
@@ -180,33 +145,23 @@ def freeze(
     """
     # 0.0 on frozen rows, 1.0 elsewhere; a stacked leaf frozen on some
     # layers only gets a per-layer array of them.
-    rules = normalize_rules([(coerce(frozen), 0.0)])
-    recall = Recall()
-
-    def factors(tree: Any) -> Any:
-        return resolve(
-            tree,
-            rules,
-            caller="freeze",
-            default=1.0,
-            strict=strict,
-            stacked=stacked,
-            subject="the selector given to freeze()",
-            types_from=types_from,
-            recall=recall,
-        )
-
-    def partition_labels(tree: Any) -> Any:
-        return factors(tree).tree(lambda f: "frozen" if _all_frozen(f) else "train")
-
-    def layer_factors(tree: Any) -> Any:
-        # Wholly frozen leaves are already zero (set_to_zero): leave them be.
-        return factors(tree).tree(lambda f: 1.0 if _all_frozen(f) else f)
-
-    split = optax.partition({"train": inner, "frozen": optax.set_to_zero()}, partition_labels)
+    factors = RuleWrapper(
+        caller="freeze",
+        rules=normalize_rules([(coerce(frozen), 0.0)]),
+        default=1.0,
+        strict=strict,
+        stacked=stacked,
+        subject="the selector given to freeze()",
+        types_from=types_from,
+    )
+    split = optax.partition(
+        {"train": inner, "frozen": optax.set_to_zero()},
+        factors.tree_fn(lambda f: "frozen" if _all_frozen(f) else "train"),
+    )
     if stacked is None:
         return split
-    return optax.chain(split, scale_updates(layer_factors))
+    # Wholly frozen leaves are already zero (set_to_zero): their factor stays 1.
+    return optax.chain(split, factors.scale(lambda f: 1.0 if _all_frozen(f) else f))
 
 
 def _all_frozen(factor: Any) -> bool:
