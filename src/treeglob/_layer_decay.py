@@ -9,6 +9,7 @@ scales equal timm's `lr_scale` values bit for bit.
 from __future__ import annotations
 
 import numbers
+import re
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ from ._pattern import compile_glob
 from ._resolve import Recall, Resolution, resolve, view_of
 from ._rules import normalize_rules
 from ._selector import optional
-from ._structure import Node, find
+from ._structure import find, find_nodes
 from ._tree import TreeView
 from ._wrapper import RuleWrapper
 
@@ -64,30 +65,54 @@ def _blocks_at(view: TreeView, blocks: str) -> list[_Block]:
 
 
 def _blocks_matching(view: TreeView, pattern: str) -> list[_Block]:
-    """The subtrees the glob `pattern` matches as a whole path, numbered in order:
-    decimal keys by their value, other keys in tree order."""
+    """The subtrees the glob `pattern` matches as a whole path, numbered in order: by the
+    numbers in their keys (`encoderblock_10` after `encoderblock_9`, as Flax and Haiku
+    name blocks), keys without a number in tree order."""
     compiled = compile_glob("^" + pattern.removeprefix("^").removesuffix("$") + "$")
-    found: list[tuple[tuple[tuple[int, int], ...], tuple[str, ...]]] = []
-    stack: list[tuple[Node, Any, tuple[str, ...], tuple[tuple[int, int], ...]]] = [
-        (view.structure, compiled.start(), (), ())
-    ]
-    while stack:
-        node, state, segments, order = stack.pop()
-        for k, (segment, child) in enumerate(node.children):
-            child_state = compiled.step(state, segment)
-            key = (*order, (0, int(segment)) if segment.isdecimal() else (1, k))
-            if compiled.accepts(child_state):
-                found.append((key, (*segments, segment)))
-            elif child.children and not compiled.dead(child_state):
-                stack.append((child, child_state, (*segments, segment), key))
+    found = [segments for segments, _ in find_nodes(view.structure, compiled)]
     if not found:
         raise NoMatchError(
             f"blocks={pattern!r} matches no subtree of the tree. Give a pattern whose matches are the "
             "blocks themselves (e.g. 'stages.*.blocks.*' or 'layer{1..4}.*'), or the path of the block "
             f"sequence.{view.close_subtrees(pattern)}"
         )
-    found.sort()
-    return [_Block(".".join(map(quote, segs)), segs, i + 1) for i, (_, segs) in enumerate(found)]
+    _check_order(pattern, found)
+    # Tree order first, so that a stable sort by numbers keeps it among unnumbered keys.
+    found.sort(key=lambda segments: tuple(_number_key(s) for s in segments))
+    return [_Block(".".join(map(quote, segs)), segs, i + 1) for i, segs in enumerate(found)]
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _number_key(segment: str) -> tuple[Any, ...]:
+    """`encoderblock_10` -> ('encoderblock_', 10, ''): sorts by the numbers in the key;
+    a key without digits sorts as one equal value (tree order, by the stable sort)."""
+    parts = _DIGITS.split(segment)
+    if len(parts) == 1:
+        return ()
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def _check_order(pattern: str, found: list[tuple[str, ...]]) -> None:
+    """Where keys do not say the order of the blocks, refuse rather than guess: siblings
+    of which some carry a number and some do not, or two keys with the same numbers."""
+    by_parent: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for segments in found:
+        for depth in range(len(segments)):
+            by_parent.setdefault(segments[:depth], []).append(segments)
+    for parent, below in by_parent.items():
+        keys = dict.fromkeys(s[len(parent)] for s in below)
+        numbered = [k for k in keys if _number_key(k)]
+        clash = len({_number_key(k) for k in numbered}) < len(numbered)
+        if (numbered and len(numbered) < len(keys)) or clash:
+            listed = ", ".join(".".join(map(quote, (*parent, k))) for k in keys)
+            why = "the same numbers in different keys" if clash else "keys with and without a number"
+            raise ValueError(
+                f"blocks={pattern!r}: the order of the blocks is ambiguous ({why}): {listed}. Blocks are "
+                "numbered by the numbers in their keys; narrow the pattern to the numbered blocks (e.g. "
+                "'encoder.layer_*'), or place the others with rules."
+            )
 
 
 def _layer_number(layer: Any, top: int, where: str) -> Any:

@@ -25,6 +25,7 @@ __all__ = [
     "ONE_LEVEL",
     "Node",
     "find",
+    "find_nodes",
     "inner_paths",
     "is_wrapper",
     "remember",
@@ -168,49 +169,85 @@ def _key_parts(key: Any, flat: bool) -> tuple[str, ...] | None:
 def _children(kind: type | None, kept: list[tuple[Any, Node]]) -> tuple[tuple[str, Node], ...]:
     """A node's (segment, child) pairs; dict keys that are paths become nested segments.
 
-    Where splitting would make two paths collide (`a.b` beside `a`) or reorder
-    the rows (a group of keys with a common first segment that is not
-    contiguous), the keys stay whole (and print quoted), so paths stay unique
-    and in leaf order.
+    Rows stay in leaf order: a key joins the group of the key before it where
+    their first segments agree, and a group that is not contiguous (penzai's
+    LoRA labels placed between a block's labels) appears again further on, the
+    same segment twice among siblings. A key that is a path may also enter a
+    subtree kept under a plain key (Haiku: `vit` holds the module's own
+    parameters, `vit/block_0/fc1` a submodule's). Where splitting would make two
+    paths collide (`a.b` beside `a`, the same path twice), the keys stay whole
+    (and print quoted), so paths stay unique.
     """
     whole = tuple((key_text(key), node) for key, node in kept)
     flat = all(not node.children for _, node in kept)
     parts = [_key_parts(key, flat) for key, _ in kept]
     if not any(parts):
         return whole
-    trie: dict[str, Any] = {}  # segment -> a dict of the next segments, or the child Node
-    # A key's group is contiguous when it enters the dicts of the previous key's
-    # path as far as their first segments agree, and only new segments below:
-    # `levels[d]` is the dict holding segment d of the previous key.
-    levels, previous = [trie], ()
+    root: list[list[Any]] = []  # entries [segment, list of entries (a group) or Node]
+    inner: dict[tuple[str, ...], bool] = {}  # every path placed so far -> whether rows lie below it
     for split, (text, node) in zip(parts, whole, strict=True):
         segments = split or (text,)
-        depth, common = 0, min(len(segments), len(previous)) - 1
-        while depth < common and segments[depth] == previous[depth]:
-            depth += 1
-        del levels[depth + 1 :]
-        level = levels[depth]
-        for segment in segments[depth:-1]:
-            if segment in level:
-                return whole  # under a leaf, or a group that is not contiguous
-            level[segment] = level = {}
-            levels.append(level)
-        if segments[-1] in level:
+        level, path = root, ()
+        for segment in segments[:-1]:
+            path += (segment,)
+            if inner.get(path) is False:
+                return whole  # under a leaf
+            last = level[-1] if level else None
+            if last is not None and last[0] == segment and (isinstance(last[1], list) or last[1].children):
+                if isinstance(last[1], Node):  # a subtree under a plain key: open it
+                    _register(last[1], path, inner)
+                    last[1] = list(map(list, last[1].children))
+            else:
+                if path in inner:  # a group seen before, not contiguous: a second run of it
+                    below = _subtree_at(root, path)
+                    if below is not None:
+                        _register(below, path, inner)
+                last = [segment, []]
+                level.append(last)
+                inner[path] = True
+            level = last[1]
+        path += (segments[-1],)
+        if path in inner:
             return whole  # the same path twice, or a leaf where a subtree is
-        level[segments[-1]] = node
-        previous = segments
-    return _nodes(kind, trie)
+        inner[path] = bool(node.children)
+        level.append([segments[-1], node])
+    return _nodes(kind, root)
+
+
+def _subtree_at(entries: list[list[Any]], path: tuple[str, ...]) -> Node | None:
+    """The last plain-key Node placed at `path`, if any (its rows are not yet registered)."""
+    for segment in path:
+        match = [below for name, below in entries if name == segment]
+        if not match:
+            return None
+        below = match[-1]
+        if isinstance(below, Node):
+            return below if segment == path[-1] and below.children else None
+        entries = below
+    return None
+
+
+def _register(node: Node, path: tuple[str, ...], inner: dict[tuple[str, ...], bool]) -> None:
+    """Record every path below `node` (placed at `path`), so that keys placed later cannot collide."""
+    stack = [(node, path)]
+    while stack:
+        node, prefix = stack.pop()
+        for segment, child in node.children:
+            inner[prefix + (segment,)] = bool(child.children)
+            stack.append((child, prefix + (segment,)))
 
 
 def _nodes(
-    kind: type | None, trie: dict[str, Any], shared: dict[tuple[tuple[str, Node], ...], Node] | None = None
+    kind: type | None,
+    entries: list[list[Any]],
+    shared: dict[tuple[tuple[str, Node], ...], Node] | None = None,
 ) -> tuple[tuple[str, Node], ...]:
-    """The trie's nodes; equal subtrees are one `Node` (`shared`), as equal treedefs are in
+    """The entries' nodes; equal subtrees are one `Node` (`shared`), as equal treedefs are in
     `build`: the 1000 blocks of a checkpoint's flat dict are walked once, not 1000 times."""
     shared = {} if shared is None else shared
     out = []
-    for segment, below in trie.items():
-        if isinstance(below, dict):
+    for segment, below in entries:
+        if isinstance(below, list):
             children = _nodes(kind, below, shared)
             # The children are shared already, so equal subtrees have identical children
             # (a Node hashes and compares by identity).
@@ -446,6 +483,23 @@ def inner_paths(root: Node) -> list[tuple[str, ...]]:
             out.append(prefix)
         stack.extend((child, prefix + (segment,)) for segment, child in node.children)
     return out
+
+
+def find_nodes(root: Node, glob: Any) -> list[tuple[tuple[str, ...], Node]]:
+    """The inner nodes whose whole path the compiled glob `glob` matches, with their raw
+    segments, in row order; below a match the walk stops (the outermost match wins)."""
+    found: list[tuple[tuple[str, ...], Node]] = []
+    stack: list[tuple[Node, Any, tuple[str, ...]]] = [(root, glob.start(), ())]
+    while stack:
+        node, state, segments = stack.pop()
+        if segments and glob.accepts(state):
+            found.append((segments, node))
+        elif node.children and not glob.dead(state):
+            stack.extend(
+                (child, glob.step(state, segment), (*segments, segment))
+                for segment, child in reversed(node.children)
+            )
+    return found
 
 
 def find(root: Node, segments: Sequence[str]) -> tuple[list[tuple[Node, int]], Node, int] | None:
