@@ -24,21 +24,86 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import NoMatchError, suggest
+from ._keys import quote, split_path
 from ._pattern import compile_glob, compile_regex
+from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
 
 __all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames"]
 
 _CAPTURE = re.compile(r"(?<!\\)\{([A-Za-z_]\w*)\}")
 _FIELD = re.compile(r"\{(\w+)\}")
 # Private-use characters stand in for captures while the glob compiles: they are
-# literal text to the glob and pass through its regex unescaped.
-_HOLE = "\ue000{}\ue001"
+# literal text to the glob, found again in its parsed segments.
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
-def _glob_regex(pattern: str) -> tuple[re.Pattern[str], list[str]]:
+class _Token(NamedTuple):
+    """One segment of a rename glob: what it matches, and how its captures are read."""
+
+    matcher: SegmentMatcher | None  # None for `**`
+    captures: re.Pattern[str] | None  # over the raw segment, one group per capture; None without
+
+
+class _SegmentGlob(NamedTuple):
+    """A rename glob compiled by the selector's compiler: the same segments, quoting and
+    braces as a selector, with `{name}` captures of one segment or part of one."""
+
+    alternatives: tuple[tuple[_Token, ...], ...]
+    anchored_start: bool
+    anchored_end: bool
+
+    def find(self, segments: tuple[str, ...]) -> tuple[int, int, dict[str, str]] | None:
+        """The leftmost run of segments the glob matches, as long as it can be (first
+        alternative on a tie): `(start, end, captures)`, or None."""
+        starts = [0] if self.anchored_start else range(len(segments) + 1)
+        for start in starts:
+            best = None
+            for tokens in self.alternatives:
+                found = _match_at(tokens, segments, start, self.anchored_end)
+                if found is not None and (best is None or found[0] > best[0]):
+                    best = found
+            if best is not None:
+                return start, best[0], best[1]
+        return None
+
+
+def _match_at(
+    tokens: tuple[_Token, ...], segments: tuple[str, ...], start: int, to_end: bool
+) -> tuple[int, dict[str, str]] | None:
+    """The longest match of `tokens` from `start` and its captures (`**` taking as much as
+    it can), by the set of positions each token can reach: linear, no backtracking."""
+    reach = [{start}]
+    for token in tokens:
+        before = reach[-1]
+        if not before:
+            return None
+        if token.matcher is None:
+            reach.append(set(range(min(before), len(segments) + 1)))
+        else:
+            matcher = token.matcher
+            reach.append({p + 1 for p in before if p < len(segments) and matcher.match(segments[p])})
+    ends = [e for e in reach[-1] if e > start and (not to_end or e == len(segments))]
+    if not ends:
+        return None
+    end = position = max(ends)
+    captures: dict[str, str] = {}
+    for k in range(len(tokens) - 1, -1, -1):
+        token = tokens[k]
+        if token.matcher is None:
+            position = min(p for p in reach[k] if p <= position)
+        else:
+            position -= 1
+            if token.captures is not None:
+                m = token.captures.fullmatch(segments[position])
+                assert m is not None
+                captures.update(m.groupdict())
+    return end, captures
+
+
+def _compile_glob(pattern: str) -> tuple[_SegmentGlob, list[str]]:
     names = _CAPTURE.findall(pattern)
     for name in names:
         if names.count(name) > 1:
@@ -49,19 +114,37 @@ def _glob_regex(pattern: str) -> tuple[re.Pattern[str], list[str]]:
     # letters of the same length, then compile it with the stand-ins.
     same_length = _CAPTURE.sub(lambda m: "x" * len(m.group(0)), pattern)
     try:
-        anchors = compile_glob(same_length)
+        compile_glob(same_length)
     except ValueError as exc:
         raise ValueError(str(exc).replace(repr(same_length), repr(pattern))) from None
-    body = _CAPTURE.sub(lambda m: _HOLE.format(names.index(m.group(1))), pattern)
-    body = body[1:] if anchors.anchored_start else body
-    body = body[:-1] if anchors.anchored_end else body
-    # The matched part alone (anchored both ends); the segments before and after are kept.
-    core = compile_glob("^" + body + "$").regex()
-    for k, name in enumerate(names):
-        core = core.replace(_HOLE.format(k), f"(?P<c_{name}>[^.]+)")
-    before = "" if anchors.anchored_start else r"(?:[^.]+\.)*?"  # the leftmost match
-    after = "" if anchors.anchored_end else r"(?:\..*)?"
-    return re.compile(f"^(?P<before>{before})(?P<core>{core})(?P<after>{after})$"), names
+    compiled = compile_glob(_CAPTURE.sub(lambda m: _OPEN + m.group(1) + _CLOSE, pattern))
+    alternatives = tuple(tuple(_token(t, pattern) for t in tokens) for tokens in compiled.alternatives)
+    return _SegmentGlob(alternatives, compiled.anchored_start, compiled.anchored_end), names
+
+
+def _token(token: Any, pattern: str) -> _Token:
+    if token is ANY_SEGMENTS:
+        return _Token(None, None)
+    items, plain, regex = list(token.items), [], []
+    while items:
+        item = items.pop(0)
+        if isinstance(item, Lit) and item.char == _OPEN:
+            name = ""
+            while (item := items.pop(0)).char != _CLOSE:  # type: ignore[attr-defined]
+                name += item.char  # type: ignore[attr-defined]
+            plain += [ANY1, STAR]  # a capture takes one character at least
+            regex.append(f"(?P<{name}>.+)")
+        else:
+            if isinstance(item, Alt) and _OPEN in repr(item):
+                raise ValueError(
+                    f"rename pattern {pattern!r}: a capture cannot stand inside braces; capture the "
+                    "segment, or write one rule per alternative."
+                )
+            plain.append(item)
+            regex.append(SegmentMatcher((item,)).regex(any_char="."))
+    if len(plain) == len(token.items):
+        return _Token(token, None)
+    return _Token(SegmentMatcher(tuple(plain)), re.compile("".join(regex), re.DOTALL))
 
 
 @dataclass(frozen=True)
@@ -71,8 +154,8 @@ class RenameRule:
     index: int
     pattern: str | re.Pattern[str]
     replacements: tuple[str, ...]
-    regex: re.Pattern[str]
-    is_glob: bool
+    regex: re.Pattern[str] | None  # a `re:` rule's
+    glob: _SegmentGlob | None  # a glob rule's
 
     def describe(self) -> str:
         shown = self.replacements[0] if len(self.replacements) == 1 else self.replacements
@@ -80,18 +163,28 @@ class RenameRule:
         return f"rename rule {self.index} ({pattern!r} -> {shown!r})"
 
     def apply(self, name: str) -> list[str] | None:
-        """The names `name` becomes, or None where the rule does not match it."""
-        if self.is_glob:
-            m = self.regex.match(name)
-            if m is None:
+        """The names `name` (a printed path) becomes, or None where the rule does not match it."""
+        if self.glob is not None:
+            segments = split_path(name)
+            found = self.glob.find(segments)
+            if found is None:
                 return None
-            fields = {k[2:]: v for k, v in m.groupdict().items() if k.startswith("c_")}
-            head, tail = m.group("before")[:-1], m.group("after")[1:]
-            return [".".join(p for p in (head, _fill(r, fields, m), tail) if p) for r in self.replacements]
+            start, end, captures = found
+            return [
+                ".".join(map(quote, (*segments[:start], *_filled(r, captures), *segments[end:])))
+                for r in self.replacements
+            ]
+        assert self.regex is not None
         m = self.regex.search(name)
         if m is None:
             return None
         return [name[: m.start()] + _fill(r, m.groupdict(), m) + name[m.end() :] for r in self.replacements]
+
+
+def _filled(template: str, captures: dict[str, str]) -> tuple[str, ...]:
+    """The raw segments of a glob rule's replacement, a printed path whose `{name}` fields
+    take the captured text (which may hold a dot: it stays inside its segment)."""
+    return tuple(_FIELD.sub(lambda f: captures[f.group(1)], segment) for segment in split_path(template))
 
 
 def _fill(template: str, fields: dict[str, Any], m: re.Match[str]) -> str:
@@ -105,7 +198,7 @@ def _fill(template: str, fields: dict[str, Any], m: re.Match[str]) -> str:
 def _check_fields(rule: RenameRule, allowed: set[str], groups: int) -> None:
     for template in rule.replacements:
         for key in _FIELD.findall(template):
-            if key.isdigit() and not rule.is_glob and int(key) <= groups:
+            if key.isdigit() and rule.glob is None and int(key) <= groups:
                 continue
             if key in allowed:
                 continue
@@ -146,11 +239,11 @@ def parse_renames(rename: Any, argument: str = "rename") -> list[RenameRule]:
             )
         if isinstance(pattern, re.Pattern) or (isinstance(pattern, str) and pattern.startswith("re:")):
             regex = compile_regex(pattern if isinstance(pattern, re.Pattern) else pattern[3:])
-            rule = RenameRule(index, pattern, replacements, regex, is_glob=False)
+            rule = RenameRule(index, pattern, replacements, regex, None)
             _check_fields(rule, set(regex.groupindex), regex.groups)
         elif isinstance(pattern, str):
-            regex, names = _glob_regex(pattern)
-            rule = RenameRule(index, pattern, replacements, regex, is_glob=True)
+            glob, names = _compile_glob(pattern)
+            rule = RenameRule(index, pattern, replacements, None, glob)
             _check_fields(rule, set(names), 0)
         else:
             raise TypeError(

@@ -243,8 +243,10 @@ class SegmentMatcher:
                 following |= closure[nxt[s]]
         return frozenset(following)
 
-    def regex(self) -> str:
-        return "".join(_item_regex(it) for it in self.items)
+    def regex(self, any_char: str = "[^.]") -> str:
+        """The segment as a regex: over a rendered path by default (wildcards stop at a
+        dot), or over one raw segment with `any_char="."` (a key may hold a dot)."""
+        return "".join(_item_regex(it, any_char) for it in self.items)
 
     def literal_text(self) -> str:
         """The literal characters of the segment, wildcards and classes left out."""
@@ -255,17 +257,17 @@ class SegmentMatcher:
         )
 
 
-def _item_regex(item: object) -> str:
+def _item_regex(item: object, any_char: str = "[^.]") -> str:
     if isinstance(item, Lit):
         return re.escape(item.char)
     if item is ANY1:
-        return "[^.]"
+        return any_char
     if item is STAR:
-        return "[^.]*"
+        return any_char + "*"
     if isinstance(item, Class):
         return item.regex
     if isinstance(item, Range):
         return _range_regex(item.lo, item.hi)
     if isinstance(item, Alt):
-        return "(?:" + "|".join("".join(_item_regex(i) for i in o) for o in item.options) + ")"
+        return "(?:" + "|".join("".join(_item_regex(i, any_char) for i in o) for o in item.options) + ")"
     raise AssertionError(item)  # pragma: no cover
