@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from ._errors import SourceError
+from ._frameworks import stored_wrapper
 from ._safetensors import TensorInfo, read_header
 from ._tree import TreeView
 
@@ -141,11 +142,6 @@ class _Npz(Checkpoint):
             return np.lib.format.read_array(f, allow_pickle=False)
 
 
-def _is_variable(node: Any) -> bool:
-    """How orbax stores a Flax NNX Variable: `{"value": array metadata}`."""
-    return isinstance(node, dict) and len(node) == 1 and hasattr(node.get("value"), "shape")
-
-
 class _Orbax(Checkpoint):
     """An orbax PyTree checkpoint directory; each tensor restored on its own."""
 
@@ -168,7 +164,9 @@ class _Orbax(Checkpoint):
         self.stored = getattr(stored, "tree", stored)
         # A Variable's path is the Variable's, as in the State it came from (`fc1.kernel`,
         # not `fc1.kernel.value`); each holds one leaf, so the leaf order is unchanged.
-        tree = jax.tree.map(lambda n: n["value"] if _is_variable(n) else n, self.stored, is_leaf=_is_variable)
+        tree = jax.tree.map(
+            lambda n: n["value"] if stored_wrapper(n) else n, self.stored, is_leaf=stored_wrapper
+        )
         super().__init__(str(path), tree)
         if not self.meta:
             raise SourceError(

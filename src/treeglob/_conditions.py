@@ -17,9 +17,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ._frameworks import type_hint
 from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
 from ._selector import BOOL_MESSAGE, Context, Selector, coerce
-from ._structure import Node, remember, walk
+from ._structure import Node, kinds, remember, walk
 
 __all__ = ["COMPARISONS", "dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 
@@ -197,6 +198,9 @@ class _Inside(Selector):
             )
         return out
 
+    def _hint(self, ctx: Context) -> str:
+        return type_hint(kinds(ctx.view.structure))
+
     def __repr__(self) -> str:
         return f"inside({_names(self.classes)})"
 
@@ -222,6 +226,9 @@ class _OwnedBy(Selector):
                 lambda owner: None,
             ),
         )
+
+    def _hint(self, ctx: Context) -> str:
+        return type_hint(kinds(ctx.view.structure))
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"

@@ -25,33 +25,9 @@ import jax
 
 from ._checkpoint import SUFFIXES, open_checkpoint
 from ._errors import SourceError
+from ._frameworks import parameters
 
 __all__ = ["load_source"]
-
-
-def _nnx_variables(model: Any, variables: str, spec: str) -> Any:
-    """A Flax NNX module's State of the Variable types asked for (`Param` by default):
-    what an optimizer trains, without RNG state or batch statistics."""
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is None or not isinstance(model, nnx.Module):
-        return model
-    if variables == "all":
-        return nnx.state(model)
-    kinds = []
-    for name in variables.split(","):
-        kind = getattr(nnx, name.strip(), None)
-        if not (isinstance(kind, type) and issubclass(kind, nnx.Variable)):
-            known = sorted(
-                n
-                for n in dir(nnx)
-                if isinstance(getattr(nnx, n), type) and issubclass(getattr(nnx, n), nnx.Variable)
-            )
-            raise SourceError(
-                f"{spec}: --variables {variables!r}: {name.strip()!r} is not a Flax NNX Variable type; "
-                f"give names such as {', '.join(known[:8])}, ... or 'all'."
-            )
-        kinds.append(kind)
-    return nnx.state(model, nnx.Any(*kinds))
 
 
 def _factory(spec: str, variables: str = "Param") -> Any:
@@ -88,7 +64,10 @@ def _factory(spec: str, variables: str = "Param") -> Any:
         model = eqx.filter_eval_shape(fn)
     except (Exception, SystemExit) as exc:  # a factory that exits is a failed factory, not our exit
         raise SourceError(f"{spec}: calling {name}() failed: {type(exc).__name__}: {exc}") from exc
-    model = _nnx_variables(model, variables, spec)
+    try:
+        model = parameters(model, variables)
+    except ValueError as exc:
+        raise SourceError(f"{spec}: {exc}") from None
     params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         shown = repr(model)

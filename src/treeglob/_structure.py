@@ -11,13 +11,13 @@ is iterative, so a tree as deep as JAX can flatten is walked too.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.tree_util as jtu
 
+from ._frameworks import KEY_SEPARATOR, is_wrapper, label_segments
 from ._keys import key_text, quote, split_path
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "find",
     "find_nodes",
     "inner_paths",
-    "is_wrapper",
+    "kinds",
     "remember",
     "row_paths",
     "row_segments",
@@ -68,31 +68,10 @@ ONE_LEVEL = getattr(jtu.PyTreeDef, "from_node_data_and_children", None) or getat
 )
 
 
-_WRAPPERS = {
-    "flax.nnx": ("Variable", "VariableState"),
-    "penzai.core": ("ParameterValue", "StateVariableValue"),
-}
-
-
-@functools.cache
-def is_wrapper(kind: type) -> bool:
-    """Whether `kind` wraps one leaf that stands for it: a Flax NNX `Variable` (`nnx.Param`,
-    `nnx.BatchStat`, ...), whose `.value` optax never sees (its update tree holds bare arrays),
-    or a penzai `ParameterValue` (named by its label, see `_label_key`)."""
-    return any(
-        base.__module__.startswith(package) and base.__name__ in names
-        for base in getattr(kind, "__mro__", ())
-        for package, names in _WRAPPERS.items()
-    )
-
-
 def _label_key(td: Any, key: Any) -> Any:
-    """A penzai parameter's key: its label (`mlp/Affine_0/Linear.weights`) as segments, in place
-    of its position in the tuple a `StatefulTrainer` gives optax."""
-    label = getattr(td.node_data()[1], "static_fields", {}).get("label")
-    if isinstance(label, str) and label:
-        return jtu.DictKey(tuple(label.replace("/", ".").split(".")))
-    return key
+    """A wrapper's key: its own label as segments where its framework gives one (penzai)."""
+    segments = label_segments(td.node_data()[0], td.node_data())
+    return key if segments is None else jtu.DictKey(segments)
 
 
 _WRAPPED: dict[type, Node] = {}
@@ -159,8 +138,10 @@ def _key_parts(key: Any, flat: bool) -> tuple[str, ...] | None:
         parts = tuple(key_text(jtu.DictKey(k)) for k in raw)
     elif isinstance(raw, str) and flat and '"' in raw:
         parts = split_path(raw)  # a printed path with quoted segments, as `treeglob.save` writes
-    elif isinstance(raw, str) and ("/" in raw or (flat and "." in raw)):
-        parts = tuple((raw.replace("/", ".") if flat else raw).split("." if flat else "/"))
+    elif isinstance(raw, str) and (KEY_SEPARATOR in raw or (flat and "." in raw)):
+        parts = tuple(
+            (raw.replace(KEY_SEPARATOR, ".") if flat else raw).split("." if flat else KEY_SEPARATOR)
+        )
     else:
         return None
     return parts if all(parts) else None
@@ -183,16 +164,17 @@ def _children(kind: type | None, kept: list[tuple[Any, Node]]) -> tuple[tuple[st
     parts = [_key_parts(key, flat) for key, _ in kept]
     if not any(parts):
         return whole
-    root: list[list[Any]] = []  # entries [segment, list of entries (a group) or Node]
+    root: list[Any] = []  # entries [segment, list of entries (a group) or Node]
     inner: dict[tuple[str, ...], bool] = {}  # every path placed so far -> whether rows lie below it
     for split, (text, node) in zip(parts, whole, strict=True):
         segments = split or (text,)
-        level, path = root, ()
+        level: list[Any] = root
+        path: tuple[str, ...] = ()
         for segment in segments[:-1]:
             path += (segment,)
             if inner.get(path) is False:
                 return whole  # under a leaf
-            last = level[-1] if level else None
+            last: Any = level[-1] if level else None
             if last is not None and last[0] == segment and (isinstance(last[1], list) or last[1].children):
                 if isinstance(last[1], Node):  # a subtree under a plain key: open it
                     _register(last[1], path, inner)
@@ -482,6 +464,20 @@ def inner_paths(root: Node) -> list[tuple[str, ...]]:
         if prefix and node.children:
             out.append(prefix)
         stack.extend((child, prefix + (segment,)) for segment, child in node.children)
+    return out
+
+
+def kinds(root: Node) -> set[type]:
+    """The types of the inner nodes and wrappers of a structure."""
+    out, seen, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node.kind is not None:
+            out.add(node.kind)
+        for _, child in node.children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
     return out
 
 

@@ -32,6 +32,7 @@ from ._selector import Selector, any_of, optional
 
 __all__ = [
     "BY_NAME",
+    "CONV_KERNELS",
     "DEFAULT",
     "EMBED_NAMES",
     "HF",
@@ -60,10 +61,17 @@ NORM_NAMES = (
 
 #: The names of token and position tables and learned tokens: `wte`, `wpe`,
 #: `embed_tokens`, `word_embeddings`, `pos_embed`, `cls_token`, Linen's
-#: `Embed_0` / `embedding`, Haiku's `embed` / `embeddings`.
+#: `Embed_0` / `embedding`, Haiku's `embed` / `embeddings`, and big_vision's
+#: and DeiT's learned tokens `cls`, `reg`, `dist` (`reg_tokens`, `dist_token`).
 EMBED_NAMES = (
-    "{embed,embeds,embedding,embeddings,embed_*,*_embed,*_embeds,*_embedding,*_embeddings,wte,wpe,*_token}"
+    "{embed,embeds,embedding,embeddings,embed_*,*_embed,*_embeds,*_embedding,*_embeddings,wte,wpe,"
+    "*_token,*_tokens,cls,reg,dist}"
 )
+
+#: What a name cannot say: a parameter with 4 or more dimensions is a
+#: convolution kernel (a patch embedding such as big_vision's `embedding.kernel`),
+#: never a token or position table, whose tables have at most 3 (`(1, N, D)`).
+CONV_KERNELS = ndim >= 4
 
 
 def own_name(names: str) -> Selector:
@@ -77,9 +85,10 @@ def own_name(names: str) -> Selector:
 _EVERYTHING_ELSE = glob("**")
 
 #: The usual exclusions: no decay for biases (`bias`, Haiku's `b`),
-#: normalisation layers (by type and by their own name), embeddings (by type
-#: and by their own name; not a `patch_embed` convolution) and any parameter
-#: with at most one dimension; decay for the rest.
+#: normalisation layers (by type and by their own name), embeddings and
+#: learned tokens (by type and by their own name; not a patch-embedding
+#: convolution, named `patch_embed*` or 4-D) and any parameter with at most
+#: one dimension; decay for the rest.
 DEFAULT = [
     (
         optional(
@@ -88,7 +97,7 @@ DEFAULT = [
                 inside(*NORM_LAYERS),
                 own_name(NORM_NAMES),
                 inside(eqx.nn.Embedding),
-                own_name(EMBED_NAMES) - optional(glob("patch_embed*")),
+                own_name(EMBED_NAMES) - optional(any_of(glob("patch_embed*"), CONV_KERNELS)),
                 ndim <= 1,
             )
         ),

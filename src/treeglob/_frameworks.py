@@ -1,0 +1,181 @@
+"""What treeglob knows of each framework, one adapter per framework, in one place.
+
+An adapter says, for the trees of its framework:
+
+* which node types wrap one leaf and add no segment to its path (`wrappers`):
+  a Flax NNX `Variable` (`head.kernel`, not `head.kernel.value`), a penzai
+  `ParameterValue`;
+* how a wrapper's own label becomes its path (`label_segments`): penzai's
+  parameter labels (`block_0/attn/query.weights`) in place of a position;
+* how a model becomes the parameters training reads (`parameters`), for the
+  command line: an NNX module's State of `nnx.Param`, a penzai model's
+  frozen parameters (what penzai's trainer hands optax);
+* how its checkpoints store a wrapper (`stored_wrapper`): orbax writes an NNX
+  Variable as `{"value": ...}`;
+* what to say when a type selector matches nothing on its trees (`type_hint`).
+
+Dict keys that are paths (`/`-joined Haiku module names and
+`flatten_dict(sep="/")`, tuple keys of `flatten_dict`) are split the same way
+for every framework (`KEY_SEPARATOR`, see `_structure.py`). An adapter never
+imports its framework: it recognises classes by their module, and uses the
+framework only on a model that is already one of its own (`sys.modules`).
+
+Adding a framework means writing one adapter here, adding it to `ADAPTERS`,
+and testing it in `tests/test_frameworks.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+__all__ = ["ADAPTERS", "KEY_SEPARATOR", "Adapter", "is_wrapper", "label_segments", "parameters", "type_hint"]
+
+#: The separator of dict keys that are paths: Haiku's module names
+#: (`encoder/block_0/linear`) and Flax's `flatten_dict(sep="/")`.
+KEY_SEPARATOR = "/"
+
+
+def _defined_in(kind: type, package: str, names: tuple[str, ...]) -> bool:
+    return any(
+        base.__module__.startswith(package) and base.__name__ in names
+        for base in getattr(kind, "__mro__", ())
+    )
+
+
+class Adapter:
+    """One framework's conventions; the defaults are those of a plain PyTree."""
+
+    name = ""
+    package = ""  # the module prefix of the framework's classes
+    wrappers: tuple[str, ...] = ()
+
+    def is_wrapper(self, kind: type) -> bool:
+        return bool(self.wrappers) and _defined_in(kind, self.package, self.wrappers)
+
+    def label_segments(self, node_data: Any) -> tuple[str, ...] | None:
+        """The segments a wrapper's own label gives its leaf, or None to keep its key."""
+        return None
+
+    def parameters(self, model: Any, variables: str) -> Any:
+        """The parameters training reads from `model`, or None when it is not this framework's."""
+        return None
+
+    def stored_wrapper(self, node: Any) -> bool:
+        """Whether a checkpoint's node stores one wrapper of this framework (its leaf in `"value"`)."""
+        return False
+
+    def type_hint(self, tree_types: set[type]) -> str:
+        """Why a type selector may find nothing in a tree whose nodes have `tree_types`."""
+        return ""
+
+
+class _FlaxNNX(Adapter):
+    name, package = "Flax NNX", "flax.nnx"
+    wrappers = ("Variable", "VariableState")
+
+    def parameters(self, model: Any, variables: str) -> Any:
+        nnx = sys.modules.get("flax.nnx")
+        if nnx is None or not isinstance(model, nnx.Module):
+            return None
+        if variables == "all":
+            return nnx.state(model)
+        kinds = []
+        for name in variables.split(","):
+            kind = getattr(nnx, name.strip(), None)
+            if not (isinstance(kind, type) and issubclass(kind, nnx.Variable)):
+                known = sorted(
+                    n
+                    for n in dir(nnx)
+                    if isinstance(getattr(nnx, n), type) and issubclass(getattr(nnx, n), nnx.Variable)
+                )
+                raise ValueError(
+                    f"--variables {variables!r}: {name.strip()!r} is not a Flax NNX Variable type; "
+                    f"give names such as {', '.join(known[:8])}, ... or 'all'."
+                )
+            kinds.append(kind)
+        return nnx.state(model, nnx.Any(*kinds))
+
+    def stored_wrapper(self, node: Any) -> bool:
+        return isinstance(node, dict) and len(node) == 1 and hasattr(node.get("value"), "shape")
+
+    def type_hint(self, tree_types: set[type]) -> str:
+        if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types):
+            return (
+                "This is a Flax NNX State: it holds the Variables, not the modules, so module types "
+                "(nnx.Linear, nnx.LayerNorm, ...) select nothing in it. Pass the model they live on: "
+                "types_from=model (e.g. treeglob.mask(nnx.state(model, nnx.Param), nnx.LayerNorm, "
+                "types_from=model)); Variable types (nnx.Param, nnx.LoRAParam) select on the State itself."
+            )
+        return ""
+
+
+class _Penzai(Adapter):
+    name, package = "penzai", "penzai.core"
+    wrappers = ("ParameterValue", "StateVariableValue")
+
+    def label_segments(self, node_data: Any) -> tuple[str, ...] | None:
+        # A parameter's label (`mlp/Affine_0/Linear.weights`) as segments, in place of its
+        # position in the tuple penzai's trainer hands optax.
+        label = getattr(node_data[1], "static_fields", {}).get("label")
+        if isinstance(label, str) and label:
+            return tuple(label.replace(KEY_SEPARATOR, ".").split("."))
+        return None
+
+    def parameters(self, model: Any, variables: str) -> Any:
+        pz = sys.modules.get("penzai.pz")
+        layer = sys.modules.get("penzai.core.layer")
+        if pz is None or layer is None or not isinstance(model, layer.Layer):
+            return None
+        # What penzai's StatefulTrainer hands optax: the frozen values of the unbound parameters.
+        return pz.freeze_params(pz.unbind_params(model)[1])
+
+
+class _Haiku(Adapter):
+    """Haiku params are dicts keyed by `/`-joined module names: split with `KEY_SEPARATOR`."""
+
+    name, package = "Haiku", "haiku"
+
+
+class _FlaxLinen(Adapter):
+    """Linen params are nested dicts (or `flatten_dict` tuple keys): plain PyTrees."""
+
+    name, package = "Flax Linen", "flax.linen"
+
+
+ADAPTERS: tuple[Adapter, ...] = (_FlaxNNX(), _Penzai(), _Haiku(), _FlaxLinen())
+
+
+@functools.cache
+def is_wrapper(kind: type) -> bool:
+    """Whether `kind` wraps one leaf that stands for it (an NNX Variable, a penzai
+    ParameterValue): the leaf's path is the wrapper's, and outputs put a value in its place."""
+    return any(adapter.is_wrapper(kind) for adapter in ADAPTERS)
+
+
+def label_segments(kind: type, node_data: Any) -> tuple[str, ...] | None:
+    """The segments a wrapper's own label gives its leaf, or None."""
+    return next(
+        (s for a in ADAPTERS if a.is_wrapper(kind) and (s := a.label_segments(node_data)) is not None), None
+    )
+
+
+def parameters(model: Any, variables: str = "Param") -> Any:
+    """The parameters training reads from a model: what its framework's optimizer gets, or the
+    model itself (an Equinox model, a dict of parameters)."""
+    for adapter in ADAPTERS:
+        params = adapter.parameters(model, variables)
+        if params is not None:
+            return params
+    return model
+
+
+def stored_wrapper(node: Any) -> bool:
+    """Whether a checkpoint's node stores one framework wrapper, its leaf in `"value"`."""
+    return any(adapter.stored_wrapper(node) for adapter in ADAPTERS)
+
+
+def type_hint(tree_types: set[type]) -> str:
+    """What the frameworks of a tree's node types say about a type selector that selects nothing."""
+    return "\n".join(h for a in ADAPTERS if (h := a.type_hint(tree_types)))
