@@ -85,7 +85,7 @@ def test_paths_of_checkpoints(request, capsys, fixture):
 
 def test_checkpoint_paths_match_patterns_like_model_paths(st_file, npz_file):
     for source in (st_file, npz_file):
-        tree = load_source(str(source))
+        tree = load_source(str(source)).tree
         selected = jax.tree.leaves(tg.mask(tree, "blocks.{0..0}.attn"))
         assert [p for p, m in zip(tg.paths(tree), selected, strict=True) if m] == [
             "blocks.0.attn.qkv.bias",
@@ -100,7 +100,7 @@ def test_sources_read_headers_only(tmp_path):
     np.savez(tmp_path / "big.npz", **big)
     for name in ("big.safetensors", "big.npz"):
         tracemalloc.start()
-        tree = load_source(str(tmp_path / name))
+        tree = load_source(str(tmp_path / name)).tree
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert tree["w"].shape == (2048, 2048)

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +18,6 @@ import pytest
 import treeglob as tg
 
 D = 4  # model width of the Linen / Haiku / NNX models
-
-# `slow` is not a registered marker (pyproject.toml lists none) and the suite turns warnings into
-# errors, so an unregistered `pytest.mark.slow` would break collection of this whole file.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    slow = pytest.mark.slow
 
 
 # ----------------------------------------------------------------------------
@@ -554,7 +547,7 @@ PENZAI_FACTORY = textwrap.dedent(
 )
 
 
-@slow
+@pytest.mark.slow
 def test_defect7_cli_explains_a_penzai_factory_by_its_parameters(tmp_path):
     """Defect 7: `treeglob explain f.py:lm --preset default` lists the parameters by label path,
     not the model's scalar constants (ConstantRescale.by, masked_out_value, epsilon)."""
@@ -637,30 +630,29 @@ def test_defect9_nnx_state_type_selector_asks_for_types_from():
 # Defect 10: a stacked penzai model (LayerStack) without stacked=
 
 
-def assert_stacked_norms_not_decayed(values, norm_labels, matrix_labels):
-    """Either a ValueError that mentions stacked=, or a mask that does not decay the stacked norms."""
-    try:
-        mask = tg.decay_mask()(values)
-    except ValueError as error:
-        assert "stacked" in str(error), str(error)
-        return
-    got = per_label(values, mask)
+def assert_stacked_norms_not_decayed(values, stacked, norm_labels, matrix_labels):
+    mask = per_label(values, tg.decay_mask(stacked=stacked)(values))
     for label in norm_labels:
-        assert is_false_everywhere(got[label]), label
+        assert is_false_everywhere(mask[label]), label
     for label in matrix_labels:
-        assert np.all(np.asarray(got[label])), label
+        assert np.all(np.asarray(mask[label])), label
 
 
 def test_defect10_penzai_layer_stack_norm_scales_are_not_decayed():
     """Defect 10: penzai's GPT-NeoX with use_layer_stack: the norm scales (blocks, embedding) carry
-    the stack axis (named "blocks", leading in the data array) and must not decay."""
-    values = optax_tree(penzai_lm(num_blocks=3, use_layer_stack=True))
+    the stack axis (named "blocks", leading in the data array). The unbound parameters no longer
+    say so; the model does, and stacked_layers reads it, so the norms are not decayed."""
+    model = penzai_lm(num_blocks=3, use_layer_stack=True)
+    values = optax_tree(model)
     norm = "transformer/blocks/pre_attention_norm/scale.weights"
     (scale,) = [p for p in values if p.label == norm]
     assert dict(scale.value.named_shape) == {"blocks": 3, "embedding": 8}
     assert scale.value.data_array.shape == (3, 8)
+    stacked = tg.stacked_layers(model)
+    assert stacked == {f"transformer.blocks.{p}": 1 for p in NEOX_BLOCK}
     assert_stacked_norms_not_decayed(
         values,
+        stacked,
         norm_labels=[
             norm,
             "transformer/blocks/pre_ffw_norm/scale.weights",
@@ -668,12 +660,19 @@ def test_defect10_penzai_layer_stack_norm_scales_are_not_decayed():
         ],
         matrix_labels=["transformer/blocks/mlp/in/Linear.weights", "transformer/lm_head.weights"],
     )
+    # One path per layer, as for any stacked leaf.
+    assert "transformer.blocks.pre_attention_norm.scale.weights.2" in tg.paths(values, stacked=stacked)
 
 
-def test_defect10_handwritten_layer_stack_norm_scale_is_not_decayed():
-    """Defect 10: a LayerStack.from_sublayer_builder of (LayerNorm "pre", Affine "proj"): the norm's
-    name does not say "norm", so only the stack axis tells its scale from a matrix."""
-    pytest.importorskip("penzai")
+def test_defect10_the_model_itself_is_refused_without_stacked():
+    """Defect 10: the bound model marks its LayerStack; resolving rules on it says where to go."""
+    model = penzai_lm(num_blocks=2, use_layer_stack=True)
+    with pytest.raises(ValueError, match=r"LayerStack.*stacked=treeglob\.stacked_layers\(model\)"):
+        tg.decay_mask()(model)
+    assert tg.stacked_layers(penzai_lm(num_blocks=2)) == {}  # no LayerStack, nothing declared
+
+
+def stack_of_blocks():
     from penzai import pz
 
     def block(name, init_base_rng):
@@ -698,6 +697,14 @@ def test_defect10_handwritten_layer_stack_norm_scale_is_not_decayed():
         init_base_rng=jax.random.key(0),
         builder_kwargs={"name": "stack"},
     )
+    return block, stack
+
+
+def test_defect10_handwritten_layer_stack_norm_scale_is_not_decayed():
+    """Defect 10: a LayerStack.from_sublayer_builder of (LayerNorm "pre", Affine "proj"): the norm's
+    name does not say "norm", so only the stack axis tells its scale from a matrix."""
+    pytest.importorskip("penzai")
+    block, stack = stack_of_blocks()
     values = optax_tree(stack)
     assert [p.label for p in values] == [
         "stack/pre/scale.weights",
@@ -710,8 +717,44 @@ def test_defect10_handwritten_layer_stack_norm_scale_is_not_decayed():
     one = optax_tree(block("one", jax.random.key(0)))
     assert not per_label(one, tg.decay_mask()(one))["one/pre/scale.weights"]
     assert_stacked_norms_not_decayed(
-        values, norm_labels=["stack/pre/scale.weights"], matrix_labels=["stack/proj/Linear.weights"]
+        values,
+        tg.stacked_layers(stack),
+        norm_labels=["stack/pre/scale.weights"],
+        matrix_labels=["stack/proj/Linear.weights"],
     )
+
+
+def test_defect10_a_stack_axis_that_does_not_lead_is_refused():
+    """Defect 10: where the layer axis is not the leading one, refuse rather than slice the wrong axis."""
+    pytest.importorskip("penzai")
+    from penzai import pz
+
+    _, stack = stack_of_blocks()
+    turned = (
+        pz.select(stack)
+        .at_instances_of(pz.Parameter)
+        .apply(
+            lambda p: pz.Parameter(value=p.value.order_as(*reversed(list(p.value.named_axes))), label=p.label)
+        )
+    )
+    with pytest.raises(ValueError, match=r"stack/pre/scale\.weights|stack\.pre\.scale\.weights"):
+        tg.stacked_layers(turned)
+
+
+def test_defect10_the_command_line_reads_the_stacked_layers_of_a_penzai_factory(tmp_path, capsys):
+    """Defect 10: `treeglob explain f.py:lm` on a layer-stacked penzai model finds the stack itself."""
+    pytest.importorskip("penzai")
+    from treeglob._cli import main
+
+    (tmp_path / "f.py").write_text(
+        PENZAI_FACTORY.replace(
+            "activation_dtype=jnp.float32,", "activation_dtype=jnp.float32, use_layer_stack=True,"
+        )
+    )
+    assert main(["explain", f"{tmp_path / 'f.py'}:lm", "--preset", "default", "--json"]) == 0
+    rows = {row["path"]: row["label"] for row in json.loads(capsys.readouterr().out)["leaves"]}
+    assert rows["transformer.blocks.pre_attention_norm.scale.weights.0"] == "no_decay"
+    assert rows["transformer.blocks.mlp.in.Linear.weights.0"] == "decay"
 
 
 # ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         load_rules as load_rules,
         load_transfer as load_transfer,
     )
+    from ._frameworks import stacked_layers as stacked_layers
     from ._layer_decay import (
         layer_decay as layer_decay,
         layer_decay_scales as layer_decay_scales,
@@ -58,6 +59,7 @@ _LAZY = {
     name: module
     for module, names in {
         ".presets": ["presets"],
+        "._frameworks": ["stacked_layers"],
         "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer"],
         "._layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
         "._layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
@@ -137,6 +139,7 @@ __all__ = [
     "shape",
     "shardings",
     "size",
+    "stacked_layers",
     "summarize",
     "translate",
     "where",

@@ -178,7 +178,8 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Sele
     config = _rules(args) if args.command == "explain" else None
     # A malformed pattern is caught before the source is read.
     selector = None if args.filter is None else coerce(args.filter)
-    return stacked, config, selector, load_source(args.source, args.variables)
+    source = load_source(args.source, args.variables)
+    return stacked or source.stacked, config, selector, source.tree
 
 
 def _check(
@@ -246,8 +247,8 @@ def _transfer_rules(args: argparse.Namespace) -> TransferRules:
 def _load_plan(args: argparse.Namespace, width: int | None) -> int:
     try:
         rules = _transfer_rules(args)
-        stacked = _stacked(args.stacked)
-        model = load_source(args.model, args.variables)
+        source = load_source(args.model, args.variables)
+        stacked, model = _stacked(args.stacked) or source.stacked, source.tree
         checkpoint = open_checkpoint(args.checkpoint)
     except (_BadInput, ValueError, TypeError) as exc:
         return _fail(args, 2, type(exc).__name__, str(exc))

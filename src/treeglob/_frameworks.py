@@ -12,6 +12,8 @@ An adapter says, for the trees of its framework:
   frozen parameters (what penzai's trainer hands optax);
 * how its checkpoints store a wrapper (`stored_wrapper`): orbax writes an NNX
   Variable as `{"value": ...}`;
+* where a model marks its stacked layers (`stacked_layers`, `stack_mark`): a
+  penzai `LayerStack` names its layer axis;
 * what to say when a type selector matches nothing on its trees (`type_hint`).
 
 Dict keys that are paths (`/`-joined Haiku module names and
@@ -30,7 +32,22 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["ADAPTERS", "KEY_SEPARATOR", "Adapter", "is_wrapper", "label_segments", "parameters", "type_hint"]
+import jax.tree_util as jtu
+
+from ._keys import quote
+
+__all__ = [
+    "ADAPTERS",
+    "KEY_SEPARATOR",
+    "Adapter",
+    "is_wrapper",
+    "label_segments",
+    "parameters",
+    "stack_mark",
+    "stacked_layers",
+    "stored_wrapper",
+    "type_hint",
+]
 
 #: The separator of dict keys that are paths: Haiku's module names
 #: (`encoder/block_0/linear`) and Flax's `flatten_dict(sep="/")`.
@@ -68,6 +85,15 @@ class Adapter:
 
     def type_hint(self, tree_types: set[type]) -> str:
         """Why a type selector may find nothing in a tree whose nodes have `tree_types`."""
+        return ""
+
+    def stacked_layers(self, model: Any) -> dict[str, int] | None:
+        """The `stacked=` of the parameters training reads, as the model marks it, or None
+        when the model is not this framework's."""
+        return None
+
+    def stack_mark(self, tree_types: set[type]) -> str:
+        """Why a tree whose nodes have `tree_types` cannot be resolved without `stacked=`, or ""."""
         return ""
 
 
@@ -125,11 +151,47 @@ class _Penzai(Adapter):
 
     def parameters(self, model: Any, variables: str) -> Any:
         pz = sys.modules.get("penzai.pz")
-        layer = sys.modules.get("penzai.core.layer")
-        if pz is None or layer is None or not isinstance(model, layer.Layer):
+        if pz is None or not isinstance(model, pz.nn.Layer):
             return None
         # What penzai's StatefulTrainer hands optax: the frozen values of the unbound parameters.
         return pz.freeze_params(pz.unbind_params(model)[1])
+
+    def stacked_layers(self, model: Any) -> dict[str, int] | None:
+        pz = sys.modules.get("penzai.pz")
+        if pz is None or not isinstance(model, pz.nn.Layer):
+            return None
+        from penzai.nn.layer_stack import layerstack_axes_from_keypath
+
+        kinds = (pz.Parameter, pz.ParameterValue)
+        out: dict[str, int] = {}
+        for keypath, leaf in jtu.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, kinds))[0]:
+            axes = list(layerstack_axes_from_keypath(keypath)) if isinstance(leaf, kinds) else []
+            if not axes:
+                continue
+            path = ".".join(map(quote, leaf.label.replace(KEY_SEPARATOR, ".").split(".")))
+            value = leaf.value
+            named = list(getattr(value, "named_axes", {}))
+            data = getattr(value, "data_array", None)
+            # A NamedArray keeps its positional axes first, then its named axes in order.
+            if data is None or data.ndim != len(named) or named[: len(axes)] != axes:
+                raise ValueError(
+                    f"The parameter {path} lies in a penzai LayerStack over {axes}, but its array does not "
+                    f"lead with that axis (named axes {named}), so its layers cannot be told apart. "
+                    "Order its axes with the stack axis first (e.g. value.order_as(...)), or pass stacked= "
+                    "yourself."
+                )
+            out[path] = len(axes)
+        return out
+
+    def stack_mark(self, tree_types: set[type]) -> str:
+        if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types):
+            return (
+                "This penzai model stacks layers (a LayerStack), which its parameters cannot show once "
+                "unbound. Select on the parameters training reads, with the stacked layers the model "
+                "declares: params = pz.freeze_params(pz.unbind_params(model)[1]), then "
+                "stacked=treeglob.stacked_layers(model)."
+            )
+        return ""
 
 
 class _Haiku(Adapter):
@@ -169,6 +231,36 @@ def parameters(model: Any, variables: str = "Param") -> Any:
         if params is not None:
             return params
     return model
+
+
+def stacked_layers(model: Any) -> dict[str, int]:
+    """The `stacked=` mapping a model declares for the parameters training reads.
+
+    A penzai `LayerStack` names the axis its layers are stacked along; once
+    the parameters are unbound (the tuple of `ParameterValue`s penzai's
+    trainer hands optax) nothing in them says so, and a stacked norm scale of
+    shape `(layers, dim)` would pass for a matrix. Pass the result as
+    `stacked=` to any treeglob function on those parameters. A model that
+    declares no stacked layers gives `{}`.
+
+    Raises:
+        ValueError: a stacked parameter whose array does not lead with the stack axis.
+
+    Examples:
+        >>> import treeglob
+        >>> treeglob.stacked_layers({"w": 1})
+        {}
+    """
+    for adapter in ADAPTERS:
+        found = adapter.stacked_layers(model)
+        if found is not None:
+            return found
+    return {}
+
+
+def stack_mark(tree_types: set[type]) -> str:
+    """Why a tree whose nodes have `tree_types` needs `stacked=` to be resolved, or ""."""
+    return "\n".join(m for a in ADAPTERS if (m := a.stack_mark(tree_types)))
 
 
 def stored_wrapper(node: Any) -> bool:

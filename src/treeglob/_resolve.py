@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from ._errors import ShadowedRuleWarning, user_stacklevel
+from ._frameworks import stack_mark
 from ._rules import MISSING, Rule, Rules, normalize_rules, same_label
 from ._selector import Context, Selector, coerce
+from ._structure import kinds, remember
 from ._tree import TreeView
 
 __all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "paused_gc", "resolve", "select", "view_of"]
@@ -237,6 +239,8 @@ def resolve(
         return _project(recall.last, view, caller, strict, subject)
     with paused_gc():
         view = view_of(tree, caller, stacked)
+        if not view.stacks:
+            _check_stack_mark(view, caller)
         rules = normalize_rules(rules, default)
         ctx = Context(view, strict=strict)
         decided = np.full(len(view), -1)
@@ -272,6 +276,14 @@ def resolve(
         for index in shadowed:
             _warn_shadowed(rules, index)
     return Resolution(view, rules, default, decided, tuple(matches), tuple(shadowed), values)
+
+
+def _check_stack_mark(view: TreeView, caller: str) -> None:
+    """Refuse a tree that marks stacked layers its leaves cannot show (a penzai LayerStack)
+    when none are declared: its stacked norm scales would pass for matrices."""
+    mark = remember(view.leaf_structure, "stack_mark", lambda: stack_mark(kinds(view.leaf_structure)))
+    if mark:
+        raise ValueError(f"{caller}(): {mark}")
 
 
 class Recall:

@@ -4,7 +4,8 @@
   (see `_checkpoint.py`).
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated. A Flax
-  NNX module is reduced to the State of its parameters (`nnx.Param`).
+  NNX module is reduced to the State of its parameters (`nnx.Param`), a penzai
+  model to its frozen parameters: what training reads (`_frameworks.py`).
 
 A checkpoint is a flat dict `{tensor name: metadata}`, exactly what loading
 it in Python gives, so its names split into segments as in memory (on `.` in
@@ -18,19 +19,27 @@ import importlib
 import importlib.util
 import pathlib
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 
 from ._checkpoint import SUFFIXES, open_checkpoint
 from ._errors import SourceError
-from ._frameworks import parameters
+from ._frameworks import parameters, stacked_layers
 
-__all__ = ["load_source"]
+__all__ = ["Source", "load_source"]
 
 
-def _factory(spec: str, variables: str = "Param") -> Any:
+class Source(NamedTuple):
+    """What the command line reads: a tree of array metadata, and the stacked layers its
+    model declares (a penzai LayerStack), or None."""
+
+    tree: Any
+    stacked: dict[str, int] | None = None
+
+
+def _factory(spec: str, variables: str = "Param") -> Source:
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise SourceError(
@@ -60,14 +69,27 @@ def _factory(spec: str, variables: str = "Param") -> Any:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise SourceError(f"{spec}: {target} has no function {name!r}.")
+    failed: list[ValueError] = []
+    declared: list[dict[str, int]] = []
+
+    def build() -> Any:
+        # The parameters are taken inside the trace: a penzai model keeps them in mutable
+        # Parameter objects, which an abstract evaluation of the model alone would leave
+        # holding tracers.
+        model = fn()
+        try:
+            declared.append(stacked_layers(model))
+            return parameters(model, variables)
+        except ValueError as exc:  # said as such, not as a failed factory
+            failed.append(exc)
+            return model
+
     try:
-        model = eqx.filter_eval_shape(fn)
+        model = eqx.filter_eval_shape(build)
     except (Exception, SystemExit) as exc:  # a factory that exits is a failed factory, not our exit
         raise SourceError(f"{spec}: calling {name}() failed: {type(exc).__name__}: {exc}") from exc
-    try:
-        model = parameters(model, variables)
-    except ValueError as exc:
-        raise SourceError(f"{spec}: {exc}") from None
+    if failed:
+        raise SourceError(f"{spec}: {failed[0]}")
     params = eqx.filter(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         shown = repr(model)
@@ -76,18 +98,19 @@ def _factory(spec: str, variables: str = "Param") -> Any:
             f"{spec}: {name}() returned {type(model).__name__} {shown}, which holds no array. "
             "A factory returns the model (or a PyTree of its parameters)."
         )
-    return params
+    return Source(params, declared[0] if declared and declared[0] else None)
 
 
-def load_source(source: str, variables: str = "Param") -> Any:
-    """A tree of array metadata (shape, dtype) from a file or a factory.
+def load_source(source: str, variables: str = "Param") -> Source:
+    """A tree of array metadata (shape, dtype) from a file or a factory, with the stacked
+    layers the factory's model declares.
 
     `variables` chooses the Variable types of a Flax NNX module a factory
     returns: comma-separated names (`"Param"`, `"Param,BatchStat"`) or `"all"`.
     """
     path = pathlib.Path(source)
     if path.suffix in SUFFIXES or path.is_dir():
-        return open_checkpoint(path).tree
+        return Source(open_checkpoint(path).tree)
     if ":" in source:
         return _factory(source, variables)
     raise SourceError(
