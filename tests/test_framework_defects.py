@@ -758,11 +758,11 @@ def test_defect10_the_command_line_reads_the_stacked_layers_of_a_penzai_factory(
 
 
 # ----------------------------------------------------------------------------
-# Defect 11: Variable-type rules under nnx.Optimizer
+# Defect 1: every wrapper resolves at init, remembers NNX Variable types, and scales leaf by leaf
 
 
-def test_defect11_nnx_scale_by_rules_with_lora_param():
-    """Defect 11: scale_by_rules([(nnx.LoRAParam, 2.0)]) under nnx.Optimizer: LoRA params get
+def test_defect1_nnx_scale_by_rules_with_lora_param():
+    """Defect 1: scale_by_rules([(nnx.LoRAParam, 2.0)]) under nnx.Optimizer: LoRA params get
     twice the SGD step, the rest one."""
     nnx = pytest.importorskip("flax.nnx")
     model, _ = nnx_lora_model()
@@ -772,8 +772,8 @@ def test_defect11_nnx_scale_by_rules_with_lora_param():
     assert_sgd_step(before, grads, after, lambda p: 2.0 if p.endswith(("lora_a", "lora_b")) else 1.0)
 
 
-def test_defect11_nnx_freeze_all_but_lora_param():
-    """Defect 11: freeze(sgd, ~inside(nnx.LoRAParam)) under nnx.Optimizer trains the adapters alone."""
+def test_defect1_nnx_freeze_all_but_lora_param():
+    """Defect 1: freeze(sgd, ~inside(nnx.LoRAParam)) under nnx.Optimizer trains the adapters alone."""
     nnx = pytest.importorskip("flax.nnx")
     model, _ = nnx_lora_model()
     tx = tg.freeze(optax.sgd(1.0), ~tg.inside(nnx.LoRAParam))
@@ -782,8 +782,8 @@ def test_defect11_nnx_freeze_all_but_lora_param():
 
 
 @pytest.mark.parametrize("module_type_rule", [False, True], ids=["embed-by-name", "nnx.Embed-types_from"])
-def test_defect11_nnx_layer_decay_with_type_rules(module_type_rule):
-    """Defect 11: layer_decay(0.5) with a Variable-type rule (the Token Param subclass) under
+def test_defect1_nnx_layer_decay_with_type_rules(module_type_rule):
+    """Defect 1: layer_decay(0.5) with a Variable-type rule (the Token Param subclass) under
     nnx.Optimizer: stem 0.125, blocks.0 0.25, blocks.1 0.5, head 1. A module-type rule (nnx.Embed)
     needs the model as types_from= (module types are not on the State), as the README says."""
     nnx = pytest.importorskip("flax.nnx")
@@ -805,3 +805,86 @@ def test_defect11_nnx_layer_decay_with_type_rules(module_type_rule):
         return 1.0
 
     assert_sgd_step(before, grads, after, scale)
+
+
+# Each wrapper with a selection S, and what it does to a gradient g of a parameter p.
+WRAPPERS = {
+    "masked": (lambda S, kw: tg.masked(optax.scale(2.0), S, **kw), lambda g, p, s: 2 * g if s else g),
+    "multi_transform": (
+        lambda S, kw: tg.multi_transform(
+            {"s": optax.scale(2.0), "o": optax.identity()}, [(S, "s")], default="o", **kw
+        ),
+        lambda g, p, s: 2 * g if s else g,
+    ),
+    "decay_mask": (
+        lambda S, kw: optax.add_decayed_weights(
+            1.0, mask=tg.decay_mask([(S, "decay"), ("**", "keep")], **kw)
+        ),
+        lambda g, p, s: g + p if s else g,
+    ),
+    "freeze": (lambda S, kw: tg.freeze(optax.identity(), S, **kw), lambda g, p, s: 0 * g if s else g),
+    "scale_by_rules": (lambda S, kw: tg.scale_by_rules([(S, 2.0)], **kw), lambda g, p, s: 2 * g if s else g),
+}
+
+
+def equinox_tree():
+    import equinox as eqx
+
+    return eqx.filter(eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(0)), eqx.is_array), "layers.1", {}
+
+
+def penzai_tree():
+    pytest.importorskip("penzai")
+    return optax_tree(penzai_lora_lm()), "LoRA_{A,B}", {}
+
+
+def stacked_tree():
+    tree = {"blocks": {"w": jnp.ones((3, 2, 2)), "b": jnp.ones((3, 2))}, "head": {"w": jnp.ones((2, 2))}}
+    return tree, "blocks.*.w", {"stacked": {"blocks": 1}}
+
+
+@pytest.mark.parametrize(
+    "tree_of", [equinox_tree, penzai_tree, stacked_tree], ids=["equinox", "penzai", "stacked"]
+)
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_defect1_every_wrapper_on_every_tree(wrapper, tree_of):
+    """Defect 1: one wrapper factory, so every wrapper gives the hand-written update under jit
+    on an Equinox model, a penzai parameter-value tree (ParameterValue nodes in the updates) and
+    a stacked model."""
+    params, selection, kw = tree_of()
+    build, reference = WRAPPERS[wrapper]
+    tx = build(selection, kw)
+    grads = numbered_grads(params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    selected = jax.tree.leaves(tg.mask(params, selection, **kw))
+    assert any(selected) and not all(selected)
+    for u, g, p, s in zip(*map(jax.tree.leaves, (updates, grads, params)), selected, strict=True):
+        np.testing.assert_allclose(u, reference(g, p, s), rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_defect1_every_wrapper_under_nnx_optimizer_with_a_variable_type_rule(wrapper):
+    """Defect 1: the same wrappers under nnx.Optimizer, selecting by a Variable type (LoRAParam):
+    decided at init, where the Variables are, and kept for the updates."""
+    nnx = pytest.importorskip("flax.nnx")
+    model, _ = nnx_lora_model()
+    build, reference = WRAPPERS[wrapper]
+    before, grads, after = nnx_step(model, optax.chain(build(nnx.LoRAParam, {}), optax.sgd(1.0)))
+    for path in before:
+        lora = path.endswith(("lora_a", "lora_b"))
+        expected = before[path] - reference(grads[path], before[path], lora)
+        np.testing.assert_allclose(after[path], expected, rtol=1e-6, atol=1e-7, err_msg=path)
+
+
+# ----------------------------------------------------------------------------
+# Defect 11: the README's sharding snippet
+
+
+def test_defect11_the_readme_makes_its_meshes_with_auto_axis_types():
+    """Defect 11: with current JAX a mesh of default (explicit) axis types makes a Megatron-style
+    step fail inside JAX; every mesh the README makes says axis_types=, as the example does."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    calls = [line for line in readme.splitlines() if "make_mesh(" in line]
+    assert calls and all("axis_types=" in line for line in calls), calls
