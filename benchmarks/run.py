@@ -57,7 +57,7 @@ import peers  # noqa: E402
 from train_gpt import GPT  # noqa: E402
 
 import treeglob as tg  # noqa: E402
-from treeglob import _pattern  # noqa: E402
+from treeglob._core import pattern as _pattern  # noqa: E402
 
 LEAVES_PER_BLOCK, OTHER_LEAVES = 14, 6
 DEFAULT = "other"
@@ -187,7 +187,7 @@ def naive_labels(params: Any) -> Any:
 COLD = """
 import gc, json, time, jax.tree_util as jtu
 import run, treeglob as tg
-from treeglob import _pattern
+from treeglob._core import pattern as _pattern
 params = run.gpt({size})
 _pattern.compile_glob.cache_clear()  # the rules' patterns compile in the timed call
 gc.collect()
@@ -425,7 +425,7 @@ import contextlib, io, json, sys, time
 start = time.perf_counter()
 import jax, equinox, optax, treeglob
 imported = time.perf_counter()
-from treeglob._cli import main
+from treeglob._cli.main import main
 with contextlib.redirect_stdout(io.StringIO()) as out:
     status = main({argv!r})
 done = time.perf_counter()

@@ -18,10 +18,10 @@ import optax
 import pytest
 
 import treeglob as tg
-from treeglob._cli import main
-from treeglob._keys import key_text, quote, split_path
-from treeglob._safetensors import MAX_HEADER_BYTES
-from treeglob._sources import load_source
+from treeglob._checkpoints.safetensors import MAX_HEADER_BYTES
+from treeglob._checkpoints.sources import load_source
+from treeglob._cli.main import main
+from treeglob._core.keys import key_text, quote, split_path
 
 # ----------------------------------------------------------------------------
 # 1. Arrays as static metadata

@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import treeglob as tg
-from treeglob._cli import main
-from treeglob._sources import load_source
+from treeglob._checkpoints.sources import load_source
+from treeglob._cli.main import main
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -207,7 +207,7 @@ def test_no_strict_lets_a_rule_match_nothing(capsys, npz_file):
         (["paths", "missing.safetensors"], r"missing.safetensors: no such file"),
         (
             ["paths", "model.npz.txt"],
-            r"not a .safetensors or .npz file, an orbax checkpoint directory, nor a module:function factory",
+            r"not a .safetensors or .npz file, or an orbax checkpoint directory, nor a module:function factory",
         ),
         (["explain", "{npz}", "--rule", "nolabel"], r"--rule 'nolabel': write LABEL=PATTERN"),
         (["explain", "{npz}", "--rule", "x=a..b"], r"empty segment"),

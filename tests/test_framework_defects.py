@@ -744,7 +744,7 @@ def test_defect10_a_stack_axis_that_does_not_lead_is_refused():
 def test_defect10_the_command_line_reads_the_stacked_layers_of_a_penzai_factory(tmp_path, capsys):
     """Defect 10: `treeglob explain f.py:lm` on a layer-stacked penzai model finds the stack itself."""
     pytest.importorskip("penzai")
-    from treeglob._cli import main
+    from treeglob._cli.main import main
 
     (tmp_path / "f.py").write_text(
         PENZAI_FACTORY.replace(

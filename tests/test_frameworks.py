@@ -338,7 +338,7 @@ def factories(tmp_path):
 def _cli_json(capsys, *argv):
     import json
 
-    from treeglob._cli import main
+    from treeglob._cli.main import main
 
     status = main([*map(str, argv), "--json"])
     return status, json.loads(capsys.readouterr().out)

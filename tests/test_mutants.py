@@ -256,7 +256,7 @@ def _expansion_message(pattern):
 
 
 def test_braces_spanning_segments_may_expand_to_exactly_256_alternatives():
-    from treeglob._pattern import compile_glob
+    from treeglob._core.pattern import compile_glob
 
     assert len(compile_glob("{a.b,c}" * 8).alternatives) == 256
 
@@ -307,7 +307,7 @@ def test_a_class_is_case_sensitive_without_ignore_case():
 
 
 def test_the_markers_print_as_their_pattern_syntax():
-    from treeglob._segment import _Marker
+    from treeglob._core.segment import _Marker
 
     assert repr(_Marker("**")) == "**"
 
@@ -400,7 +400,7 @@ def test_the_missing_default_prints_as_missing():
 
 
 def test_array_labels_are_distinct_unless_identical():
-    from treeglob._rules import normalize_rules
+    from treeglob._core.rules import normalize_rules
 
     first, second = np.array([1, 2]), np.array([1, 2])
     labels = normalize_rules([("a", first), ("b", second), ("c", first)]).labels()
@@ -427,7 +427,7 @@ def test_a_rule_that_is_not_a_pair():
 
 
 def test_normalized_rules_can_be_listed_and_passed_again():
-    from treeglob._rules import normalize_rules
+    from treeglob._core.rules import normalize_rules
 
     rules = list(normalize_rules([("a", "x"), ("b", "y")]))
     assert tg.labels({"a": 1, "b": 2}, rules) == {"a": "x", "b": "y"}
@@ -633,7 +633,7 @@ def test_an_unknown_comparison():
 
 
 def test_a_new_metric_prints_its_name():
-    from treeglob._conditions import _Metric
+    from treeglob._core.conditions import _Metric
 
     assert repr(_Metric("ndim") >= 2) == "(ndim >= 2)"
 

@@ -164,8 +164,8 @@ def test_structure_is_shared_by_equal_treedefs_and_follows_changes():
 def test_what_the_structure_decides_is_remembered_and_what_the_leaves_decide_is_not():
     # Globs and types are remembered per treedef (read-only, for every later call);
     # shapes and the types of the leaves themselves are read on every call.
-    from treeglob._selector import Context
-    from treeglob._tree import TreeView
+    from treeglob._core.selector import Context
+    from treeglob._core.tree import TreeView
 
     class Tag:
         pass
@@ -187,7 +187,7 @@ def test_what_the_structure_decides_is_remembered_and_what_the_leaves_decide_is_
 
 def test_the_blocks_of_a_flat_checkpoint_share_one_structure():
     # As equal treedefs do: the blocks of a checkpoint are walked once, not once each.
-    from treeglob._tree import TreeView
+    from treeglob._core.tree import TreeView
 
     flat = {f"blocks.{i}.{name}": np.zeros(2) for i in range(12) for name in ("attn.w", "mlp.w", "mlp.b")}
     blocks = dict(TreeView(flat).structure.children)["blocks"]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import treeglob as tg
-from treeglob._pattern import compile_glob
+from treeglob._core.pattern import compile_glob
 
 
 def matches(pattern: str, path: str, **kw) -> bool:

@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 import treeglob as tg
 from conftest import Transformer
-from treeglob._cli import main
-from treeglob._pattern import compile_glob
-from treeglob._rules import normalize_rules
+from treeglob._cli.main import main
+from treeglob._core.pattern import compile_glob
+from treeglob._core.rules import normalize_rules
 
 SRC = pathlib.Path(tg.__file__).parent
 
@@ -406,8 +406,8 @@ def test_import_loads_the_core_and_every_public_name_on_first_use():
 def test_ordinary_trees_take_the_structure_from_the_treedef():
     # The key paths are a fallback for custom nodes that refuse placeholder leaves
     # (and for the jax releases that cannot rebuild one level of a treedef).
-    from treeglob._structure import _CACHE, ONE_LEVEL
-    from treeglob._tree import TreeView
+    from treeglob._core.structure import _CACHE, ONE_LEVEL
+    from treeglob._core.tree import TreeView
 
     if ONE_LEVEL is None:
         pytest.skip("this jax release cannot build a one-level treedef")

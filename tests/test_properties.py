@@ -21,9 +21,9 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 import treeglob as tg
-from treeglob._keys import key_text, quote, split_path
-from treeglob._pattern import compile_glob
-from treeglob._tree import TreeView
+from treeglob._core.keys import key_text, quote, split_path
+from treeglob._core.pattern import compile_glob
+from treeglob._core.tree import TreeView
 
 # ----------------------------------------------------------------------------
 # Random PyTrees with awkward keys

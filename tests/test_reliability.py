@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import treeglob as tg
 from conftest import Transformer
-from treeglob._pattern import compile_glob
+from treeglob._core.pattern import compile_glob
 
 # ----------------------------------------------------------------------------
 # Adversarial patterns: linear matching, bounded expansion, fast failures

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import treeglob as tg
-from treeglob._rename import apply_renames, parse_renames
+from treeglob._checkpoints.rename import apply_renames, parse_renames
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from finetune_from_checkpoint import IGNORE, RENAME, TRANSFORM, to_hugging_face  # noqa: E402
@@ -499,7 +499,7 @@ def test_save_refuses_dtypes_the_format_cannot_store(tmp_path):
         ),
         (
             lambda p: (p / "x.pt").write_bytes(b"x") and p / "x.pt",
-            r"treeglob reads .safetensors and .npz files",
+            r"treeglob reads a .safetensors or .npz file",
         ),
         (
             lambda p: (p / "b.safetensors").write_bytes(b"\x01") and p / "b.safetensors",
@@ -530,16 +530,16 @@ def test_sharded_load_reads_each_devices_slice(tmp_path):
 import jax, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 import treeglob as tg
-from treeglob import _checkpoint
+from treeglob._checkpoints.safetensors import SafetensorsCheckpoint
 
 reads, slices = [], []
-original_read, original_slice = _checkpoint._Safetensors.read, _checkpoint._Safetensors.read_slice
-_checkpoint._Safetensors.read = lambda self, name: reads.append(name) or original_read(self, name)
+original_read, original_slice = SafetensorsCheckpoint.read, SafetensorsCheckpoint.read_slice
+SafetensorsCheckpoint.read = lambda self, name: reads.append(name) or original_read(self, name)
 def read_slice(self, name, index):
     out = original_slice(self, name, index)
     slices.append((name, out.shape))
     return out
-_checkpoint._Safetensors.read_slice = read_slice
+SafetensorsCheckpoint.read_slice = read_slice
 
 rng = np.random.default_rng(0)
 tensors = {{"w": rng.standard_normal((16, 8)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32),
@@ -675,7 +675,7 @@ def test_a_big_endian_array_is_saved_little_endian(tmp_path):
 @pytest.mark.parametrize(
     "name, error, message",
     [
-        ("m.bin", ValueError, r"save\(\): '.*m.bin' does not end in .safetensors"),
+        ("m.bin", ValueError, r"save\(\): '.*m.bin' does not end in .safetensors or .npz"),
         ("nodir/m.safetensors", FileNotFoundError, r"save\(\): the directory '.*nodir' of .* does not exist"),
     ],
 )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import treeglob as tg
-from treeglob._cli import main
+from treeglob._cli.main import main
 
 X = (jnp.arange(8.0).reshape(2, 4) - 3.0) / 7.0  # a batch of two 4-vectors
 
@@ -1051,12 +1051,12 @@ def test_load_plan_exit_statuses_and_messages(files, capsys, args, status, out, 
         (["none.py:build", "torch.safetensors"], r"none\.py:build: no such file 'none\.py'"),
         (
             ["nets.py", "torch.safetensors"],
-            r"nets\.py: not a \.safetensors or \.npz file, an orbax checkpoint",
+            r"nets\.py: not a \.safetensors or \.npz file, or an orbax checkpoint",
         ),
         (["nets.py:nnx_net", "none.safetensors"], r"none\.safetensors: no such file or directory"),
         (
             ["nets.py:nnx_net", "nets.py"],
-            r"treeglob reads \.safetensors and \.npz files and orbax checkpoint directories, not \.py",
+            r"treeglob reads a \.safetensors or \.npz file, or an orbax checkpoint directory, not \.py",
         ),
         (
             ["nets.py:nnx_net", "torch.safetensors", "--variables", "Parm"],

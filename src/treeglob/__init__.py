@@ -4,7 +4,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 # The selection core, imported with the package.
-from ._conditions import (
+from ._core.conditions import (
     dtype as dtype,
     glob as glob,
     inside as inside,
@@ -15,43 +15,51 @@ from ._conditions import (
     size as size,
     where as where,
 )
-from ._errors import (
+from ._core.errors import (
     LoadError as LoadError,
     NoMatchError as NoMatchError,
     RulesFileError as RulesFileError,
     ShadowedRuleWarning as ShadowedRuleWarning,
     SourceError as SourceError,
 )
-from ._optax import masked as masked, multi_transform as multi_transform
-from ._pattern import translate as translate
-from ._resolve import labels as labels, mask as mask
-from ._selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
-from ._tree import paths as paths
+from ._core.pattern import translate as translate
+from ._core.resolve import labels as labels, mask as mask
+from ._core.selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
+from ._core.tree import paths as paths
+from ._training.combinators import masked as masked, multi_transform as multi_transform
 
 # The rest is imported on first use (`__getattr__`), so that `import treeglob`
 # costs little more than jax, equinox and optax: the report, the recipes and
 # their presets, metrics, sharding, rules files, checkpoints.
 if TYPE_CHECKING:
     from . import presets as presets
+    from ._checkpoints.load_report import LoadReport as LoadReport, LoadRow as LoadRow
+    from ._checkpoints.transfer import load as load, load_plan as load_plan, save as save
     from ._config import (
         RuleConfig as RuleConfig,
         TransferRules as TransferRules,
         load_rules as load_rules,
         load_transfer as load_transfer,
     )
-    from ._frameworks import stacked_layers as stacked_layers
-    from ._layer_decay import (
+    from ._core.frameworks import stacked_layers as stacked_layers
+    from ._core.report import Explanation as Explanation, explain as explain
+    from ._training.layer_decay import (
         layer_decay as layer_decay,
         layer_decay_scales as layer_decay_scales,
         layer_ids as layer_ids,
     )
-    from ._layers import JOIN_NEXT as JOIN_NEXT, JOIN_PREVIOUS as JOIN_PREVIOUS, LayerGroups as LayerGroups
-    from ._load_report import LoadReport as LoadReport, LoadRow as LoadRow
-    from ._metrics import norm_ratios as norm_ratios, summarize as summarize
-    from ._recipes import decay_mask as decay_mask, freeze as freeze, scale_by_rules as scale_by_rules
-    from ._report import Explanation as Explanation, explain as explain
-    from ._sharding import shardings as shardings
-    from ._transfer import load as load, load_plan as load_plan, save as save
+    from ._training.layers import (
+        JOIN_NEXT as JOIN_NEXT,
+        JOIN_PREVIOUS as JOIN_PREVIOUS,
+        LayerGroups as LayerGroups,
+    )
+    from ._training.metrics import norm_ratios as norm_ratios, summarize as summarize
+    from ._training.recipes import (
+        decay_mask as decay_mask,
+        freeze as freeze,
+        scale_by_rules as scale_by_rules,
+    )
+    from ._training.sharding import shardings as shardings
 
     __version__: str
 
@@ -59,16 +67,16 @@ _LAZY = {
     name: module
     for module, names in {
         ".presets": ["presets"],
-        "._frameworks": ["stacked_layers"],
+        "._core.frameworks": ["stacked_layers"],
         "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer"],
-        "._layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
-        "._layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
-        "._metrics": ["norm_ratios", "summarize"],
-        "._recipes": ["decay_mask", "freeze", "scale_by_rules"],
-        "._report": ["Explanation", "explain"],
-        "._sharding": ["shardings"],
-        "._load_report": ["LoadReport", "LoadRow"],
-        "._transfer": ["load", "load_plan", "save"],
+        "._training.layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
+        "._training.layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
+        "._training.metrics": ["norm_ratios", "summarize"],
+        "._training.recipes": ["decay_mask", "freeze", "scale_by_rules"],
+        "._core.report": ["Explanation", "explain"],
+        "._training.sharding": ["shardings"],
+        "._checkpoints.load_report": ["LoadReport", "LoadRow"],
+        "._checkpoints.transfer": ["load", "load_plan", "save"],
     }.items()
     for name in names
 }

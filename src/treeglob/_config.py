@@ -26,15 +26,15 @@ import json
 import pathlib
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import presets
-from ._conditions import COMPARISONS, inside, ndim
-from ._errors import RulesFileError, suggest
-from ._rules import MISSING, check_label
-from ._selector import Selector, all_of, any_of, coerce, optional
-from ._transfer import check_rules
+from ._checkpoints.rules import TransferRules, check_rules
+from ._core.conditions import COMPARISONS, inside, ndim
+from ._core.errors import RulesFileError, suggest
+from ._core.rules import MISSING, check_label
+from ._core.selector import Selector, all_of, any_of, coerce, optional
 
 __all__ = ["RuleConfig", "TransferRules", "load_rules", "load_transfer"]
 
@@ -244,15 +244,6 @@ def load_rules(source: str | pathlib.Path | Mapping[str, Any], *, key: str | Non
     """
     data, origin = _read(source, key)
     return _from_data(data, origin)
-
-
-class TransferRules(NamedTuple):
-    """Checkpoint-transfer rules loaded from data: `treeglob.load(model, source, **rules._asdict())`."""
-
-    rename: Sequence[Any] = ()  # (pattern, replacement or tuple of them)
-    skip: Sequence[Any] = ()  # patterns
-    ignore: Sequence[Any] = ()  # patterns
-    transform: Sequence[Any] = ()  # (pattern, transform name)
 
 
 def _patterns(data: Mapping[str, Any], key: str, origin: str) -> list[str]:

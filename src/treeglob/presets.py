@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import equinox as eqx
 
-from ._conditions import glob, inside, ndim, regex
-from ._layers import JOIN_NEXT, LayerGroups
-from ._selector import Selector, any_of, optional
+from ._core.conditions import glob, inside, ndim, regex
+from ._core.selector import Selector, any_of, optional
+from ._training.layers import JOIN_NEXT, LayerGroups
 
 __all__ = [
     "BY_NAME",

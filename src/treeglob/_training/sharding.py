@@ -7,7 +7,7 @@ from typing import Any
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._resolve import resolve
+from .._core.resolve import resolve
 
 __all__ = ["shardings"]
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ShadowedRuleWarning, user_stacklevel
-from ._frameworks import stack_mark
-from ._rules import MISSING, Rule, Rules, normalize_rules, same_label
-from ._selector import Context, Selector, coerce
-from ._structure import kinds, remember
-from ._tree import TreeView
+from .errors import ShadowedRuleWarning, user_stacklevel
+from .frameworks import stack_mark
+from .rules import MISSING, Rule, Rules, normalize_rules, same_label
+from .selector import Context, Selector, coerce
+from .structure import kinds, remember
+from .tree import TreeView
 
 __all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "paused_gc", "resolve", "select", "view_of"]
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._errors import LoadError, suggest
-from ._table import render_table
+from .._core.errors import LoadError, suggest
+from .._core.table import render_table
 
 __all__ = ["LoadReport", "LoadRow"]
 

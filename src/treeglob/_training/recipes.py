@@ -13,10 +13,10 @@ from typing import Any
 
 import optax
 
-from . import presets
-from ._rules import normalize_rules
-from ._selector import coerce
-from ._wrapper import RuleWrapper
+from .. import presets
+from .._core.rules import normalize_rules
+from .._core.selector import coerce
+from .wrapper import RuleWrapper
 
 __all__ = ["decay_mask", "freeze", "scale_by_rules"]
 

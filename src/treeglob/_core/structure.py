@@ -17,8 +17,8 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ._frameworks import KEY_SEPARATOR, is_wrapper, label_segments
-from ._keys import key_text, quote, split_path
+from .frameworks import KEY_SEPARATOR, is_wrapper, label_segments
+from .keys import key_text, quote, split_path
 
 __all__ = [
     "LEAF",

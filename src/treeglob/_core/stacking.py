@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import suggest
-from ._keys import quote, split_path
-from ._structure import Node, find, inner_paths
+from .errors import suggest
+from .keys import quote, split_path
+from .structure import Node, find, inner_paths
 
 __all__ = ["Layers", "Stack", "close_subtrees", "row_origin", "stack_structure"]
 

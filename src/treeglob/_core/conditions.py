@@ -17,10 +17,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._frameworks import type_hint
-from ._pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
-from ._selector import BOOL_MESSAGE, Context, Selector, coerce
-from ._structure import Node, kinds, remember, walk
+from .frameworks import type_hint
+from .pattern import MATCHED, CompiledGlob, compile_glob, compile_regex
+from .selector import BOOL_MESSAGE, Context, Selector, coerce
+from .structure import Node, kinds, remember, walk
 
 __all__ = ["COMPARISONS", "dtype", "glob", "inside", "ndim", "owned_by", "regex", "shape", "size", "where"]
 

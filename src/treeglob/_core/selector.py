@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import NoMatchError, suggest
-from ._keys import quote
-from ._tree import TreeView
+from .errors import NoMatchError, suggest
+from .keys import quote
+from .tree import TreeView
 
 __all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "optional"]
 

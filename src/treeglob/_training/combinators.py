@@ -16,10 +16,10 @@ from typing import Any
 
 import optax
 
-from ._resolve import select
-from ._rules import MISSING, normalize_rules
-from ._selector import coerce
-from ._wrapper import RuleWrapper
+from .._core.resolve import select
+from .._core.rules import MISSING, normalize_rules
+from .._core.selector import coerce
+from .wrapper import RuleWrapper
 
 __all__ = ["masked", "multi_transform"]
 

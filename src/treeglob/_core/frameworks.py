@@ -34,7 +34,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ._keys import quote
+from .keys import quote
 
 __all__ = [
     "ADAPTERS",

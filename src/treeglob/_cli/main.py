@@ -26,16 +26,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, NamedTuple
 
-from . import presets
-from ._checkpoint import open_checkpoint
-from ._config import RuleConfig, TransferRules, load_rules, load_transfer
-from ._report import Explanation, LeafRow
-from ._resolve import Resolution, paused_gc, resolve, view_of
-from ._rules import MISSING
-from ._selector import Context, Selector, coerce
-from ._sources import load_source
-from ._table import painter, render_table
-from ._transfer import check_rules, load_plan
+from .. import presets
+from .._checkpoints.formats import open_checkpoint, readable
+from .._checkpoints.rules import check_rules
+from .._checkpoints.sources import load_source
+from .._checkpoints.transfer import load_plan
+from .._config import RuleConfig, TransferRules, load_rules, load_transfer
+from .._core.report import Explanation, LeafRow
+from .._core.resolve import Resolution, paused_gc, resolve, view_of
+from .._core.rules import MISSING
+from .._core.selector import Context, Selector, coerce
+from .._core.table import painter, render_table
 
 __all__ = ["main"]
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("source", metavar="SOURCE", help="a .safetensors or .npz file, or module:function")
+    common.add_argument("source", metavar="SOURCE", help=f"{readable()}, or module:function")
     common.add_argument("--filter", metavar="PATTERN", help="show only the leaves this pattern selects")
     common.add_argument(
         "--stacked",
@@ -88,9 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     lp.add_argument(
         "model", metavar="MODEL", help="module:function (or a checkpoint) giving the model's leaves"
     )
-    lp.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a .safetensors or .npz file, or an orbax directory"
-    )
+    lp.add_argument("checkpoint", metavar="CHECKPOINT", help=readable())
     lp.add_argument(
         "--rename", metavar="FROM=TO", action="append", default=[], help="a rename rule, in order"
     )

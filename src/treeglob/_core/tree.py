@@ -22,9 +22,9 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._frameworks import is_wrapper
-from ._stacking import Stack, close_subtrees, row_origin, stack_structure
-from ._structure import Node, remember, row_paths, row_segments, structure_of
+from .frameworks import is_wrapper
+from .stacking import Stack, close_subtrees, row_origin, stack_structure
+from .structure import Node, remember, row_paths, row_segments, structure_of
 
 __all__ = ["TreeView", "paths", "shape_of"]
 

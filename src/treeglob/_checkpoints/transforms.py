@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._rename import pairs
+from .rename import pairs
 
 __all__ = ["output_meta", "parse_transforms", "transform_name"]
 

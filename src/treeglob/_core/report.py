@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ._resolve import Resolution, resolve
-from ._rules import MISSING, same_label
-from ._table import painter, render_table
+from .resolve import Resolution, resolve
+from .rules import MISSING, same_label
+from .table import painter, render_table
 
 __all__ = ["Explanation", "LeafRow", "RuleRow", "explain"]
 

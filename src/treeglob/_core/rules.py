@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ._selector import Selector, coerce
+from .selector import Selector, coerce
 
 __all__ = ["MISSING", "Rule", "Rules", "check_label", "normalize_rules", "same_label"]
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._resolve import resolve
-from ._rules import MISSING
-from ._tree import TreeView
+from .._core.resolve import resolve
+from .._core.rules import MISSING
+from .._core.tree import TreeView
 
 __all__ = ["STATS", "norm_ratios", "summarize"]
 

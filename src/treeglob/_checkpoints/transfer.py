@@ -23,27 +23,19 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._checkpoint import Checkpoint, open_checkpoint
-from ._errors import LoadError, ShadowedRuleWarning, user_stacklevel
-from ._load_report import LoadReport, LoadRow
-from ._rename import apply_renames, parse_renames
-from ._resolve import paused_gc, resolve, view_of
-from ._safetensors import write
-from ._selector import coerce
-from ._transforms import output_meta, parse_transforms, transform_name
-from ._tree import TreeView
+from .._core.errors import LoadError, ShadowedRuleWarning, user_stacklevel
+from .._core.resolve import paused_gc, resolve, view_of
+from .._core.tree import TreeView
+from .base import Checkpoint
+from .formats import format_for_writing, open_checkpoint
+from .load_report import LoadReport, LoadRow
+from .rename import apply_renames, parse_renames
+from .rules import as_patterns
+from .transforms import output_meta, parse_transforms, transform_name
 
-__all__ = ["check_rules", "load", "load_plan", "save"]
+__all__ = ["load", "load_plan", "save"]
 
 _MAX_LISTED = 20  # paths listed in one message
-
-
-def check_rules(rename: Any = None, skip: Any = None, ignore: Any = None, transform: Any = None) -> None:
-    """Raise what `load` would for malformed rules, before any model or checkpoint is read."""
-    parse_renames(rename or [])
-    parse_transforms(transform or [])
-    for pattern in _as_list(skip) + _as_list(ignore):
-        coerce(pattern)
 
 
 # ----------------------------------------------------------------------------
@@ -57,13 +49,6 @@ class _Plan:
     report: LoadReport
     # Per model row: (checkpoint name, transform) for rows that load; None otherwise.
     reads: list[tuple[str, Callable[[Any], Any] | None] | None]
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A list of patterns from a list, a tuple or one pattern."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _plan(
@@ -84,9 +69,11 @@ def _plan(
     transforms = parse_transforms(transform or [])
     view = view_of(target, caller, stacked)
     checkpoint = open_checkpoint(source)
-    ignored, renamed, taken = _match_tensors(view, checkpoint, rename_rules, _as_list(ignore), caller, strict)
+    ignored, renamed, taken = _match_tensors(
+        view, checkpoint, rename_rules, as_patterns(ignore), caller, strict
+    )
     skipped = np.zeros(len(view), dtype=bool)
-    if skip_rules := [(p, True) for p in _as_list(skip)]:
+    if skip_rules := [(p, True) for p in as_patterns(skip)]:
         skipped = _resolve_rows(view, skip_rules, caller, strict, f"the skip list given to {caller}()")
     chosen = _choose_transforms(view, transforms, caller, strict)
 
@@ -501,7 +488,7 @@ def save(
     stacked: Any = None,
     strict: bool = True,
 ) -> list[str]:
-    """Write a model's arrays (or a selection of them) to a `.safetensors` file.
+    """Write a model's arrays (or a selection of them) to a `.safetensors` or `.npz` file.
 
     Each array leaf is one tensor named by its path, as `treeglob.paths`
     prints it, so `treeglob.load(model, path)` loads it back bit for bit.
@@ -510,8 +497,9 @@ def save(
     the same model built with a list of blocks. Non-array leaves are left out.
 
     Args:
-        path: the file to write; written beside it and renamed, so a reader
-            never sees half a file.
+        path: the file to write, in the format its suffix names
+            (`.safetensors`, or `.npz`, which has no bfloat16); written beside
+            it and renamed, so a reader never sees half a file.
         tree: any PyTree of arrays.
         select: a selector (or pattern) of the leaves to write; all by default.
         stacked: `{path: axes}` for stacked layers, as everywhere.
@@ -530,8 +518,7 @@ def save(
         array([1., 1.])
     """
     target = pathlib.Path(path)
-    if target.suffix != ".safetensors":
-        raise ValueError(f"save(): {str(path)!r} does not end in .safetensors, the format save() writes.")
+    file_format = format_for_writing(target, "save")
     if not target.parent.is_dir():
         raise FileNotFoundError(
             f"save(): the directory {str(target.parent)!r} of {str(path)!r} does not exist."
@@ -552,5 +539,6 @@ def save(
         return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
 
     tensors = [(view.paths[r], view.shapes[r] or (), view.dtypes[r]) for r in rows]
-    write(path, tensors, read)
+    assert file_format.write is not None
+    file_format.write(path, tensors, read)
     return [name for name, _, _ in tensors]

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import pattern_error
-from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Class, DoubleStar, Lit, Range, SegmentMatcher, Sep
+from .errors import pattern_error
+from .segment import ANY1, ANY_SEGMENTS, STAR, Alt, Class, DoubleStar, Lit, Range, SegmentMatcher, Sep
 
 __all__ = ["MAX_ALTERNATIVES", "CompiledGlob", "compile_glob", "compile_regex", "translate"]
 

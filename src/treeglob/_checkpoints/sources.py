@@ -1,7 +1,7 @@
 """Trees of array metadata from checkpoints and model factories, without loading arrays.
 
 * `.safetensors`, `.npz`, an orbax checkpoint directory: metadata only
-  (see `_checkpoint.py`).
+  (see `formats.py`).
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated. A Flax
   NNX module is reduced to the State of its parameters (`nnx.Param`), a penzai
@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 
-from ._checkpoint import SUFFIXES, open_checkpoint
-from ._errors import SourceError
-from ._frameworks import parameters, stacked_layers
+from .._core.errors import SourceError
+from .._core.frameworks import parameters, stacked_layers
+from .formats import is_checkpoint, open_checkpoint, readable
 
 __all__ = ["Source", "load_source"]
 
@@ -109,11 +109,8 @@ def load_source(source: str, variables: str = "Param") -> Source:
     returns: comma-separated names (`"Param"`, `"Param,BatchStat"`) or `"all"`.
     """
     path = pathlib.Path(source)
-    if path.suffix in SUFFIXES or path.is_dir():
+    if is_checkpoint(path):
         return Source(open_checkpoint(path).tree)
     if ":" in source:
         return _factory(source, variables)
-    raise SourceError(
-        f"{source}: not a .safetensors or .npz file, an orbax checkpoint directory, nor a "
-        "module:function factory (e.g. mypkg.models:build)."
-    )
+    raise SourceError(f"{source}: not {readable()}, nor a module:function factory (e.g. mypkg.models:build).")

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._errors import NoMatchError, suggest
-from ._keys import quote, split_path
-from ._pattern import compile_glob, compile_regex
-from ._segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
+from .._core.errors import NoMatchError, suggest
+from .._core.keys import quote, split_path
+from .._core.pattern import compile_glob, compile_regex
+from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
 
 __all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames"]
 

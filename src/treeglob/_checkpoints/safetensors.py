@@ -1,4 +1,5 @@
-"""The `.safetensors` format: the header read with bounded memory, and files written.
+"""The `.safetensors` format: the header read with bounded memory, tensors read one at a
+time (a slice through a memory map: one device's shard), and files written.
 
 The format (documented with the `safetensors` package): 8 bytes, a little-endian
 unsigned header length `N`; `N` bytes of UTF-8 JSON mapping each tensor name to
@@ -24,9 +25,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import SourceError
+from .._core.errors import SourceError
+from .base import Checkpoint
 
-__all__ = ["MAX_HEADER_BYTES", "TensorInfo", "read_header", "write"]
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsCheckpoint", "TensorInfo", "read_header", "write"]
 
 #: The longest header read, in bytes (the `safetensors` package's own limit).
 MAX_HEADER_BYTES = 100_000_000
@@ -221,3 +223,29 @@ def write(
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    slices = True
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        header, self.data_start = read_header(path)
+        super().__init__(str(path), header)
+
+    def _read(self, row: int, path: str) -> np.ndarray:
+        info: TensorInfo = self.view.leaves[row]
+        out = np.empty(info.shape, info.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + info.begin)
+            if f.readinto(out.reshape(-1).view(np.uint8).data) != info.end - info.begin:
+                raise SourceError(f"{self.where}: tensor {path!r} is cut short; the file is truncated.")
+        return out
+
+    def read_slice(self, path: str, index: Any) -> np.ndarray:
+        info: TensorInfo = self.meta[path]
+        if not info.shape or 0 in info.shape:
+            return self.read(path)[index]
+        # Mapped, so that only the pages of the slice are read.
+        mapped = np.memmap(self.path, info.dtype, "r", self.data_start + info.begin, info.shape)
+        return np.array(mapped[index])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from ._resolve import Recall, Resolution, resolve
+from .._core.resolve import Recall, Resolution, resolve
 
 __all__ = ["RuleWrapper"]
 

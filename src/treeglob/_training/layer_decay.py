@@ -16,18 +16,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import optax
 
-from . import presets
-from ._conditions import glob
-from ._errors import NoMatchError
-from ._keys import quote, split_path
-from ._layers import JOIN_NEXT, JOIN_PREVIOUS, LayerGroups
-from ._pattern import compile_glob
-from ._resolve import Recall, Resolution, resolve, view_of
-from ._rules import normalize_rules
-from ._selector import optional
-from ._structure import find, find_nodes
-from ._tree import TreeView
-from ._wrapper import RuleWrapper
+from .. import presets
+from .._core.conditions import glob
+from .._core.errors import NoMatchError
+from .._core.keys import quote, split_path
+from .._core.pattern import compile_glob
+from .._core.resolve import Recall, Resolution, resolve, view_of
+from .._core.rules import normalize_rules
+from .._core.selector import optional
+from .._core.structure import find, find_nodes
+from .._core.tree import TreeView
+from .layers import JOIN_NEXT, JOIN_PREVIOUS, LayerGroups
+from .wrapper import RuleWrapper
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
 

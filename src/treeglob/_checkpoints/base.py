@@ -1,0 +1,77 @@
+"""A checkpoint as a flat `{name: metadata}` dict whose tensors are read one at a time.
+
+Opening a checkpoint reads its metadata only; a tensor's data is read when
+`read(name)` or `read_slice(name, index)` asks for it, so loading a model
+never holds more than the tensor at hand. Each file format subclasses
+`Checkpoint` in its own module and registers in `formats.py`; a PyTree in
+memory is a checkpoint too (`TreeCheckpoint`).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from .._core.tree import TreeView
+
+__all__ = ["Checkpoint", "TreeCheckpoint"]
+
+
+class Checkpoint(abc.ABC):
+    """A checkpoint's tensors by path, data read on demand.
+
+    `tree` is its structure as stored (a flat dict of names for a file, nested
+    for orbax or a tree in memory), `view` the `TreeView` patterns match, and
+    `meta` maps the printed path of each array to its metadata (`shape`,
+    `dtype`). Paths are never split again after printing, so keys that need
+    quoting (`"conv.1"`) stay one segment.
+    """
+
+    #: Whether `read_slice` reads only the slice (else the whole tensor each time).
+    slices: bool = False
+    #: The paths that have metadata but no values (a `ShapeDtypeStruct` in a tree).
+    abstract: frozenset[str] = frozenset()
+
+    def __init__(self, where: str, tree: Any):
+        self.where, self.tree = where, tree
+
+    # Built on first use: listing a checkpoint (`treeglob paths`, `explain`) needs only `tree`.
+    @functools.cached_property
+    def view(self) -> TreeView:
+        return TreeView(self.tree)
+
+    @functools.cached_property
+    def rows(self) -> dict[str, int]:
+        view = self.view
+        return {view.paths[r]: r for r in view.data_rows}
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        return {path: self.view.leaves[r] for path, r in self.rows.items()}
+
+    def read(self, path: str) -> Any:
+        """The whole tensor (a NumPy array, or the array itself for a tree in memory)."""
+        return self._read(self.rows[path], path)
+
+    def read_slice(self, path: str, index: Any) -> np.ndarray:
+        """`read(path)[index]`."""
+        return np.asarray(self.read(path)[index])
+
+    @abc.abstractmethod
+    def _read(self, row: int, path: str) -> Any: ...
+
+
+class TreeCheckpoint(Checkpoint):
+    """A PyTree in memory (another model, a dict of arrays): its leaves by printed path."""
+
+    def __init__(self, tree: Any):
+        super().__init__("the source tree", tree)
+        arrays = (jax.Array, np.ndarray, np.generic)
+        self.abstract = frozenset(p for p, leaf in self.meta.items() if not isinstance(leaf, arrays))
+
+    def _read(self, row: int, path: str) -> Any:
+        return self.view.leaves[row]

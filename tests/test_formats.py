@@ -1,0 +1,48 @@
+"""The checkpoint format registry: every format reads what treeglob writes, messages list them all."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import treeglob as tg
+from treeglob._checkpoints.formats import FORMATS, open_checkpoint, readable
+
+TREE = {"blocks": [{"w": np.arange(6.0).reshape(2, 3)}], "head": {"b": np.array([1, 2], np.int32)}}
+ZEROS = {"blocks": [{"w": np.zeros((2, 3))}], "head": {"b": np.zeros(2, np.int32)}}
+WRITABLE = [f.suffix for f in FORMATS if f.write is not None]
+
+
+def test_the_registry_holds_the_formats_treeglob_reads_and_writes():
+    assert [(f.name, f.suffix, f.write is not None) for f in FORMATS] == [
+        ("safetensors", ".safetensors", True),
+        ("npz", ".npz", True),
+        ("orbax", "", False),
+    ]
+    assert readable() == "a .safetensors or .npz file, or an orbax checkpoint directory"
+
+
+@pytest.mark.parametrize("suffix", WRITABLE)
+def test_save_picks_the_writer_by_suffix_and_load_reads_it_back(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    assert tg.save(path, TREE) == ["blocks.0.w", "head.b"]
+    assert sorted(open_checkpoint(path).meta) == ["blocks.0.w", "head.b"]
+    model, report = tg.load(ZEROS, path)
+    assert report.ok
+    np.testing.assert_array_equal(model["blocks"][0]["w"], TREE["blocks"][0]["w"])
+    assert model["head"]["b"].dtype == np.int32
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_npz_refuses_bfloat16_before_writing(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"'w' has the dtype bfloat16, which \.npz cannot store.*\.safetensors"
+    ):
+        tg.save(tmp_path / "m.npz", {"w": jnp.ones(2, jnp.bfloat16)})
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_suffix_no_writer_takes_is_refused_with_the_writers(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"does not end in \.safetensors or \.npz, the formats save\(\) writes"
+    ):
+        tg.save(tmp_path / "m.json", TREE)
