@@ -185,7 +185,7 @@ def test_explain_with_rules_on_the_command_line_and_a_preset(capsys, npz_file):
             r"glob\('\*.bais'\) matches no leaf.*\nClose matches in the tree: bias",
         ),
         (["--rule", "no_decay=*.bias"], r"6 of 8 leaves match no rule and no default label was given"),
-        (["--rule", "x=**", "--filter", "blcks"], r"The --filter pattern glob\('blcks'\) matches no leaf"),
+        (["--rule", "x=**", "--filter", "blcks"], r"The filter glob\('blcks'\) matches no leaf"),
     ],
 )
 def test_rules_that_do_not_fit_exit_1(capsys, npz_file, argv, message):

@@ -42,7 +42,12 @@ if TYPE_CHECKING:
         load_transfer as load_transfer,
     )
     from ._core.frameworks import stacked_layers as stacked_layers
-    from ._core.report import Explanation as Explanation, explain as explain
+    from ._core.report import (
+        Explanation as Explanation,
+        LeafRow as LeafRow,
+        RuleRow as RuleRow,
+        explain as explain,
+    )
     from ._training.layer_decay import (
         layer_decay as layer_decay,
         layer_decay_scales as layer_decay_scales,
@@ -73,7 +78,7 @@ _LAZY = {
         "._training.layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
         "._training.metrics": ["norm_ratios", "summarize"],
         "._training.recipes": ["decay_mask", "freeze", "scale_by_rules"],
-        "._core.report": ["Explanation", "explain"],
+        "._core.report": ["Explanation", "LeafRow", "RuleRow", "explain"],
         "._training.sharding": ["shardings"],
         "._checkpoints.load_report": ["LoadReport", "LoadRow"],
         "._checkpoints.transfer": ["load", "load_plan", "save"],
@@ -106,11 +111,13 @@ __all__ = [
     "JOIN_PREVIOUS",
     "Explanation",
     "LayerGroups",
+    "LeafRow",
     "LoadError",
     "LoadReport",
     "LoadRow",
     "NoMatchError",
     "RuleConfig",
+    "RuleRow",
     "RulesFileError",
     "Selector",
     "ShadowedRuleWarning",

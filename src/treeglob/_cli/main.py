@@ -18,6 +18,7 @@ returns no arrays); 141 the output pipe was closed early (`| head`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -26,16 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, NamedTuple
 
-from .. import presets
+import treeglob as tg
+
 from .._checkpoints.formats import open_checkpoint, readable
 from .._checkpoints.rules import check_rules
 from .._checkpoints.sources import load_source
-from .._checkpoints.transfer import load_plan
-from .._config import RuleConfig, TransferRules, load_rules, load_transfer
-from .._core.report import Explanation, LeafRow
-from .._core.resolve import Resolution, paused_gc, resolve, view_of
-from .._core.rules import MISSING
-from .._core.selector import Context, Selector, coerce
 from .._core.table import painter, render_table
 
 __all__ = ["main"]
@@ -79,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--rule", metavar="LABEL=PATTERN", action="append", default=[], help="a rule (repeatable)"
     )
-    ex.add_argument("--preset", choices=sorted(presets.BY_NAME), help="append a weight-decay preset's rules")
+    ex.add_argument(
+        "--preset", choices=sorted(tg.presets.BY_NAME), help="append a weight-decay preset's rules"
+    )
     ex.add_argument("--default", metavar="LABEL", help="the label of leaves no rule matches")
     ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
 
@@ -125,41 +123,61 @@ def _stacked(items: list[str]) -> dict[str, int] | None:
     return out or None
 
 
-def _rules(args: argparse.Namespace) -> RuleConfig:
+def _rules(args: argparse.Namespace) -> tg.RuleConfig:
     rules: list[tuple[Any, Any]] = []
     for item in args.rule:
         label, sep, pattern = item.partition("=")
         if not sep or not label or not pattern:
             raise _BadInput(f"--rule {item!r}: write LABEL=PATTERN, e.g. --rule 'no_decay=*.bias'.")
-        rules.append((coerce(pattern), label))
-    default = MISSING
-    if args.rules:
-        config = load_rules(args.rules, key=args.key)
-        rules += config.rules
-        default = config.default
-    elif args.key:
+        rules.append((tg.any_of(pattern), label))
+    if args.key and not args.rules:
         raise _BadInput("--key needs --rules FILE.")
+    config = tg.load_rules(args.rules, key=args.key) if args.rules else tg.RuleConfig([])
+    rules += config.rules
     if args.preset:
-        rules += presets.BY_NAME[args.preset]
+        rules += tg.presets.BY_NAME[args.preset]
     if not rules:
         raise _BadInput("explain needs rules: --rules FILE, --rule LABEL=PATTERN or --preset NAME.")
-    return RuleConfig(rules, default if args.default is None else args.default)
+    return tg.RuleConfig(rules, config.default if args.default is None else args.default)
 
 
-def _shown(view: Any, selector: Selector | None) -> list[int]:
-    """The rows the --filter selects (all without one)."""
-    if selector is None:
-        return list(range(len(view)))
-    hit = Context(view, strict=True).require(selector, "the --filter pattern")
-    return [int(i) for i in hit.nonzero()[0]]
+def _check(
+    args: argparse.Namespace,
+    stacked: Any,
+    config: tg.RuleConfig | None,
+    selector: tg.Selector | None,
+    tree: Any,
+    width: int | None,
+    color: bool,
+) -> dict[str, Any]:
+    """The rules against the tree: errors here mean they do not fit (status 1). `paths` is
+    the report of no rules: every leaf with its shape, dtype and size."""
+    rules, default = ([], "") if config is None else config
+    strict = not getattr(args, "no_strict", False)  # `paths` has no rules to be strict about
+    report = tg.explain(tree, rules, default=default, strict=strict, stacked=stacked)
+    if selector is not None:
+        report = report.filter(selector)
+    if config is None:
+        result = _paths(report)
+        if not args.json:
+            _print_paths(result, width, color)
+        return result
+    if not args.json:
+        print(report.format(width=width, color=color))
+        return {}
+    # The leaves as columns, as the report holds them: no dict per leaf.
+    return {
+        **report.to_dict(rows=[]),
+        "leaves": _Columns([f.name for f in fields(tg.LeafRow)], report.columns),
+    }
 
 
-def _paths(tree: Any, stacked: Any, selector: Selector | None) -> dict[str, Any]:
-    view = view_of(tree, "paths", stacked)
+def _paths(report: tg.Explanation) -> dict[str, Any]:
+    path, shape, dtype, size = report.columns[:4]
     rows = [
-        {"path": view.paths[i], "shape": list(shape), "dtype": str(view.dtypes[i]), "size": view.sizes[i]}
-        for i in _shown(view, selector)
-        if (shape := view.shapes[i]) is not None
+        {"path": p, "shape": list(s), "dtype": d, "size": n}
+        for p, s, d, n in zip(path, shape, dtype, size, strict=True)
+        if s is not None
     ]
     return {"leaves": rows, "count": len(rows), "elements": sum(r["size"] for r in rows)}
 
@@ -171,50 +189,14 @@ def _print_paths(result: dict[str, Any], width: int | None, color: bool) -> None
     print(f"\n{result['count']} array leaves, {result['elements']:,} elements")
 
 
-def _read_inputs(args: argparse.Namespace) -> tuple[Any, RuleConfig | None, Selector | None, Any]:
+def _read_inputs(args: argparse.Namespace) -> tuple[Any, tg.RuleConfig | None, tg.Selector | None, Any]:
     """Everything the command line names: errors here are bad input (status 2)."""
     stacked = _stacked(args.stacked)
     config = _rules(args) if args.command == "explain" else None
     # A malformed pattern is caught before the source is read.
-    selector = None if args.filter is None else coerce(args.filter)
+    selector = None if args.filter is None else tg.any_of(args.filter)
     source = load_source(args.source, args.variables)
     return stacked or source.stacked, config, selector, source.tree
-
-
-def _check(
-    args: argparse.Namespace,
-    stacked: Any,
-    config: RuleConfig | None,
-    selector: Selector | None,
-    tree: Any,
-    width: int | None,
-    color: bool,
-) -> dict[str, Any]:
-    """The rules against the tree: errors here mean they do not fit (status 1)."""
-    if config is None:
-        result = _paths(tree, stacked, selector)
-        if not args.json:
-            _print_paths(result, width, color)
-        return result
-    resolution: Resolution = resolve(
-        tree,
-        config.rules,
-        caller="explain",
-        default=config.default,
-        strict=not args.no_strict,
-        stacked=stacked,
-        warn=False,
-    )
-    report = Explanation.of(resolution)
-    # Without --filter every row shows, and the report renders from its columns.
-    rows = None if selector is None else [report.rows[i] for i in _shown(resolution.view, selector)]
-    if not args.json:
-        print(report.format(width=width, color=color, rows=rows))
-        return {}
-    # The leaves as columns, as the report holds them: no dict per leaf.
-    names = [f.name for f in fields(LeafRow)]
-    columns = report.columns if rows is None else [[getattr(r, name) for r in rows] for name in names]
-    return {**report.to_dict(rows=[]), "leaves": _Columns(names, columns)}
 
 
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
@@ -227,16 +209,18 @@ def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]
     return out
 
 
-def _transfer_rules(args: argparse.Namespace) -> TransferRules:
+def _transfer_rules(args: argparse.Namespace) -> tg.TransferRules:
     """The load-plan rules: the command line's, then the file's; checked before anything is read."""
     rename = _pairs(args.rename, "--rename", "FROM=TO, e.g. --rename 'h.{i}=blocks.{i}'")
     transform = _pairs(
         args.transform, "--transform", "PATTERN=NAME, e.g. --transform '*.c_fc.weight=transpose'"
     )
-    rules = TransferRules(rename, list(args.skip), list(args.ignore), transform)
+    rules = tg.TransferRules(rename, list(args.skip), list(args.ignore), transform)
     if args.rules:
-        data = load_transfer(args.rules, key=args.key)
-        rules = TransferRules(*(list(mine) + list(theirs) for mine, theirs in zip(rules, data, strict=True)))
+        data = tg.load_transfer(args.rules, key=args.key)
+        rules = tg.TransferRules(
+            *(list(mine) + list(theirs) for mine, theirs in zip(rules, data, strict=True))
+        )
     elif args.key:
         raise _BadInput("--key needs --rules FILE.")
     check_rules(**rules._asdict())
@@ -252,7 +236,7 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
     except (_BadInput, ValueError, TypeError) as exc:
         return _fail(args, 2, type(exc).__name__, str(exc))
     try:
-        report = load_plan(
+        report = tg.load_plan(
             model,
             checkpoint,
             **rules._asdict(),
@@ -284,14 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     # One short run that allocates a few objects per tensor and no cycles: the
     # cyclic collector would only walk JAX's own objects again and again (a
     # third of the time of `explain` on a 12k-tensor checkpoint).
-    with paused_gc():
-        try:
-            return _main(argv)
-        except BrokenPipeError:
-            # The reader went away (`treeglob ... | head`): stop quietly, as a
-            # process killed by SIGPIPE would, without a traceback at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`treeglob ... | head`): stop quietly, as a
+        # process killed by SIGPIPE would, without a traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _main(argv: list[str] | None) -> int:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from .resolve import Resolution, resolve
 from .rules import MISSING, same_label
+from .selector import Context, coerce
 from .table import painter, render_table
+from .tree import TreeView
 
 __all__ = ["Explanation", "LeafRow", "RuleRow", "explain"]
 
@@ -90,6 +92,11 @@ class Explanation:
     columns: tuple[list[Any], ...] = field(repr=False)  # per LeafRow field, one value per row
     rules: tuple[RuleRow, ...]
     summary: dict[Any, dict[str, int]]
+    # The tree's view, which `filter` evaluates selectors on; after a filter, the
+    # columns of every row and the indices of the rows shown.
+    _view: TreeView | None = field(default=None, repr=False, compare=False)
+    _all: tuple[list[Any], ...] | None = field(default=None, repr=False, compare=False)
+    _shown: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, resolution: Resolution) -> Explanation:
@@ -135,7 +142,29 @@ class Explanation:
             for g, label in enumerate(order)
             if leaves[g]
         }
-        return cls(columns, rule_rows, summary)
+        return cls(columns, rule_rows, summary, view)
+
+    def filter(self, selector: Any, *, strict: bool = True) -> Explanation:
+        """The report of the leaves `selector` selects, in leaf order; the rules and the
+        summary stay those of the whole tree (they say what the rules did).
+
+        Args:
+            selector: a selector, or a value that coerces to one.
+            strict: raise `NoMatchError` (with close matches) when it selects nothing.
+
+        Examples:
+            >>> import numpy as np, treeglob
+            >>> report = treeglob.explain({"a": {"w": np.zeros(2)}, "b": np.zeros(3)}, [("a", 1)], default=0)
+            >>> [row.path for row in report.filter("*.w").rows]
+            ['a.w']
+        """
+        if self._view is None:
+            raise TypeError("filter() needs a report made by treeglob.explain.")
+        hit = Context(self._view, strict=strict).require(coerce(selector), "the filter")
+        everything = self.columns if self._all is None else self._all
+        shown = np.flatnonzero(hit) if self._shown is None else self._shown[hit[self._shown]]
+        columns = tuple(_per_row(column, shown) for column in everything)
+        return replace(self, columns=columns, _all=everything, _shown=shown)
 
     @functools.cached_property
     def rows(self) -> tuple[LeafRow, ...]:
