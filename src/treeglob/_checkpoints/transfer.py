@@ -24,7 +24,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._core.errors import LoadError, ShadowedRuleWarning, user_stacklevel
-from .._core.resolve import paused_gc, resolve, view_of
+from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
 from .base import Checkpoint
 from .formats import format_for_writing, open_checkpoint
@@ -165,9 +165,8 @@ def _choose_transforms(
     resolution = resolve(
         view,
         [(pattern, k) for k, (pattern, _) in enumerate(transforms)],
+        Options(default=-1, strict=strict),
         caller=caller,
-        default=-1,
-        strict=strict,
         merge="rows",
         warn=False,
         subject=f"a transform pattern given to {caller}()",
@@ -196,7 +195,13 @@ def _resolve_rows(
 ) -> np.ndarray:
     """Per row: whether any of `rules` selects it (each rule must select something when strict)."""
     resolution = resolve(
-        view, rules, caller=caller, default=False, strict=strict, merge="rows", warn=False, subject=subject
+        view,
+        rules,
+        Options(default=False, strict=strict),
+        caller=caller,
+        merge="rows",
+        warn=False,
+        subject=subject,
     )
     return resolution.decided >= 0
 

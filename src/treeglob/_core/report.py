@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .resolve import Resolution, resolve
+from .resolve import Options, Resolution, resolve
 from .rules import MISSING, same_label
 from .selector import Context, coerce
 from .table import painter, render_table
@@ -276,14 +276,5 @@ def explain(
         decay          1        16  26.7%
         frozen         1        40  66.7%
     """
-    resolution = resolve(
-        tree,
-        rules,
-        caller="explain",
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        warn=False,
-        types_from=types_from,
-    )
-    return Explanation.of(resolution)
+    options = Options(default, strict, stacked, types_from)
+    return Explanation.of(resolve(tree, rules, options, caller="explain", warn=False))

@@ -18,7 +18,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,18 @@ from .selector import Context, Selector, coerce
 from .structure import kinds, remember
 from .tree import TreeView
 
-__all__ = ["MERGES", "Recall", "Resolution", "labels", "mask", "paused_gc", "resolve", "select", "view_of"]
+__all__ = [
+    "MERGES",
+    "Options",
+    "Recall",
+    "Resolution",
+    "labels",
+    "mask",
+    "paused_gc",
+    "resolve",
+    "select",
+    "view_of",
+]
 
 _MAX_LISTED = 20
 
@@ -187,19 +198,51 @@ class Resolution:
             return self.view.unflatten(self.values if fn is None else [fn(v) for v in self.values])
 
 
+@dataclass(frozen=True, eq=False)
+class Options:
+    """The options of every public function that resolves rules, in one value.
+
+    Each public function takes them as keyword arguments and passes them on
+    whole, so that no entry point can drop one on the way (one wrapper once
+    forgot `types_from`).
+
+    Attributes:
+        default: the label of leaves no rule matches. Without it, such a leaf
+            is an error that lists the uncovered paths.
+        strict: raise `NoMatchError` (with close matches) when a rule, or a
+            negated operand in it, matches no leaf. `treeglob.optional` marks
+            single rules that may.
+        stacked: `{path: axes}` for subtrees whose leaves carry leading
+            stacked layer axes (blocks built with `eqx.filter_vmap`, a penzai
+            `LayerStack`: see `treeglob.stacked_layers`): each layer is a row
+            with its own path (`blocks.0...`), and `ndim`/`shape` see the
+            per-layer shape.
+        types_from: a tree with the same paths (and maybe more) whose node
+            types the conditions read: for a Flax NNX parameter State, the
+            model (`types_from=model`), where module types such as
+            `nnx.LayerNorm` live. The rules are resolved on it, and its
+            decisions taken by path.
+    """
+
+    default: Any = MISSING
+    strict: bool = True
+    stacked: Any = None
+    types_from: Any = None
+
+
+DEFAULTS = Options()
+
+
 def resolve(
     tree: Any,
     rules: Any,
+    options: Options = DEFAULTS,
     *,
     caller: str,
-    default: Any = MISSING,
-    strict: bool = True,
-    stacked: Any = None,
     merge: str = "numbers",
     subject: str | None = None,
     warn: bool = True,
     relabel: Callable[[TreeView, list[Any]], list[Any]] | None = None,
-    types_from: Any = None,
     recall: Recall | None = None,
 ) -> Resolution:
     """Resolve `rules` on `tree`: the one pipeline behind every output.
@@ -207,32 +250,36 @@ def resolve(
     Args:
         tree: a PyTree (or a `TreeView` already built by the caller).
         rules: anything `normalize_rules` accepts, or a `Rules` value.
+        options: `default`, `strict`, `stacked`, `types_from` (see `Options`).
         caller: the public function the user called, named in messages.
-        default, strict, stacked: as in `treeglob.labels`.
         merge: how the layers of a stacked leaf merge, a key of `MERGES`.
         subject: for a single selector (`mask`, `masked`, `freeze`), how
             messages name it, e.g. "the selector given to mask()".
         warn: warn about shadowed rules (`explain` marks them instead).
         relabel: turns the label of each row into its value before the rows
             of stacked leaves merge (layer ids placed relative to a row's path).
-        types_from: a tree with the same paths (and maybe more) whose node
-            types the conditions read, e.g. the NNX module of a parameter
-            State: the rules are resolved on it, and its decisions taken by path.
         recall: a wrapper's memory of the last tree with wrapped leaves (NNX
             Variables): a later tree of the same paths without them (the
             update optax gets) takes its decisions by path.
     """
+    default, strict, stacked, types_from = (
+        options.default,
+        options.strict,
+        options.stacked,
+        options.types_from,
+    )
     if types_from is not None or recall is not None:
-        kw: dict[str, Any] = dict(caller=caller, default=default, strict=strict, stacked=stacked, merge=merge)
-        kw |= dict(subject=subject, warn=warn, relabel=relabel)
+        kw: dict[str, Any] = dict(caller=caller, merge=merge, subject=subject, warn=warn, relabel=relabel)
         view = view_of(tree, caller, stacked)
         if types_from is not None:
             source = view_of(types_from, caller, stacked)
             _check_covered(source, view, caller)
-            return _project(resolve(source, rules, **kw), view, caller, strict, subject)
+            return _project(
+                resolve(source, rules, replace(options, types_from=None), **kw), view, caller, strict, subject
+            )
         assert recall is not None
         if view.wrapped or recall.last is None or recall.last.view.leaf_paths != view.leaf_paths:
-            result = resolve(view, rules, **kw)
+            result = resolve(view, rules, options, **kw)
             if view.wrapped:
                 recall.last = result
             return result
@@ -372,12 +419,15 @@ def _swap_hint(ctx: Context, rule: Rule) -> str:
     return ""
 
 
-def select(tree: Any, selector: Any, *, caller: str, merge: str = "mask", **kw: Any) -> Resolution:
+def select(
+    tree: Any, selector: Any, options: Options = DEFAULTS, *, caller: str, merge: str = "mask", **kw: Any
+) -> Resolution:
     """`resolve` for one selector: True where it selects, False elsewhere."""
-    view = view_of(tree, caller, kw.get("stacked"))  # a selector passed as the tree is named first
+    view = view_of(tree, caller, options.stacked)  # a selector passed as the tree is named first
     subject = f"the selector given to {caller}()"
+    options = replace(options, default=False)
     return resolve(
-        view, [(coerce(selector), True)], caller=caller, default=False, merge=merge, subject=subject, **kw
+        view, [(coerce(selector), True)], options, caller=caller, merge=merge, subject=subject, **kw
     )
 
 
@@ -423,7 +473,9 @@ def mask(
         treeglob.NoMatchError: The selector given to mask() glob('*.bais') matches no leaf of the tree (4 leaves).
         If matching nothing is intended (e.g. a shared rule list naming parts this model lacks), wrap it in treeglob.optional(...), or pass strict=False to switch the check off.
     """
-    return select(tree, selector, caller="mask", strict=strict, stacked=stacked, types_from=types_from).tree()
+    return select(
+        tree, selector, Options(strict=strict, stacked=stacked, types_from=types_from), caller="mask"
+    ).tree()
 
 
 def labels(
@@ -469,6 +521,4 @@ def labels(
         >>> treeglob.labels(params, {1.0: "*.w", 0.1: "**"})
         {'emb': 0.1, 'fc': {'b': 0.1, 'w': 1.0}}
     """
-    return resolve(
-        tree, rules, caller="labels", default=default, strict=strict, stacked=stacked, types_from=types_from
-    ).tree()
+    return resolve(tree, rules, Options(default, strict, stacked, types_from), caller="labels").tree()

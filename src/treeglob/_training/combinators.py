@@ -16,7 +16,7 @@ from typing import Any
 
 import optax
 
-from .._core.resolve import select
+from .._core.resolve import Options, select
 from .._core.rules import MISSING, normalize_rules
 from .._core.selector import coerce
 from .wrapper import RuleWrapper
@@ -52,14 +52,8 @@ def masked(
         >>> {k: v.tolist() for k, v in updates.items()}
         {'b': [1.0, 1.0], 'w': [-0.5, -0.5]}
     """
-    mask_of = RuleWrapper(
-        select,
-        selector=coerce(selector),
-        caller="masked",
-        strict=strict,
-        stacked=stacked,
-        types_from=types_from,
-    ).tree_fn()
+    options = Options(strict=strict, stacked=stacked, types_from=types_from)
+    mask_of = RuleWrapper(select, selector=coerce(selector), options=options, caller="masked").tree_fn()
     return optax.masked(inner, mask_of)
 
 
@@ -127,13 +121,8 @@ def multi_transform(
             "Give every label exactly one transform (check the spelling), or remove the extra ones."
         )
 
+    options = Options(default, strict, stacked, types_from)
     labels_of = RuleWrapper(
-        caller="multi_transform",
-        rules=normalized,
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        merge="label",
-        types_from=types_from,
+        rules=normalized, options=options, caller="multi_transform", merge="label"
     ).tree_fn()
     return optax.partition(dict(transforms), labels_of)

@@ -21,7 +21,7 @@ from .._core.conditions import glob
 from .._core.errors import NoMatchError
 from .._core.keys import quote, split_path
 from .._core.pattern import compile_glob
-from .._core.resolve import Recall, Resolution, resolve, view_of
+from .._core.resolve import Options, Recall, Resolution, resolve, view_of
 from .._core.rules import normalize_rules
 from .._core.selector import optional
 from .._core.structure import find, find_nodes
@@ -154,19 +154,11 @@ def _joined(blocks: list[_Block]):
 
 
 def _layer_ids(
-    tree: Any,
-    *,
-    caller: str,
-    blocks: str | None,
-    rules: Any,
-    default: Any,
-    strict: bool,
-    stacked: Any,
-    types_from: Any = None,
-    recall: Recall | None = None,
+    tree: Any, blocks: str | None, rules: Any, options: Options, *, caller: str, recall: Recall | None = None
 ) -> tuple[Resolution, int]:
     """The layer id of every leaf (the rules built from the blocks found in the tree, or in
     `types_from`, where the rules are resolved), and the number of blocks."""
+    stacked, types_from = options.stacked, options.types_from
     view = view_of(tree, caller, stacked)
     if isinstance(rules, LayerGroups):  # an explicit blocks= wins over the family's
         blocks, rules = rules.blocks if blocks is None else blocks, rules.rules
@@ -192,15 +184,10 @@ def _layer_ids(
         for r in normalize_rules(rules)
     ]
     block_rules = [(glob("^" + b.path), b.layer) for b in found]
+    default = _layer_number(options.default, top, "default")
+    options = replace(options, default=default)
     resolution = resolve(
-        view,
-        outside + block_rules,
-        caller=caller,
-        default=_layer_number(default, top, "default"),
-        strict=strict,
-        relabel=_joined(found),
-        types_from=types_from,
-        recall=recall,
+        view, outside + block_rules, options, caller=caller, relabel=_joined(found), recall=recall
     )
     return resolution, num_blocks
 
@@ -258,16 +245,8 @@ def layer_ids(
         >>> treeglob.layer_ids(convnext, blocks="stages.*.blocks.*", rules=[("stem", 0), ("downsample", treeglob.JOIN_NEXT)])
         {'head': 4, 'stages': [{'blocks': [1, 2]}, {'blocks': [3], 'downsample': 3}], 'stem': 0}
     """
-    return _layer_ids(
-        tree,
-        caller="layer_ids",
-        blocks=blocks,
-        rules=rules,
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        types_from=types_from,
-    )[0].tree()
+    options = Options(default, strict, stacked, types_from)
+    return _layer_ids(tree, blocks, rules, options, caller="layer_ids")[0].tree()
 
 
 def layer_decay_scales(
@@ -294,17 +273,8 @@ def layer_decay_scales(
         {'blocks': [{'w': 0.25}, {'w': 0.5}], 'cls_token': 0.125, 'head': {'w': 1.0}, 'norm': {'scale': 0.5}}
     """
     _check_decay(decay)
-    return _scales(
-        tree,
-        decay,
-        caller="layer_decay_scales",
-        blocks=blocks,
-        rules=rules,
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        types_from=types_from,
-    ).tree()
+    options = Options(default, strict, stacked, types_from)
+    return _scales(tree, decay, blocks, rules, options, caller="layer_decay_scales").tree()
 
 
 def _scale(decay: float, top: int) -> Any:
@@ -319,9 +289,18 @@ def _scale(decay: float, top: int) -> Any:
     return scale
 
 
-def _scales(tree: Any, decay: float, recall: Recall | None = None, **options: Any) -> Resolution:
+def _scales(
+    tree: Any,
+    decay: float,
+    blocks: str | None,
+    rules: Any,
+    options: Options,
+    *,
+    caller: str,
+    recall: Recall | None = None,
+) -> Resolution:
     """The resolution of the layer ids, its values turned into scales."""
-    resolution, num_blocks = _layer_ids(tree, recall=recall, **options)
+    resolution, num_blocks = _layer_ids(tree, blocks, rules, options, caller=caller, recall=recall)
     return replace(resolution, values=list(map(_scale(decay, num_blocks + 1), resolution.values)))
 
 
@@ -352,14 +331,7 @@ def layer_decay(
         [-0.25, -0.5, -1.0]
     """
     _check_decay(decay)
+    options = Options(default, strict, stacked, types_from)
     return RuleWrapper(
-        _scales,
-        decay=decay,
-        caller="layer_decay",
-        blocks=blocks,
-        rules=rules,
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        types_from=types_from,
+        _scales, decay=decay, blocks=blocks, rules=rules, options=options, caller="layer_decay"
     ).scale()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core.resolve import resolve
+from .._core.resolve import Options, resolve
 from .._core.rules import MISSING
 from .._core.tree import TreeView
 
@@ -152,9 +152,7 @@ def summarize(
             "stacked={'<path>': 1}. For a list of blocks, give each block a label instead (e.g. with a "
             "rule per block index)."
         )
-    resolution = resolve(
-        tree, rules, caller="summarize", default=default, strict=strict, stacked=stacked, merge="rows"
-    )
+    resolution = resolve(tree, rules, Options(default, strict, stacked), caller="summarize", merge="rows")
     head = f"{prefix}/" if prefix else ""
     out: dict[str, jax.Array] = {}
     groups = _groups(resolution.view, resolution.values, stats, per_layer)

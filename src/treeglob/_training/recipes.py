@@ -14,6 +14,7 @@ from typing import Any
 import optax
 
 from .. import presets
+from .._core.resolve import Options
 from .._core.rules import normalize_rules
 from .._core.selector import coerce
 from .wrapper import RuleWrapper
@@ -60,9 +61,8 @@ def decay_mask(
             f"{normalized.labels()!r}. Pass label=<the label meaning decay>."
         )
 
-    return RuleWrapper(
-        caller="decay_mask", rules=normalized, strict=strict, stacked=stacked, types_from=types_from
-    ).tree_fn(lambda value: value == label)
+    options = Options(strict=strict, stacked=stacked, types_from=types_from)
+    return RuleWrapper(rules=normalized, options=options, caller="decay_mask").tree_fn(lambda v: v == label)
 
 
 def scale_by_rules(
@@ -89,14 +89,8 @@ def scale_by_rules(
         _check_number(r.label, r.describe())
     _check_number(default, "default")
 
-    return RuleWrapper(
-        caller="scale_by_rules",
-        rules=normalized,
-        default=default,
-        strict=strict,
-        stacked=stacked,
-        types_from=types_from,
-    ).scale()
+    options = Options(default, strict, stacked, types_from)
+    return RuleWrapper(rules=normalized, options=options, caller="scale_by_rules").scale()
 
 
 def _check_number(value: Any, where: str) -> None:
@@ -146,13 +140,10 @@ def freeze(
     # 0.0 on frozen rows, 1.0 elsewhere; a stacked leaf frozen on some
     # layers only gets a per-layer array of them.
     factors = RuleWrapper(
-        caller="freeze",
         rules=normalize_rules([(coerce(frozen), 0.0)]),
-        default=1.0,
-        strict=strict,
-        stacked=stacked,
+        options=Options(1.0, strict, stacked, types_from),
+        caller="freeze",
         subject="the selector given to freeze()",
-        types_from=types_from,
     )
     split = optax.partition(
         {"train": inner, "frozen": optax.set_to_zero()},

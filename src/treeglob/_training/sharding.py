@@ -7,7 +7,7 @@ from typing import Any
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .._core.resolve import resolve
+from .._core.resolve import Options, resolve
 
 __all__ = ["shardings"]
 
@@ -79,7 +79,7 @@ def shardings(
         raise TypeError(
             f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh(...)), got {type(mesh).__name__}."
         )
-    resolution = resolve(tree, rules, caller="shardings", default=default, strict=strict, stacked=stacked)
+    resolution = resolve(tree, rules, Options(default, strict, stacked), caller="shardings")
     view = resolution.view
     out = []
     for leaf, path, shape, stack, spec in zip(

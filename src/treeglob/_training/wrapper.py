@@ -30,20 +30,21 @@ class RuleWrapper:
     """One wrapper's rules and options, resolved on any tree it is given.
 
     Args:
-        resolver: `treeglob`'s `resolve`, or a recipe's own function with the
-            same keywords that builds its rules from the tree first (layer
-            decay finds the blocks); it must pass `recall` on to `resolve`.
-        **options: the keywords of `resolve` (`caller`, `rules`, `default`,
-            `strict`, `stacked`, `types_from`, `merge`, `subject`, ...).
+        resolver: the pipeline's `resolve` (or `select`), or a recipe's own
+            function that builds its rules from the tree first (layer decay
+            finds the blocks); it takes the tree, then `arguments`, and must
+            pass `recall` on to `resolve`.
+        **arguments: the rest of the resolver's arguments: `rules` (or
+            `selector`), `options` (one `Options` value), `caller`, `merge`, ...
     """
 
-    def __init__(self, resolver: Callable[..., Resolution] = resolve, **options: Any):
+    def __init__(self, resolver: Callable[..., Resolution] = resolve, **arguments: Any):
         self._resolver = resolver
-        self._options = options
+        self._arguments = arguments
         self._recall = Recall()
 
     def __call__(self, tree: Any) -> Resolution:
-        return self._resolver(tree, recall=self._recall, **self._options)
+        return self._resolver(tree, recall=self._recall, **self._arguments)
 
     def tree_fn(self, fn: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
         """The function optax calls with the params and the updates: the per-leaf tree
