@@ -97,6 +97,21 @@ class Adapter:
         return ""
 
 
+_NNX_STATE_HINT = (
+    "This is a Flax NNX State: it holds the Variables, not the modules, so module types "
+    "(nnx.Linear, nnx.LayerNorm, ...) select nothing in it. Pass the model they live on: "
+    "types_from=model (e.g. treeglob.mask(nnx.state(model, nnx.Param), nnx.LayerNorm, "
+    "types_from=model)); Variable types (nnx.Param, nnx.LoRAParam) select on the State itself."
+)
+
+_LAYER_STACK_MARK = (
+    "This penzai model stacks layers (a LayerStack), which its parameters cannot show once "
+    "unbound. Select on the parameters training reads, with the stacked layers the model "
+    "declares: params = pz.freeze_params(pz.unbind_params(model)[1]), then "
+    "stacked=treeglob.stacked_layers(model)."
+)
+
+
 class _FlaxNNX(Adapter):
     name, package = "Flax NNX", "flax.nnx"
     wrappers = ("Variable", "VariableState")
@@ -127,14 +142,7 @@ class _FlaxNNX(Adapter):
         return isinstance(node, dict) and len(node) == 1 and hasattr(node.get("value"), "shape")
 
     def type_hint(self, tree_types: set[type]) -> str:
-        if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types):
-            return (
-                "This is a Flax NNX State: it holds the Variables, not the modules, so module types "
-                "(nnx.Linear, nnx.LayerNorm, ...) select nothing in it. Pass the model they live on: "
-                "types_from=model (e.g. treeglob.mask(nnx.state(model, nnx.Param), nnx.LayerNorm, "
-                "types_from=model)); Variable types (nnx.Param, nnx.LoRAParam) select on the State itself."
-            )
-        return ""
+        return _NNX_STATE_HINT if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types) else ""
 
 
 class _Penzai(Adapter):
@@ -184,14 +192,9 @@ class _Penzai(Adapter):
         return out
 
     def stack_mark(self, tree_types: set[type]) -> str:
-        if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types):
-            return (
-                "This penzai model stacks layers (a LayerStack), which its parameters cannot show once "
-                "unbound. Select on the parameters training reads, with the stacked layers the model "
-                "declares: params = pz.freeze_params(pz.unbind_params(model)[1]), then "
-                "stacked=treeglob.stacked_layers(model)."
-            )
-        return ""
+        return (
+            _LAYER_STACK_MARK if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types) else ""
+        )
 
 
 class _Haiku(Adapter):
