@@ -177,6 +177,7 @@ def _write_safetensors(path, entries, data=b""):
     return len(header)
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tmp_path):
     _write_safetensors(
         tmp_path / "big.safetensors",

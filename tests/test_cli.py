@@ -282,6 +282,7 @@ FACTORY = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_python_m_treeglob_on_a_factory_module(tmp_path):
     (tmp_path / "tinymodel.py").write_text(FACTORY)
     result = subprocess.run(
@@ -295,6 +296,7 @@ def test_python_m_treeglob_on_a_factory_module(tmp_path):
     assert "layers.0.weight  (4096, 4096)  float32  16,777,216" in result.stdout
 
 
+@pytest.mark.slow
 def test_installed_script_explains_the_quick_start_model():
     script = shutil.which("treeglob", path=os.path.dirname(sys.executable)) or shutil.which("treeglob")
     assert script, "the treeglob script is not installed"

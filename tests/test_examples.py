@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from jax.sharding import PartitionSpec
+
+# Each test runs a script in a fresh process: seconds each.
+pytestmark = pytest.mark.slow
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 

@@ -319,6 +319,7 @@ print("deep ok")
 """
 
 
+@pytest.mark.slow
 def test_a_tree_5000_levels_deep_works_with_every_condition():
     result = subprocess.run([sys.executable, "-c", DEEP], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -384,6 +385,7 @@ print(treeglob.presets.DEFAULT is sys.modules["treeglob.presets"].DEFAULT, treeg
 """
 
 
+@pytest.mark.slow
 def test_import_loads_the_core_and_every_public_name_on_first_use():
     # The report, recipes, presets, metrics, sharding, rules files and checkpoints are
     # loaded on first use; `from treeglob import X` and dir() see every name all the same.
@@ -416,6 +418,7 @@ def test_ordinary_trees_take_the_structure_from_the_treedef():
     assert len(view) == 44 and "key_paths" not in view.__dict__
 
 
+@pytest.mark.slow
 def test_deep_recursion_in_jax_is_a_treeglob_error():
     code = textwrap.dedent(
         """

@@ -525,6 +525,7 @@ def run_python(code: str, env_extra: dict | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_sharded_load_reads_each_devices_slice(tmp_path):
     code = f"""
 import jax, numpy as np
@@ -567,6 +568,7 @@ print(sorted(set(slices)), reads, w_shards)
 @pytest.mark.skipif(
     not os.access("/proc/self/clear_refs", os.W_OK), reason="measures resident memory on Linux"
 )
+@pytest.mark.slow
 def test_loading_holds_one_tensor_at_a_time(tmp_path):
     """A 256 MiB checkpoint of 16 tensors of 16 MiB loads into an abstract model with about
     one tensor of host memory beyond the loaded model itself: traced (tracemalloc) and
@@ -699,6 +701,7 @@ def test_which_part_a_rename_changes(rule, name, expected):
     assert parsed.apply(name) == expected
 
 
+@pytest.mark.slow
 def test_sharded_load_from_npz_from_abstract_shardings_and_bad_specs(tmp_path):
     code = f"""
 import jax, numpy as np

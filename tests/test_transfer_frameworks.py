@@ -575,6 +575,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ["np.transpose", "operator.methodcaller('transpose')"])
 def test_numpy_functions_as_transforms_on_two_leaves(fn):
     result = subprocess.run(
