@@ -244,6 +244,50 @@ def assert_sgd_step(before, grads, after, scale_of):
 
 
 # ----------------------------------------------------------------------------
+# Defect 2: rename matches checkpoint names as segments, as selectors do
+
+
+def test_defect2_a_glob_that_selects_a_quoted_key_also_renames_it(tmp_path):
+    """Defect 2: `params.*.kernel` selects `params."conv.1".kernel` in tg.mask; renaming with
+    the same glob matches it too, and the capture keeps the dotted key inside its segment."""
+    source = {"params": {"conv.1": {"kernel": np.arange(4.0)}}}
+    assert jax.tree.leaves(tg.mask(source, "params.*.kernel")) == [True]
+    tg.save(tmp_path / "src.safetensors", source)
+    target = {"net": {"conv.1": {"kernel": np.zeros(4)}}}
+    model, report = tg.load(
+        target, tmp_path / "src.safetensors", rename=[("params.{k}.kernel", "net.{k}.kernel")]
+    )
+    assert report.ok
+    np.testing.assert_array_equal(model["net"]["conv.1"]["kernel"], np.arange(4.0))
+    # A glob without a capture matches as well (the replacement is then literal).
+    plan = tg.load_plan(
+        target, tmp_path / "src.safetensors", rename=[("params.*.kernel", "net.x")], strict=False
+    )
+    assert [(r.source, r.status) for r in plan.rows if r.source] == [('params."conv.1".kernel', "unused")]
+
+
+@pytest.mark.parametrize(
+    ("rule", "name", "expected"),
+    [
+        (("h.{i}.attn", "blocks.{i}.attn"), "transformer.h.3.attn.w", "transformer.blocks.3.attn.w"),
+        (("h", "blocks"), "h.0.h.w", "blocks.0.h.w"),  # the leftmost match
+        (("^h", "blocks"), "x.h.w", None),  # anchored at the root
+        (("a.**.w", "W"), "x.a.b.c.w.w", "x.W"),  # ** takes as much as it can
+        (("attn.{q,v}_proj", "attn.qv"), "attn.v_proj.w", "attn.qv.w"),  # braces as in selectors
+        (("layer_{n}", "block{n}"), "layer_10.w", "block10.w"),  # part of a segment
+        (("^params", ""), "params.w", "w"),  # an empty replacement drops the segment
+        (('"a.b".{x}', "c.{x}"), '"a.b".d', "c.d"),  # a quoted key in the pattern
+    ],
+)
+def test_defect2_rename_rules_as_a_table(rule, name, expected):
+    from treeglob._checkpoints.rename import parse_renames
+
+    (parsed,) = parse_renames([rule])
+    got = parsed.apply(name)
+    assert got == (None if expected is None else [expected])
+
+
+# ----------------------------------------------------------------------------
 # Defect 3: layer ids of numbered blocks follow string order
 
 
