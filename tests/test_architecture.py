@@ -7,8 +7,10 @@
     _cli           the command line                                       -> the public API
     treeglob       the public namespace                                   -> everything
 
-Every import in every module is read from its source (also the ones inside
-functions and under TYPE_CHECKING), so a lazy import cannot hide an edge.
+Every import statement in every module is read from its source (also the ones
+inside functions and under TYPE_CHECKING). Imports by name are of the user's
+modules (a rules file's types, a model factory), and of treeglob's own only in
+the public namespace's `__getattr__`, the layer that may import everything.
 """
 
 import ast

@@ -693,7 +693,7 @@ def test_defect10_penzai_layer_stack_norm_scales_are_not_decayed():
     assert dict(scale.value.named_shape) == {"blocks": 3, "embedding": 8}
     assert scale.value.data_array.shape == (3, 8)
     stacked = tg.stacked_layers(model)
-    assert stacked == {f"transformer.blocks.{p}": 1 for p in NEOX_BLOCK}
+    assert stacked == {"transformer.blocks": 1}  # the stack's subtree, as a scanned model's
     assert_stacked_norms_not_decayed(
         values,
         stacked,
@@ -704,8 +704,13 @@ def test_defect10_penzai_layer_stack_norm_scales_are_not_decayed():
         ],
         matrix_labels=["transformer/blocks/mlp/in/Linear.weights", "transformer/lm_head.weights"],
     )
-    # One path per layer, as for any stacked leaf.
-    assert "transformer.blocks.pre_attention_norm.scale.weights.2" in tg.paths(values, stacked=stacked)
+    # One path per layer, as for any stacked leaf, and layer decay finds the blocks.
+    assert "transformer.blocks.2.pre_attention_norm.scale.weights" in tg.paths(values, stacked=stacked)
+    ids = by_path(
+        values, tg.layer_ids(values, blocks="transformer.blocks", rules=[("embedder", 0)], stacked=stacked)
+    )
+    assert ids["transformer.embedder.embeddings"] == 0
+    assert np.asarray(ids["transformer.blocks.mlp.in.Linear.weights"]).ravel().tolist() == [1, 2, 3]
 
 
 def test_defect10_the_model_itself_is_refused_without_stacked():
@@ -797,8 +802,8 @@ def test_defect10_the_command_line_reads_the_stacked_layers_of_a_penzai_factory(
     )
     assert main(["explain", f"{tmp_path / 'f.py'}:lm", "--preset", "default", "--json"]) == 0
     rows = {row["path"]: row["label"] for row in json.loads(capsys.readouterr().out)["leaves"]}
-    assert rows["transformer.blocks.pre_attention_norm.scale.weights.0"] == "no_decay"
-    assert rows["transformer.blocks.mlp.in.Linear.weights.0"] == "decay"
+    assert rows["transformer.blocks.0.pre_attention_norm.scale.weights"] == "no_decay"
+    assert rows["transformer.blocks.0.mlp.in.Linear.weights"] == "decay"
 
 
 # ----------------------------------------------------------------------------

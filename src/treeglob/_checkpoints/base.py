@@ -10,7 +10,11 @@ memory is a checkpoint too (`TreeCheckpoint`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
+import os
+import pathlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -18,7 +22,7 @@ import numpy as np
 
 from .._core.tree import TreeView
 
-__all__ = ["Checkpoint", "TreeCheckpoint"]
+__all__ = ["Checkpoint", "TreeCheckpoint", "tensor_to_write", "written_beside"]
 
 
 class Checkpoint(abc.ABC):
@@ -75,3 +79,33 @@ class TreeCheckpoint(Checkpoint):
 
     def _read(self, row: int, path: str) -> Any:
         return self.view.leaves[row]
+
+
+# ----------------------------------------------------------------------------
+# What every writer shares
+
+
+@contextlib.contextmanager
+def written_beside(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+    """A file beside `path` to write, renamed to `path` when the block ends: a reader
+    never sees half a file, and a failed write leaves nothing behind."""
+    target = pathlib.Path(path)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def tensor_to_write(
+    read: Callable[[int], Any], k: int, name: str, shape: tuple[int, ...], dtype: Any
+) -> np.ndarray:
+    """The `k`-th tensor to write, C-ordered in `dtype`, checked against the shape announced."""
+    array = np.asarray(read(k), dtype=dtype, order="C")
+    if array.shape != tuple(shape):
+        raise ValueError(
+            f"tensor {name!r}: expected {np.dtype(dtype)} of shape {tuple(shape)}, "
+            f"got {array.dtype} of shape {array.shape}."
+        )
+    return array

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from .._core.errors import SourceError
-from .base import Checkpoint
+from .base import Checkpoint, tensor_to_write, written_beside
 
 __all__ = ["NpzCheckpoint", "write"]
 
@@ -78,19 +78,8 @@ def write(
                 f"tensor {name!r} has the dtype {dtype}, which .npz cannot store (it would load back as "
                 "raw bytes); save to a .safetensors file, or cast it, e.g. to float32."
             )
-    target = pathlib.Path(path)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
-            for k, (name, shape, dtype) in enumerate(tensors):
-                array = np.asarray(read(k), dtype=dtype)
-                if array.shape != tuple(shape):
-                    raise ValueError(
-                        f"tensor {name!r}: expected {np.dtype(dtype)} of shape {tuple(shape)}, "
-                        f"got {array.dtype} of shape {array.shape}."
-                    )
-                with archive.open(name + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, array, allow_pickle=False)
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with written_beside(path) as partial, zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
+        for k, (name, shape, dtype) in enumerate(tensors):
+            array = tensor_to_write(read, k, name, shape, dtype)
+            with archive.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)

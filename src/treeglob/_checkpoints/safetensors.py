@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core.errors import SourceError
-from .base import Checkpoint
+from .base import Checkpoint, tensor_to_write, written_beside
 
 __all__ = ["MAX_HEADER_BYTES", "SafetensorsCheckpoint", "TensorInfo", "read_header", "write"]
 
@@ -206,23 +206,11 @@ def write(
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    target = pathlib.Path(path)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with open(partial, "wb") as f:
-            f.write(len(text).to_bytes(8, "little"))
-            f.write(text)
-            for k, (name, shape, dtype) in enumerate(tensors):
-                array = np.asarray(read(k), dtype=dtype, order="C")
-                if array.shape != tuple(shape):
-                    raise ValueError(
-                        f"tensor {name!r}: expected {jnp.dtype(dtype)} of shape {tuple(shape)}, "
-                        f"got {array.dtype} of shape {array.shape}."
-                    )
-                f.write(array.reshape(-1).view(np.uint8).data)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with written_beside(path) as partial, open(partial, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for k, (name, shape, dtype) in enumerate(tensors):
+            f.write(tensor_to_write(read, k, name, shape, dtype).reshape(-1).view(np.uint8).data)
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -5,7 +5,7 @@
 * `module:function` or `path/to/file.py:function`: the function is called
   under `eqx.filter_eval_shape`, so no parameter is ever allocated. A Flax
   NNX module is reduced to the State of its parameters (`nnx.Param`), a penzai
-  model to its frozen parameters: what training reads (`_frameworks.py`).
+  model to its frozen parameters: what training reads (`_core/frameworks.py`).
 
 A checkpoint is a flat dict `{tensor name: metadata}`, exactly what loading
 it in Python gives, so its names split into segments as in memory (on `.` in

@@ -170,6 +170,7 @@ def _choose_transforms(
         merge="rows",
         warn=False,
         subject=f"a transform pattern given to {caller}()",
+        whole_tensors=True,
     )
     for k in resolution.shadowed:
         warnings.warn(
@@ -202,6 +203,7 @@ def _resolve_rows(
         merge="rows",
         warn=False,
         subject=subject,
+        whole_tensors=True,
     )
     return resolution.decided >= 0
 

@@ -123,6 +123,11 @@ def _stacked(items: list[str]) -> dict[str, int] | None:
     return out or None
 
 
+def _declared(by_model: dict[str, int] | None, by_user: dict[str, int] | None) -> dict[str, int] | None:
+    """The stacked layers a model declares (a penzai LayerStack), then those --stacked names."""
+    return {**(by_model or {}), **(by_user or {})} or None
+
+
 def _rules(args: argparse.Namespace) -> tg.RuleConfig:
     rules: list[tuple[Any, Any]] = []
     for item in args.rule:
@@ -196,7 +201,7 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, tg.RuleConfig | None, t
     # A malformed pattern is caught before the source is read.
     selector = None if args.filter is None else tg.any_of(args.filter)
     source = load_source(args.source, args.variables)
-    return stacked or source.stacked, config, selector, source.tree
+    return _declared(source.stacked, stacked), config, selector, source.tree
 
 
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
@@ -231,7 +236,7 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
     try:
         rules = _transfer_rules(args)
         source = load_source(args.model, args.variables)
-        stacked, model = _stacked(args.stacked) or source.stacked, source.tree
+        stacked, model = _declared(source.stacked, _stacked(args.stacked)), source.tree
         checkpoint = open_checkpoint(args.checkpoint)
     except (_BadInput, ValueError, TypeError) as exc:
         return _fail(args, 2, type(exc).__name__, str(exc))

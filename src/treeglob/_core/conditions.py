@@ -170,6 +170,11 @@ def _names(classes: tuple[type, ...]) -> str:
     return ", ".join(c.__name__ for c in classes)
 
 
+def _type_hint(self: Selector, ctx: Context) -> str:
+    """What the tree's frameworks say about a type selector that selects nothing in it."""
+    return type_hint(kinds(ctx.view.structure))
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class _Inside(Selector):
     classes: tuple[type, ...]
@@ -198,8 +203,7 @@ class _Inside(Selector):
             )
         return out
 
-    def _hint(self, ctx: Context) -> str:
-        return type_hint(kinds(ctx.view.structure))
+    _hint = _type_hint
 
     def __repr__(self) -> str:
         return f"inside({_names(self.classes)})"
@@ -227,8 +231,7 @@ class _OwnedBy(Selector):
             ),
         )
 
-    def _hint(self, ctx: Context) -> str:
-        return type_hint(kinds(ctx.view.structure))
+    _hint = _type_hint
 
     def __repr__(self) -> str:
         return f"owned_by({_names(self.classes)})"

@@ -18,7 +18,7 @@ An adapter says, for the trees of its framework:
 
 Dict keys that are paths (`/`-joined Haiku module names and
 `flatten_dict(sep="/")`, tuple keys of `flatten_dict`) are split the same way
-for every framework (`KEY_SEPARATOR`, see `_structure.py`). An adapter never
+for every framework (`KEY_SEPARATOR`, see `structure.py`). An adapter never
 imports its framework: it recognises classes by their module, and uses the
 framework only on a model that is already one of its own (`sys.modules`).
 
@@ -145,17 +145,20 @@ class _FlaxNNX(Adapter):
         return _NNX_STATE_HINT if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types) else ""
 
 
+def _label_path(label: str) -> tuple[str, ...]:
+    """A penzai label (`mlp/Affine_0/Linear.weights`) as segments: `/` and `.` both separate."""
+    return tuple(label.replace(KEY_SEPARATOR, ".").split("."))
+
+
 class _Penzai(Adapter):
     name, package = "penzai", "penzai.core"
     wrappers = ("ParameterValue", "StateVariableValue")
 
     def label_segments(self, node_data: Any) -> tuple[str, ...] | None:
-        # A parameter's label (`mlp/Affine_0/Linear.weights`) as segments, in place of its
-        # position in the tuple penzai's trainer hands optax.
+        # A parameter's label as its path, in place of its position in the tuple penzai's
+        # trainer hands optax.
         label = getattr(node_data[1], "static_fields", {}).get("label")
-        if isinstance(label, str) and label:
-            return tuple(label.replace(KEY_SEPARATOR, ".").split("."))
-        return None
+        return _label_path(label) if isinstance(label, str) and label else None
 
     def parameters(self, model: Any, variables: str) -> Any:
         pz = sys.modules.get("penzai.pz")
@@ -168,33 +171,66 @@ class _Penzai(Adapter):
         pz = sys.modules.get("penzai.pz")
         if pz is None or not isinstance(model, pz.nn.Layer):
             return None
-        from penzai.nn.layer_stack import layerstack_axes_from_keypath
+        from penzai.nn.layer_stack import LayerStackGetAttrKey, layerstack_axes_from_keypath
 
         kinds = (pz.Parameter, pz.ParameterValue)
-        out: dict[str, int] = {}
+        stacks: dict[tuple[Any, ...], list[tuple[str, ...]]] = {}  # a LayerStack's key path -> its params
+        axes_of: dict[tuple[Any, ...], int] = {}
+        unstacked: list[tuple[str, ...]] = []
         for keypath, leaf in jtu.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, kinds))[0]:
-            axes = list(layerstack_axes_from_keypath(keypath)) if isinstance(leaf, kinds) else []
-            if not axes:
+            if not isinstance(leaf, kinds):
                 continue
-            path = ".".join(map(quote, leaf.label.replace(KEY_SEPARATOR, ".").split(".")))
-            value = leaf.value
-            named = list(getattr(value, "named_axes", {}))
-            data = getattr(value, "data_array", None)
-            # A NamedArray keeps its positional axes first, then its named axes in order.
-            if data is None or data.ndim != len(named) or named[: len(axes)] != axes:
-                raise ValueError(
-                    f"The parameter {path} lies in a penzai LayerStack over {axes}, but its array does not "
-                    f"lead with that axis (named axes {named}), so its layers cannot be told apart. "
-                    "Order its axes with the stack axis first (e.g. value.order_as(...)), or pass stacked= "
-                    "yourself."
-                )
-            out[path] = len(axes)
+            path = _label_path(leaf.label)
+            axes = list(layerstack_axes_from_keypath(keypath))
+            if not axes:
+                unstacked.append(path)
+                continue
+            _check_leading(path, axes, leaf.value)
+            last = max(i for i, key in enumerate(keypath) if isinstance(key, LayerStackGetAttrKey))
+            stacks.setdefault(tuple(keypath[: last + 1]), []).append(path)
+            axes_of[tuple(keypath[: last + 1])] = len(axes)
+        out: dict[str, int] = {}
+        for stack, members in stacks.items():
+            # The stack as one subtree (`transformer.blocks`, its layers `transformer.blocks.0...`,
+            # as a scanned Equinox model's), where its parameters' labels share a prefix that
+            # no other parameter has; else each parameter on its own.
+            prefix = _common_prefix([m[:-1] for m in members])
+            others = unstacked + [m for s, ms in stacks.items() if s != stack for m in ms]
+            if prefix and not any(p[: len(prefix)] == prefix for p in others):
+                out[".".join(map(quote, prefix))] = axes_of[stack]
+            else:
+                out.update({".".join(map(quote, m)): axes_of[stack] for m in members})
         return out
 
     def stack_mark(self, tree_types: set[type]) -> str:
         return (
             _LAYER_STACK_MARK if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types) else ""
         )
+
+
+def _check_leading(path: tuple[str, ...], axes: list[Any], value: Any) -> None:
+    """A stacked parameter's array must lead with the stack axes, as `stacked=` reads them."""
+    named = list(getattr(value, "named_axes", {}))
+    data = getattr(value, "data_array", None)
+    # A NamedArray keeps its positional axes first, then its named axes in order.
+    if data is None or data.ndim != len(named) or named[: len(axes)] != axes:
+        where = ".".join(map(quote, path))
+        raise ValueError(
+            f"The parameter {where} lies in a penzai LayerStack over {axes}, but its array does not "
+            f"lead with that axis (named axes {named}), so its layers cannot be told apart. "
+            "Order its axes with the stack axis first (e.g. value.order_as(...)), or pass stacked= "
+            "yourself."
+        )
+
+
+def _common_prefix(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
+    first = paths[0]
+    n = len(first)
+    for path in paths[1:]:
+        n = next(
+            (i for i, (a, b) in enumerate(zip(first[:n], path, strict=False)) if a != b), min(n, len(path))
+        )
+    return first[:n]
 
 
 class _Haiku(Adapter):
@@ -213,17 +249,21 @@ ADAPTERS: tuple[Adapter, ...] = (_FlaxNNX(), _Penzai(), _Haiku(), _FlaxLinen())
 
 
 @functools.cache
+def _wrapping(kind: type) -> Adapter | None:
+    """The adapter whose framework `kind` is a wrapper of, found once per type."""
+    return next((adapter for adapter in ADAPTERS if adapter.is_wrapper(kind)), None)
+
+
 def is_wrapper(kind: type) -> bool:
     """Whether `kind` wraps one leaf that stands for it (an NNX Variable, a penzai
     ParameterValue): the leaf's path is the wrapper's, and outputs put a value in its place."""
-    return any(adapter.is_wrapper(kind) for adapter in ADAPTERS)
+    return _wrapping(kind) is not None
 
 
 def label_segments(kind: type, node_data: Any) -> tuple[str, ...] | None:
     """The segments a wrapper's own label gives its leaf, or None."""
-    return next(
-        (s for a in ADAPTERS if a.is_wrapper(kind) and (s := a.label_segments(node_data)) is not None), None
-    )
+    adapter = _wrapping(kind)
+    return None if adapter is None else adapter.label_segments(node_data)
 
 
 def parameters(model: Any, variables: str = "Param") -> Any:

@@ -92,15 +92,18 @@ class Explanation:
     columns: tuple[list[Any], ...] = field(repr=False)  # per LeafRow field, one value per row
     rules: tuple[RuleRow, ...]
     summary: dict[Any, dict[str, int]]
-    # The tree's view, which `filter` evaluates selectors on; after a filter, the
-    # columns of every row and the indices of the rows shown.
+    # The tree's view, and the view of `types_from` (where type selectors are read),
+    # which `filter` evaluates selectors on; after a filter, the columns of every row
+    # and the indices of the rows shown. The report keeps the tree alive while it lives.
     _view: TreeView | None = field(default=None, repr=False, compare=False)
+    _types: TreeView | None = field(default=None, repr=False, compare=False)
     _all: tuple[list[Any], ...] | None = field(default=None, repr=False, compare=False)
     _shown: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def of(cls, resolution: Resolution) -> Explanation:
-        """The report of a resolution: exactly the decisions the outputs are built from."""
+    def of(cls, resolution: Resolution, types_from: Any = None) -> Explanation:
+        """The report of a resolution: exactly the decisions the outputs are built from
+        (`types_from`: the tree whose node types the rules read, for `filter`)."""
         view, rules, decided = resolution.view, resolution.rules, resolution.decided
         # One repr per rule, not per row; per row an index into them (-1: the default).
         selectors = [repr(r.selector) for r in rules]
@@ -142,7 +145,8 @@ class Explanation:
             for g, label in enumerate(order)
             if leaves[g]
         }
-        return cls(columns, rule_rows, summary, view)
+        types = None if types_from is None else TreeView(types_from, view.stacked)
+        return cls(columns, rule_rows, summary, view, types)
 
     def filter(self, selector: Any, *, strict: bool = True) -> Explanation:
         """The report of the leaves `selector` selects, in leaf order; the rules and the
@@ -160,9 +164,17 @@ class Explanation:
         """
         if self._view is None:
             raise TypeError("filter() needs a report made by treeglob.explain.")
-        hit = Context(self._view, strict=strict).require(coerce(selector), "the filter")
+        selector = coerce(selector)
+        if self._types is None:
+            hit = Context(self._view, strict=strict).require(selector, "the filter")
+        else:  # read where the types are, taken by path
+            source = Context(self._types, strict=strict).require(selector, "the filter")
+            rows = {path: i for i, path in enumerate(self._types.paths)}
+            hit = source[[rows[path] for path in self._view.paths]]
         everything = self.columns if self._all is None else self._all
         shown = np.flatnonzero(hit) if self._shown is None else self._shown[hit[self._shown]]
+        if strict and not len(shown) and not selector.may_be_empty:  # a filter of a filter
+            raise Context(self._view, strict=True).no_match(selector, "the filter, on the rows shown,")
         columns = tuple(_per_row(column, shown) for column in everything)
         return replace(self, columns=columns, _all=everything, _shown=shown)
 
@@ -277,4 +289,4 @@ def explain(
         frozen         1        40  66.7%
     """
     options = Options(default, strict, stacked, types_from)
-    return Explanation.of(resolve(tree, rules, options, caller="explain", warn=False))
+    return Explanation.of(resolve(tree, rules, options, caller="explain", warn=False), types_from)

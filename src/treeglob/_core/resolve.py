@@ -200,11 +200,13 @@ class Resolution:
 
 @dataclass(frozen=True, eq=False)
 class Options:
-    """The options of every public function that resolves rules, in one value.
+    """The options of the public functions that resolve rules, in one value.
 
-    Each public function takes them as keyword arguments and passes them on
-    whole, so that no entry point can drop one on the way (one wrapper once
-    forgot `types_from`).
+    Each public function takes those that apply to it as keyword arguments and
+    passes them on whole, so that no entry point can drop one on the way (one
+    wrapper once forgot `types_from`). `summarize`, `norm_ratios` and
+    `shardings` take `default`, `strict` and `stacked`; the selection
+    functions, the optax wrappers, the recipes and `explain` all four.
 
     Attributes:
         default: the label of leaves no rule matches. Without it, such a leaf
@@ -244,6 +246,7 @@ def resolve(
     warn: bool = True,
     relabel: Callable[[TreeView, list[Any]], list[Any]] | None = None,
     recall: Recall | None = None,
+    whole_tensors: bool = False,
 ) -> Resolution:
     """Resolve `rules` on `tree`: the one pipeline behind every output.
 
@@ -258,6 +261,9 @@ def resolve(
         warn: warn about shadowed rules (`explain` marks them instead).
         relabel: turns the label of each row into its value before the rows
             of stacked leaves merge (layer ids placed relative to a row's path).
+        whole_tensors: the rows stand for whole tensors to move (`load`, `save`), never
+            for layers told apart by shape or layer id; else a model that marks stacked
+            layers its leaves cannot show (a penzai LayerStack) is refused without `stacked=`.
         recall: a wrapper's memory of the last tree with wrapped leaves (NNX
             Variables): a later tree of the same paths without them (the
             update optax gets) takes its decisions by path.
@@ -270,6 +276,7 @@ def resolve(
     )
     if types_from is not None or recall is not None:
         kw: dict[str, Any] = dict(caller=caller, merge=merge, subject=subject, warn=warn, relabel=relabel)
+        kw |= dict(whole_tensors=whole_tensors)
         view = view_of(tree, caller, stacked)
         if types_from is not None:
             source = view_of(types_from, caller, stacked)
@@ -286,7 +293,7 @@ def resolve(
         return _project(recall.last, view, caller, strict, subject)
     with paused_gc():
         view = view_of(tree, caller, stacked)
-        if not view.stacks:
+        if not whole_tensors and not view.stacks:
             _check_stack_mark(view, caller)
         rules = normalize_rules(rules, default)
         ctx = Context(view, strict=strict)

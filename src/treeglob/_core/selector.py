@@ -9,7 +9,7 @@ schedule, and `optax.masked` would read a PyTree of strings as a mask.
 
 A selector is evaluated on a whole `TreeView` at once into a NumPy bool
 vector (one entry per row), so `&`, `|`, `~` are vector operations. The
-conditions (patterns, types, metadata) live in `_conditions.py`, which also
+conditions (patterns, types, metadata) live in `conditions.py`, which also
 registers how plain values (strings, classes, regexes) coerce to them.
 """
 
@@ -319,7 +319,7 @@ _COERCE_MESSAGE = (
 def coerce(value: Any) -> Selector:
     """Turn a plain Python value into a selector where that is unambiguous.
 
-    Selectors, bools, lists and tuples are handled here; `_conditions.py`
+    Selectors, bools, lists and tuples are handled here; `conditions.py`
     registers strings (globs, `re:` regexes), `re.Pattern`s and classes.
     """
     hint = getattr(value, "coerce_hint", "")

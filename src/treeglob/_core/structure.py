@@ -40,7 +40,7 @@ class Node:
     """One distinct subtree: its node type, its row count, its children that hold rows.
 
     Rows are the leaves, except where stacked layers are declared (a
-    stacked subtree holds one row per leaf and layer, see `_stacking.py`).
+    stacked subtree holds one row per leaf and layer, see `stacking.py`).
     A node without children is a leaf: `LEAF`, or a *wrapped* leaf, whose
     `kind` is the wrapper type it sits in (an NNX Variable) and which adds
     no segment to its path.
@@ -70,7 +70,8 @@ ONE_LEVEL = getattr(jtu.PyTreeDef, "from_node_data_and_children", None) or getat
 
 def _label_key(td: Any, key: Any) -> Any:
     """A wrapper's key: its own label as segments where its framework gives one (penzai)."""
-    segments = label_segments(td.node_data()[0], td.node_data())
+    data = td.node_data()
+    segments = label_segments(data[0], data)
     return key if segments is None else jtu.DictKey(segments)
 
 
@@ -175,38 +176,23 @@ def _children(kind: type | None, kept: list[tuple[Any, Node]]) -> tuple[tuple[st
             if inner.get(path) is False:
                 return whole  # under a leaf
             last: Any = level[-1] if level else None
-            if last is not None and last[0] == segment and (isinstance(last[1], list) or last[1].children):
-                if isinstance(last[1], Node):  # a subtree under a plain key: open it
-                    _register(last[1], path, inner)
-                    last[1] = list(map(list, last[1].children))
-            else:
-                if path in inner:  # a group seen before, not contiguous: a second run of it
-                    below = _subtree_at(root, path)
-                    if below is not None:
-                        _register(below, path, inner)
-                last = [segment, []]
+            if last is None or last[0] != segment:
+                last = [segment, []]  # a new group, or a second run of one seen before
                 level.append(last)
                 inner[path] = True
+            elif isinstance(last[1], Node):
+                if last[1].kind is not kind:
+                    return whole  # a module's subtree is not a group of keys: keep its type
+                last[1] = list(map(list, last[1].children))  # a subtree under a plain key: open it
             level = last[1]
         path += (segments[-1],)
         if path in inner:
             return whole  # the same path twice, or a leaf where a subtree is
         inner[path] = bool(node.children)
+        if node.children:
+            _register(node, path, inner)
         level.append([segments[-1], node])
     return _nodes(kind, root)
-
-
-def _subtree_at(entries: list[list[Any]], path: tuple[str, ...]) -> Node | None:
-    """The last plain-key Node placed at `path`, if any (its rows are not yet registered)."""
-    for segment in path:
-        match = [below for name, below in entries if name == segment]
-        if not match:
-            return None
-        below = match[-1]
-        if isinstance(below, Node):
-            return below if segment == path[-1] and below.children else None
-        entries = below
-    return None
 
 
 def _register(node: Node, path: tuple[str, ...], inner: dict[tuple[str, ...], bool]) -> None:
@@ -483,13 +469,17 @@ def kinds(root: Node) -> set[type]:
 
 def find_nodes(root: Node, glob: Any) -> list[tuple[tuple[str, ...], Node]]:
     """The inner nodes whose whole path the compiled glob `glob` matches, with their raw
-    segments, in row order; below a match the walk stops (the outermost match wins)."""
+    segments, in row order; below a match the walk stops (the outermost match wins). A group
+    that appears more than once among its siblings (see `_children`) is listed once."""
     found: list[tuple[tuple[str, ...], Node]] = []
+    seen: set[tuple[str, ...]] = set()
     stack: list[tuple[Node, Any, tuple[str, ...]]] = [(root, glob.start(), ())]
     while stack:
         node, state, segments = stack.pop()
         if segments and glob.accepts(state):
-            found.append((segments, node))
+            if segments not in seen:
+                seen.add(segments)
+                found.append((segments, node))
         elif node.children and not glob.dead(state):
             stack.extend(
                 (child, glob.step(state, segment), (*segments, segment))
@@ -500,11 +490,23 @@ def find_nodes(root: Node, glob: Any) -> list[tuple[tuple[str, ...], Node]]:
 
 def find(root: Node, segments: Sequence[str]) -> tuple[list[tuple[Node, int]], Node, int] | None:
     """The node at `segments` and its first row, with the ancestors passed on the way
-    (each with the index of the child taken), or None when there is no such node."""
+    (each with the index of the child taken), or None when there is no such node.
+
+    Raises:
+        ValueError: the path names a group that appears more than once among its siblings
+            (keys not contiguous in leaf order, see `_children`): no one node holds it.
+    """
     node, row, ancestors = root, 0, []
-    for segment in segments:
+    for depth, segment in enumerate(segments):
         for k, (name, child) in enumerate(node.children):
             if name == segment:
+                if any(other == segment for other, _ in node.children[k + 1 :]):
+                    where = ".".join(map(quote, segments[: depth + 1]))
+                    raise ValueError(
+                        f"{where} is not one subtree: its keys are not contiguous in the tree's leaf order "
+                        "(another group's keys stand between them), so it appears more than once among its "
+                        "siblings. Name a subtree inside it, or a pattern."
+                    )
                 ancestors.append((node, k))
                 node = child
                 break

@@ -2,7 +2,7 @@
 
 A tree is flattened once. Its *rows* are its leaves, except under subtrees
 declared stacked, where each leaf becomes one row per layer (see
-`_stacking.py`). Paths are rendered only when something asks for them:
+`stacking.py`). Paths are rendered only when something asks for them:
 globs, `inside` and `owned_by` walk the compressed structure instead. Only
 static metadata is read, never array values.
 """
@@ -62,14 +62,14 @@ class TreeView:
 
     Attributes:
         tree, treedef, leaves: the tree, its treedef and its leaves.
-        structure: the compressed structure (`_structure.Node`) over the rows.
+        structure: the compressed structure (`structure.Node`) over the rows.
         leaf_structure: the same before stacked layers were declared (over the leaves).
-        stacks: the declared stacked subtrees.
+        stacked: the `stacked=` argument; stacks: the declared stacked subtrees.
         origin: per row, the index of its leaf (None when rows are the leaves).
     """
 
     def __init__(self, tree: Any, stacked: Any = None):
-        self.tree = tree
+        self.tree, self.stacked = tree, stacked
         self.leaves, self.treedef = _flatten(jtu.tree_flatten, tree)
         root = self.leaf_structure = structure_of(self.treedef, lambda: self.key_paths)
         self.stacks: tuple[Stack, ...] = ()

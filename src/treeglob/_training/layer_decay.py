@@ -76,43 +76,46 @@ def _blocks_matching(view: TreeView, pattern: str) -> list[_Block]:
             "blocks themselves (e.g. 'stages.*.blocks.*' or 'layer{1..4}.*'), or the path of the block "
             f"sequence.{view.close_subtrees(pattern)}"
         )
-    _check_order(pattern, found)
-    # Tree order first, so that a stable sort by numbers keeps it among unnumbered keys.
-    found.sort(key=lambda segments: tuple(_number_key(s) for s in segments))
+    order = _check_order(pattern, found)
+    found.sort(key=lambda segments: tuple(order[segments[: d + 1]] for d in range(len(segments))))
     return [_Block(".".join(map(quote, segs)), segs, i + 1) for i, segs in enumerate(found)]
 
 
 _DIGITS = re.compile(r"(\d+)")
 
 
-def _number_key(segment: str) -> tuple[Any, ...]:
-    """`encoderblock_10` -> ('encoderblock_', 10, ''): sorts by the numbers in the key;
-    a key without digits sorts as one equal value (tree order, by the stable sort)."""
-    parts = _DIGITS.split(segment)
-    if len(parts) == 1:
-        return ()
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def _check_order(pattern: str, found: list[tuple[str, ...]]) -> None:
-    """Where keys do not say the order of the blocks, refuse rather than guess: siblings
-    of which some carry a number and some do not, or two keys with the same numbers."""
-    by_parent: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+def _check_order(pattern: str, found: list[tuple[str, ...]]) -> dict[tuple[str, ...], Any]:
+    """The sort key of every node on the way to the blocks: among siblings, keys that carry
+    numbers sort by them (`encoderblock_10` after `encoderblock_9`), keys without digits by
+    their place in the tree. Where the keys do not say the order, refuse rather than guess:
+    siblings of which some carry a number and some do not, numbered keys whose text differs
+    (`enc_0`, `dec_0`), or two keys with the same numbers (`b01`, `b1`)."""
+    children: dict[tuple[str, ...], dict[str, None]] = {}  # parent -> its keys in tree order
     for segments in found:
         for depth in range(len(segments)):
-            by_parent.setdefault(segments[:depth], []).append(segments)
-    for parent, below in by_parent.items():
-        keys = dict.fromkeys(s[len(parent)] for s in below)
-        numbered = [k for k in keys if _number_key(k)]
-        clash = len({_number_key(k) for k in numbered}) < len(numbered)
-        if (numbered and len(numbered) < len(keys)) or clash:
+            children.setdefault(segments[:depth], {})[segments[depth]] = None
+    order: dict[tuple[str, ...], Any] = {}
+    for parent, keys in children.items():
+        parts = {key: _DIGITS.split(key) for key in keys}
+        numbers = {key: tuple(map(int, p[1::2])) for key, p in parts.items() if len(p) > 1}
+        texts = {tuple(p[0::2]) for key, p in parts.items() if key in numbers}
+        problem = ""
+        if numbers and len(numbers) < len(keys):
+            problem = "keys with and without a number"
+        elif len(texts) > 1:
+            problem = "numbered keys of different names"
+        elif len(set(numbers.values())) < len(numbers):
+            problem = "the same numbers in different keys"
+        if problem:
             listed = ", ".join(".".join(map(quote, (*parent, k))) for k in keys)
-            why = "the same numbers in different keys" if clash else "keys with and without a number"
             raise ValueError(
-                f"blocks={pattern!r}: the order of the blocks is ambiguous ({why}): {listed}. Blocks are "
+                f"blocks={pattern!r}: the order of the blocks is ambiguous ({problem}): {listed}. Blocks are "
                 "numbered by the numbers in their keys; narrow the pattern to the numbered blocks (e.g. "
                 "'encoder.layer_*'), or place the others with rules."
             )
+        for place, key in enumerate(keys):
+            order[(*parent, key)] = numbers.get(key, (place,))
+    return order
 
 
 def _layer_number(layer: Any, top: int, where: str) -> Any:
@@ -214,9 +217,13 @@ def layer_ids(
         blocks: where the blocks are. The path of the block sequence (a
             list, an int- or digit-keyed dict, or a stacked module with
             `stacked=`): the index after it numbers the blocks. Or a glob
-            whose matched subtrees are the blocks, numbered in order
-            (decimal keys by value, other keys in tree order), for models
-            with nested stages: `"stages.*.blocks.*"`, `"layer{1..4}.*"`.
+            whose matched subtrees are the blocks, numbered by the numbers
+            in their keys (`encoderblock_10` after `encoderblock_9`), keys
+            without a number in tree order, for models with nested stages:
+            `"stages.*.blocks.*"`, `"layer{1..4}.*"`. Siblings whose keys
+            leave the order open (some with a number and some without,
+            different names around the numbers, equal numbers) are a
+            `ValueError` that lists them.
             Blocks take precedence over `rules`. By default the blocks of
             the `LayerGroups` given as `rules`, or `"blocks"`.
         rules: `(selector, layer id)` pairs for the leaves outside the
