@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Equinox Transformer and a mixed container tree; hypothesis profiles."""
 
 import os
+import pathlib
 from typing import NamedTuple
 
 import equinox as eqx
@@ -15,6 +16,9 @@ settings.register_profile(
     "thorough", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+#: The repository: README.md, examples/, benchmarks/, src/.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class Block(eqx.Module):

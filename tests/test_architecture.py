@@ -18,7 +18,9 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).parent.parent / "src" / "treeglob"
+from conftest import ROOT
+
+PACKAGE = ROOT / "src" / "treeglob"
 
 LAYERS = {
     "treeglob._core": "core",

@@ -23,7 +23,7 @@ imports its framework: it recognises classes by their module, and uses the
 framework only on a model that is already one of its own (`sys.modules`).
 
 Adding a framework means writing one adapter here, adding it to `ADAPTERS`,
-and testing it in `tests/test_frameworks.py`.
+and testing it in `tests/frameworks/`.
 """
 
 from __future__ import annotations

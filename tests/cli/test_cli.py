@@ -3,7 +3,6 @@
 import gc
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,10 +15,11 @@ import pytest
 from safetensors.numpy import save_file
 
 import treeglob as tg
+from conftest import ROOT
 from treeglob._checkpoints.sources import load_source
 from treeglob._cli.main import main
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 CHECKPOINT = {
     "embed.weight": np.zeros((10, 4), np.float32),

@@ -660,7 +660,7 @@ def test_where_needs_a_callable():
 @pytest.mark.slow
 def test_a_tree_deeper_than_the_recursion_limit_is_a_value_error():
     # In-process with a lowered limit: JAX's flatten runs out of recursion budget long before
-    # the C stack does. (tests/test_pipeline.py checks the default limit in a subprocess.)
+    # the C stack does. (tests/core/test_pipeline.py checks the default limit in a subprocess.)
     tree = 1.0
     for _ in range(1000):
         tree = [tree]

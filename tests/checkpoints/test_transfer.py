@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import treeglob as tg
+from conftest import ROOT
 from treeglob._checkpoints.rename import apply_renames, parse_renames
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+sys.path.insert(0, str(ROOT / "examples"))
 from finetune_from_checkpoint import IGNORE, RENAME, TRANSFORM, to_hugging_face  # noqa: E402
 from scanned_gpt import ScannedGPT  # noqa: E402
 from train_gpt import GPT  # noqa: E402

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import treeglob as tg
+from conftest import ROOT
 
 D = 4  # model width of the Linen / Haiku / NNX models
 
@@ -932,8 +933,7 @@ def test_defect1_every_wrapper_under_nnx_optimizer_with_a_variable_type_rule(wra
 def test_defect11_the_readme_makes_its_meshes_with_auto_axis_types():
     """Defect 11: with current JAX a mesh of default (explicit) axis types makes a Megatron-style
     step fail inside JAX; every mesh the README makes says axis_types=, as the example does."""
-    import pathlib
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     calls = [line for line in readme.splitlines() if "make_mesh(" in line]
     assert calls and all("axis_types=" in line for line in calls), calls

@@ -14,7 +14,8 @@ pytest.importorskip("haiku", reason="the framework tests need dm-haiku (pip inst
 from flax import nnx, traverse_util  # noqa: E402
 
 import treeglob as tg  # noqa: E402
-from frameworks import DEPTH, NNXGPT, NNXBlock, haiku_params, linen_params  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from framework_models import DEPTH, NNXGPT, NNXBlock, haiku_params, linen_params  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # References, written from each convention's own code
@@ -299,7 +300,7 @@ FACTORIES = """
 import sys
 sys.path.insert(0, {tests!r})
 from flax import nnx
-import frameworks
+import framework_models as frameworks
 
 
 class WithStats(nnx.Module):
@@ -328,10 +329,9 @@ def haiku_gpt():
 
 @pytest.fixture
 def factories(tmp_path):
-    import pathlib
 
     path = tmp_path / "factories.py"
-    path.write_text(FACTORIES.format(tests=str(pathlib.Path(__file__).parent)))
+    path.write_text(FACTORIES.format(tests=str(ROOT / "tests")))
     return path
 
 
