@@ -69,19 +69,24 @@ def _factory(spec: str, variables: str = "Param") -> Source:
     fn = getattr(module, name, None)
     if not callable(fn):
         raise SourceError(f"{spec}: {target} has no function {name!r}.")
-    failed: list[ValueError] = []
+    failed: list[str] = []
     declared: list[dict[str, int]] = []
 
     def build() -> Any:
         # The parameters are taken inside the trace: a penzai model keeps them in mutable
         # Parameter objects, which an abstract evaluation of the model alone would leave
         # holding tracers.
+        # Either's error is bad input, said as such (not as a failed factory).
         model = fn()
         try:
             declared.append(stacked_layers(model))
+        except ValueError as exc:
+            failed.append(str(exc))
+            return model
+        try:
             return parameters(model, variables)
-        except ValueError as exc:  # said as such, not as a failed factory
-            failed.append(exc)
+        except ValueError as exc:
+            failed.append(f"--variables {variables!r}: {exc}")
             return model
 
     try:

@@ -132,7 +132,7 @@ class _FlaxNNX(Adapter):
                     if isinstance(getattr(nnx, n), type) and issubclass(getattr(nnx, n), nnx.Variable)
                 )
                 raise ValueError(
-                    f"--variables {variables!r}: {name.strip()!r} is not a Flax NNX Variable type; "
+                    f"{name.strip()!r} is not a Flax NNX Variable type; "
                     f"give names such as {', '.join(known[:8])}, ... or 'all'."
                 )
             kinds.append(kind)
