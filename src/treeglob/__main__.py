@@ -1,4 +1,4 @@
-"""`python -m treeglob`: see `treeglob._cli`."""
+"""`python -m treeglob`: see `treeglob._cli.main`."""
 
 import sys
 
