@@ -807,6 +807,52 @@ def test_defect10_the_command_line_reads_the_stacked_layers_of_a_penzai_factory(
     assert rows["transformer.blocks.0.mlp.in.Linear.weights"] == "decay"
 
 
+def haiku_layer_stack_params():
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        def block(x):
+            x = hk.LayerNorm(-1, True, True, name="pre")(x)  # a name no preset knows as a norm
+            return jax.nn.gelu(hk.Linear(D, name="fc")(x))
+
+        x = hk.Linear(D, name="proj_in")(x)
+        x = hk.layer_stack(3)(block)(x)
+        return hk.Linear(2, name="head")(x)
+
+    return hk.transform(forward).init(jax.random.key(0), jnp.ones((1, D)))
+
+
+def test_defect10_haiku_layer_stack_is_declared_by_its_module_name(tmp_path, capsys):
+    """Defect 10: hk.layer_stack keeps its layers under `__layer_stack_no_per_layer`, with a leading
+    layer axis: refused without stacked=, which stacked_layers reads from the names; then the
+    stacked norm scale (3, D) is not decayed and the stacked matrices are."""
+    params = haiku_layer_stack_params()
+    assert params["__layer_stack_no_per_layer/pre"]["scale"].shape == (3, D)
+    with pytest.raises(ValueError, match=r"hk\.layer_stack.*stacked=\{'__layer_stack_no_per_layer': 1\}"):
+        tg.decay_mask()(params)
+    stacked = tg.stacked_layers(params)
+    assert stacked == {"__layer_stack_no_per_layer": 1}
+    mask = by_path(params, tg.decay_mask(stacked=stacked)(params))
+    assert mask == {
+        "__layer_stack_no_per_layer.fc.b": False,
+        "__layer_stack_no_per_layer.fc.w": True,
+        "__layer_stack_no_per_layer.pre.offset": False,
+        "__layer_stack_no_per_layer.pre.scale": False,
+        "head.b": False,
+        "head.w": True,
+        "proj_in.b": False,
+        "proj_in.w": True,
+    }
+    # Its checkpoint, on the command line: the stack is read from the tensor names.
+    from treeglob._cli.main import main
+
+    tg.save(tmp_path / "h.safetensors", params)
+    assert main(["explain", str(tmp_path / "h.safetensors"), "--preset", "default", "--json"]) == 0
+    rows = {row["path"]: row["label"] for row in json.loads(capsys.readouterr().out)["leaves"]}
+    assert rows["__layer_stack_no_per_layer.2.pre.scale"] == "no_decay"
+    assert rows["__layer_stack_no_per_layer.2.fc.w"] == "decay"
+
+
 # ----------------------------------------------------------------------------
 # Defect 1: every wrapper resolves at init, remembers NNX Variable types, and scales leaf by leaf
 

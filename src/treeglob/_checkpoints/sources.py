@@ -115,7 +115,8 @@ def load_source(source: str, variables: str = "Param") -> Source:
     """
     path = pathlib.Path(source)
     if is_checkpoint(path):
-        return Source(open_checkpoint(path).tree)
+        tree = open_checkpoint(path).tree
+        return Source(tree, stacked_layers(tree) or None)
     if ":" in source:
         return _factory(source, variables)
     raise SourceError(f"{source}: not {readable()}, nor a module:function factory (e.g. mypkg.models:build).")

@@ -172,7 +172,7 @@ def _names(classes: tuple[type, ...]) -> str:
 
 def _type_hint(self: Selector, ctx: Context) -> str:
     """What the tree's frameworks say about a type selector that selects nothing in it."""
-    return type_hint(kinds(ctx.view.structure))
+    return type_hint(kinds(ctx.view.structure)[0])
 
 
 @dataclass(frozen=True, slots=True, repr=False)

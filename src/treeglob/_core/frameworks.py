@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.tree_util as jtu
@@ -92,8 +93,11 @@ class Adapter:
         when the model is not this framework's."""
         return None
 
-    def stack_mark(self, tree_types: set[type]) -> str:
-        """Why a tree whose nodes have `tree_types` cannot be resolved without `stacked=`, or ""."""
+    def stack_mark(
+        self, tree_types: set[type], segments: set[str], inner_paths: Callable[[], list[tuple[str, ...]]]
+    ) -> str:
+        """Why a tree cannot be resolved without `stacked=`, or "": from its node types, its
+        distinct segment texts, and (asked only when needed) the paths of its inner nodes."""
         return ""
 
 
@@ -202,7 +206,9 @@ class _Penzai(Adapter):
                 out.update({".".join(map(quote, m)): axes_of[stack] for m in members})
         return out
 
-    def stack_mark(self, tree_types: set[type]) -> str:
+    def stack_mark(
+        self, tree_types: set[type], segments: set[str], inner_paths: Callable[[], list[tuple[str, ...]]]
+    ) -> str:
         return (
             _LAYER_STACK_MARK if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types) else ""
         )
@@ -234,9 +240,37 @@ def _common_prefix(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
 
 
 class _Haiku(Adapter):
-    """Haiku params are dicts keyed by `/`-joined module names: split with `KEY_SEPARATOR`."""
+    """Haiku params are dicts keyed by `/`-joined module names (split with `KEY_SEPARATOR`);
+    `hk.layer_stack` names the module that holds its stacked layers `__layer_stack_...`."""
 
     name, package = "Haiku", "haiku"
+
+    def stacked_layers(self, model: Any) -> dict[str, int] | None:
+        if not isinstance(model, Mapping):
+            return None
+        found = {}
+        for key in model:
+            parts = _label_path(str(key))  # a module's name, or a checkpoint's tensor name
+            stack = next((i for i, part in enumerate(parts) if part.startswith(_HAIKU_STACK)), None)
+            if stack is not None:
+                found[".".join(map(quote, parts[: stack + 1]))] = 1
+        return found or None
+
+    def stack_mark(
+        self, tree_types: set[type], segments: set[str], inner_paths: Callable[[], list[tuple[str, ...]]]
+    ) -> str:
+        if not any(s.startswith(_HAIKU_STACK) for s in segments):
+            return ""
+        stacks = {".".join(map(quote, p)): 1 for p in inner_paths() if p[-1].startswith(_HAIKU_STACK)}
+        return (
+            "This Haiku model stacks layers with hk.layer_stack: the parameters below "
+            f"{', '.join(stacks)} carry a leading layer axis, so a stacked norm scale would pass for a "
+            f"matrix. Declare them: stacked={stacks!r}, which treeglob.stacked_layers(params) gives."
+        )
+
+
+#: The prefix of the module `hk.layer_stack` keeps its stacked parameters in.
+_HAIKU_STACK = "__layer_stack"
 
 
 class _FlaxLinen(Adapter):
@@ -282,9 +316,10 @@ def stacked_layers(model: Any) -> dict[str, int]:
     A penzai `LayerStack` names the axis its layers are stacked along; once
     the parameters are unbound (the tuple of `ParameterValue`s penzai's
     trainer hands optax) nothing in them says so, and a stacked norm scale of
-    shape `(layers, dim)` would pass for a matrix. Pass the result as
-    `stacked=` to any treeglob function on those parameters. A model that
-    declares no stacked layers gives `{}`.
+    shape `(layers, dim)` would pass for a matrix. Haiku's `hk.layer_stack`
+    keeps its stacked parameters under a module named `__layer_stack_...`.
+    Pass the result as `stacked=` to any treeglob function on those
+    parameters. A model that declares no stacked layers gives `{}`.
 
     Raises:
         ValueError: a stacked parameter whose array does not lead with the stack axis.
@@ -301,9 +336,11 @@ def stacked_layers(model: Any) -> dict[str, int]:
     return {}
 
 
-def stack_mark(tree_types: set[type]) -> str:
-    """Why a tree whose nodes have `tree_types` needs `stacked=` to be resolved, or ""."""
-    return "\n".join(m for a in ADAPTERS if (m := a.stack_mark(tree_types)))
+def stack_mark(
+    tree_types: set[type], segments: set[str], inner_paths: Callable[[], list[tuple[str, ...]]]
+) -> str:
+    """Why a tree needs `stacked=` to be resolved, or "" (see `Adapter.stack_mark`)."""
+    return "\n".join(m for a in ADAPTERS if (m := a.stack_mark(tree_types, segments, inner_paths)))
 
 
 def stored_wrapper(node: Any) -> bool:

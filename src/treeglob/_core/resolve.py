@@ -27,7 +27,7 @@ from .errors import ShadowedRuleWarning, user_stacklevel
 from .frameworks import stack_mark
 from .rules import MISSING, Rule, Rules, normalize_rules, same_label
 from .selector import Context, Selector, coerce
-from .structure import kinds, remember
+from .structure import inner_paths, kinds, remember
 from .tree import TreeView
 
 __all__ = [
@@ -335,7 +335,8 @@ def resolve(
 def _check_stack_mark(view: TreeView, caller: str) -> None:
     """Refuse a tree that marks stacked layers its leaves cannot show (a penzai LayerStack)
     when none are declared: its stacked norm scales would pass for matrices."""
-    mark = remember(view.leaf_structure, "stack_mark", lambda: stack_mark(kinds(view.leaf_structure)))
+    root = view.leaf_structure
+    mark = remember(root, "stack_mark", lambda: stack_mark(*kinds(root), lambda: inner_paths(root)))
     if mark:
         raise ValueError(f"{caller}(): {mark}")
 

@@ -453,18 +453,20 @@ def inner_paths(root: Node) -> list[tuple[str, ...]]:
     return out
 
 
-def kinds(root: Node) -> set[type]:
-    """The types of the inner nodes and wrappers of a structure."""
-    out, seen, stack = set(), set(), [root]
+def kinds(root: Node) -> tuple[set[type], set[str]]:
+    """The types of the inner nodes and wrappers of a structure, and the distinct segment
+    texts below it (each distinct subtree walked once)."""
+    types, segments, seen, stack = set(), set(), set(), [root]
     while stack:
         node = stack.pop()
         if node.kind is not None:
-            out.add(node.kind)
-        for _, child in node.children:
+            types.add(node.kind)
+        for segment, child in node.children:
+            segments.add(segment)
             if id(child) not in seen:
                 seen.add(id(child))
                 stack.append(child)
-    return out
+    return types, segments
 
 
 def find_nodes(root: Node, glob: Any) -> list[tuple[tuple[str, ...], Node]]:
