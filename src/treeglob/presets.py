@@ -31,6 +31,7 @@ from ._core.selector import Selector, any_of, optional
 from ._training.layers import JOIN_NEXT, LayerGroups
 
 __all__ = [
+    "BIG_VISION_VIT_LAYERS",
     "BY_NAME",
     "CONV_KERNELS",
     "DEFAULT",
@@ -196,6 +197,18 @@ TIMM_SWIN_LAYERS = LayerGroups(
 #: ResNet (`resnet.py`): `conv1` / `bn1` are the stem, each bottleneck of
 #: `layer1` ... `layer4` one layer, `fc` the top.
 TIMM_RESNET_LAYERS = LayerGroups("layer{1..4}.*", [(optional(glob("^{conv1,bn1}")), 0)])
+
+#: big_vision's ViT (Flax Linen, `models/vit.py`) by its names: the patch
+#: embedding `embedding`, the `cls` token and `Transformer.posembed_input` are
+#: the stem, blocks `Transformer.encoderblock_N` numbered by N, and
+#: `Transformer.encoder_norm` joins the last block, as timm's final `norm`.
+BIG_VISION_VIT_LAYERS = LayerGroups(
+    "Transformer.encoderblock_*",
+    [
+        (optional(glob("^{embedding,cls,reg,pos_embedding}") | glob("^Transformer.posembed_input")), 0),
+        (optional(glob("^Transformer.encoder_norm")), -2),
+    ],
+)
 
 #: The weight-decay presets by the names the command line and rules files use.
 BY_NAME = {"default": DEFAULT, "nanogpt": NANOGPT, "timm": TIMM, "hf": HF}

@@ -318,6 +318,9 @@ def test_defect3_linen_encoderblocks_are_numbered_by_value(big_vision_vit):
     assert got["head.kernel"] == got["head.bias"] == 13
     for stem in ("embedding.kernel", "embedding.bias", "cls", "pos_embedding"):
         assert got[stem] == 0, stem
+    # big_vision's names as a preset give the same layers, and the same scales.
+    assert tg.layer_ids(params, rules=tg.presets.BIG_VISION_VIT_LAYERS) == ids
+    assert tg.layer_decay_scales(params, 0.5, rules=tg.presets.BIG_VISION_VIT_LAYERS)["cls"] == 0.5**13
 
 
 def test_defect3_haiku_blocks_are_numbered_by_value():
@@ -851,6 +854,45 @@ def test_defect10_haiku_layer_stack_is_declared_by_its_module_name(tmp_path, cap
     rows = {row["path"]: row["label"] for row in json.loads(capsys.readouterr().out)["leaves"]}
     assert rows["__layer_stack_no_per_layer.2.pre.scale"] == "no_decay"
     assert rows["__layer_stack_no_per_layer.2.fc.w"] == "decay"
+
+
+def test_a_penzai_model_is_not_saved_or_loaded_as_if_it_held_no_parameters(tmp_path):
+    """A penzai model keeps its parameters in Parameter objects: save() would write only its
+    constants and load() would fill nothing. Both say where the parameters are instead."""
+    model = penzai_lm()
+    for call in (
+        lambda: tg.save(tmp_path / "m.safetensors", model),
+        lambda: tg.load(model, {"w": np.zeros(2)}),
+        lambda: tg.load_plan(model, {"w": np.zeros(2)}),
+    ):
+        with pytest.raises(ValueError, match=r"keeps its parameters in Parameter objects.*pz\.freeze_params"):
+            call()
+    assert not list(tmp_path.iterdir())
+    # Its parameter values save and load back.
+    values = optax_tree(model)
+    names = tg.save(tmp_path / "v.safetensors", values)
+    assert names == neox_paths(2)
+    _, report = tg.load(values, tmp_path / "v.safetensors")
+    assert report.ok
+
+
+def test_load_plan_moves_whole_tensors_of_a_haiku_layer_stack(tmp_path, capsys):
+    """The command line's load-plan splits tensors by layer only where --stacked says so, as
+    tg.load_plan does: a checkpoint saved from the same params loads whole."""
+    from treeglob._cli.main import main
+
+    params = haiku_layer_stack_params()
+    tg.save(tmp_path / "h.safetensors", params)
+    shapes = {key: {name: tuple(v.shape) for name, v in module.items()} for key, module in params.items()}
+    (tmp_path / "f.py").write_text(
+        "import numpy as np\n"
+        f"SHAPES = {shapes!r}\n"
+        "def params():\n"
+        "    return {k: {n: np.zeros(s, np.float32) for n, s in d.items()} for k, d in SHAPES.items()}\n"
+    )
+    assert main(["load-plan", f"{tmp_path / 'f.py'}:params", str(tmp_path / "h.safetensors"), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts["loaded"]["leaves"] == 8 and counts["missing"]["leaves"] == 0
 
 
 # ----------------------------------------------------------------------------

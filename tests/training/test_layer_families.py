@@ -333,7 +333,9 @@ def test_layer_decay_transform_with_a_family_preset():
 
 
 def test_block_patterns_that_match_nothing_are_errors():
-    with pytest.raises(tg.NoMatchError, match=r"blocks='stage.\*.blocks.\*' matches no subtree of the tree"):
+    with pytest.raises(
+        tg.NoMatchError, match=r"blocks='stage.\*.blocks.\*' matches no subtree from the root of the tree"
+    ):
         tg.layer_ids({"stages": [{"blocks": [0.0]}]}, blocks="stage.*.blocks.*", rules=[])
     with pytest.raises(ValueError, match=r"or treeglob.JOIN_NEXT / treeglob.JOIN_PREVIOUS"):
         tg.layer_ids({"blocks": [0.0], "x": 0.0}, rules=[("x", "next")])

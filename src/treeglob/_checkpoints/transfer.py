@@ -24,6 +24,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._core.errors import LoadError, ShadowedRuleWarning, user_stacklevel
+from .._core.frameworks import parameters_elsewhere
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
 from .base import Checkpoint
@@ -68,6 +69,7 @@ def _plan(
     rename_rules = parse_renames(rename or [])  # malformed rules first, before any file is opened
     transforms = parse_transforms(transform or [])
     view = view_of(target, caller, stacked)
+    _check_arrays(view, caller)
     checkpoint = open_checkpoint(source)
     ignored, renamed, taken = _match_tensors(
         view, checkpoint, rename_rules, as_patterns(ignore), caller, strict
@@ -206,6 +208,14 @@ def _resolve_rows(
         whole_tensors=True,
     )
     return resolution.decided >= 0
+
+
+def _check_arrays(view: TreeView, caller: str) -> None:
+    """Refuse a model whose framework keeps its parameters outside the tree's leaves (penzai):
+    there would be nothing to save or load, and no word about it."""
+    elsewhere = parameters_elsewhere(view.leaf_types)
+    if elsewhere:
+        raise ValueError(f"{caller}(): {elsewhere}")
 
 
 def load_plan(
@@ -532,6 +542,7 @@ def save(
         )
     with paused_gc():
         view = view_of(tree, "save", stacked)
+        _check_arrays(view, "save")
         chosen = np.ones(len(view), dtype=bool)
         if select is not None:
             chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")

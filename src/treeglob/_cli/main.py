@@ -236,7 +236,9 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
     try:
         rules = _transfer_rules(args)
         source = load_source(args.model, args.variables)
-        stacked, model = _declared(source.stacked, _stacked(args.stacked)), source.tree
+        # Only what --stacked names: a transfer moves whole tensors unless asked to split
+        # them by layer, whatever the model declares (tg.load_plan does the same).
+        stacked, model = _stacked(args.stacked), source.tree
         checkpoint = open_checkpoint(args.checkpoint)
     except (_BadInput, ValueError, TypeError) as exc:
         return _fail(args, 2, type(exc).__name__, str(exc))

@@ -44,6 +44,7 @@ __all__ = [
     "is_wrapper",
     "label_segments",
     "parameters",
+    "parameters_elsewhere",
     "stack_mark",
     "stacked_layers",
     "stored_wrapper",
@@ -98,6 +99,11 @@ class Adapter:
     ) -> str:
         """Why a tree cannot be resolved without `stacked=`, or "": from its node types, its
         distinct segment texts, and (asked only when needed) the paths of its inner nodes."""
+        return ""
+
+    def parameters_elsewhere(self, leaf_types: set[type]) -> str:
+        """Why a tree whose leaves have `leaf_types` holds no parameter arrays to save or load
+        (they live in objects of the framework's), or ""."""
         return ""
 
 
@@ -212,6 +218,15 @@ class _Penzai(Adapter):
         return (
             _LAYER_STACK_MARK if any(_defined_in(t, "penzai.nn", ("LayerStack",)) for t in tree_types) else ""
         )
+
+    def parameters_elsewhere(self, leaf_types: set[type]) -> str:
+        if any(_defined_in(t, "penzai.core", ("Parameter", "StateVariable")) for t in leaf_types):
+            return (
+                "This penzai model keeps its parameters in Parameter objects, not as arrays in the tree. "
+                "Use the parameters training reads: values = pz.freeze_params(pz.unbind_params(model)[1]) "
+                "(with stacked=treeglob.stacked_layers(model) for one tensor per layer)."
+            )
+        return ""
 
 
 def _check_leading(path: tuple[str, ...], axes: list[Any], value: Any) -> None:
@@ -341,6 +356,11 @@ def stack_mark(
 ) -> str:
     """Why a tree needs `stacked=` to be resolved, or "" (see `Adapter.stack_mark`)."""
     return "\n".join(m for a in ADAPTERS if (m := a.stack_mark(tree_types, segments, inner_paths)))
+
+
+def parameters_elsewhere(leaf_types: set[type]) -> str:
+    """Why a tree holds no parameter arrays to save or load, or "" (see `Adapter.parameters_elsewhere`)."""
+    return "\n".join(m for a in ADAPTERS if (m := a.parameters_elsewhere(leaf_types)))
 
 
 def stored_wrapper(node: Any) -> bool:

@@ -50,7 +50,9 @@ def _blocks_at(view: TreeView, blocks: str) -> list[_Block]:
         raise NoMatchError(
             f"blocks={blocks!r} names no subtree of the tree.{view.close_subtrees(blocks)} Give the path of "
             "the block sequence as treeglob.paths() prints it, or a pattern for its blocks (e.g. "
-            "'stages.*.blocks.*'); for blocks stacked with eqx.filter_vmap, also pass stacked={'<that path>': 1}."
+            "'stages.*.blocks.*'); for stacked blocks (eqx.filter_vmap, nnx.vmap, a penzai LayerStack, "
+            "hk.layer_stack), also pass stacked={'<that path>': 1} (treeglob.stacked_layers(model) gives it "
+            "where the model declares it)."
         )
     out = []
     for segment, _ in hit[1].children:
@@ -72,8 +74,9 @@ def _blocks_matching(view: TreeView, pattern: str) -> list[_Block]:
     found = [segments for segments, _ in find_nodes(view.structure, compiled)]
     if not found:
         raise NoMatchError(
-            f"blocks={pattern!r} matches no subtree of the tree. Give a pattern whose matches are the "
-            "blocks themselves (e.g. 'stages.*.blocks.*' or 'layer{1..4}.*'), or the path of the block "
+            f"blocks={pattern!r} matches no subtree from the root of the tree: blocks= is anchored at the "
+            "root, a path to where the blocks are. Give a pattern whose matches are the blocks themselves "
+            "(e.g. 'stages.*.blocks.*' or 'layer{1..4}.*'), or the path of the block "
             f"sequence.{view.close_subtrees(pattern)}"
         )
     order = _check_order(pattern, found)
