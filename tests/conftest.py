@@ -85,4 +85,4 @@ def mixed_tree():
 
 
 # Model definitions for the framework tests, not a test module (and it needs flax and haiku).
-collect_ignore = ["frameworks.py"]
+collect_ignore = ["framework_models.py"]
