@@ -62,7 +62,10 @@ if TYPE_CHECKING:
     from ._training.recipes import (
         decay_mask as decay_mask,
         freeze as freeze,
+        gradual_unfreeze as gradual_unfreeze,
+        relabel as relabel,
         scale_by_rules as scale_by_rules,
+        weight_decay as weight_decay,
     )
     from ._training.sharding import shardings as shardings
 
@@ -77,7 +80,14 @@ _LAZY = {
         "._training.layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
         "._training.layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
         "._training.metrics": ["norm_ratios", "summarize"],
-        "._training.recipes": ["decay_mask", "freeze", "scale_by_rules"],
+        "._training.recipes": [
+            "decay_mask",
+            "freeze",
+            "gradual_unfreeze",
+            "relabel",
+            "scale_by_rules",
+            "weight_decay",
+        ],
         "._core.report": ["Explanation", "LeafRow", "RuleRow", "explain"],
         "._training.sharding": ["shardings"],
         "._checkpoints.load_report": ["LoadReport", "LoadRow"],
@@ -130,6 +140,7 @@ __all__ = [
     "explain",
     "freeze",
     "glob",
+    "gradual_unfreeze",
     "inside",
     "labels",
     "layer_decay",
@@ -149,6 +160,7 @@ __all__ = [
     "paths",
     "presets",
     "regex",
+    "relabel",
     "save",
     "scale_by_rules",
     "shape",
@@ -157,5 +169,6 @@ __all__ = [
     "stacked_layers",
     "summarize",
     "translate",
+    "weight_decay",
     "where",
 ]

@@ -33,8 +33,27 @@ def stack(tree):
     return eqx.tree_at(lambda m: m.blocks, tree, jtu.tree_map(lambda *xs: jnp.stack(xs), *tree.blocks))
 
 
+#: The new statistics of a group's leaves `xs` with `count` elements, written out as a training script would.
+BY_HAND = {
+    "zero_fraction": lambda xs, count: (
+        functools.reduce(jnp.add, [jnp.sum(x == 0).astype(jnp.float32) for x in xs]) / count
+    ),
+    "mean": lambda xs, count: functools.reduce(jnp.add, [jnp.sum(x) for x in xs]) / count,
+    "min": lambda xs, count: functools.reduce(jnp.minimum, [jnp.min(x) for x in xs]),
+    "max": lambda xs, count: functools.reduce(jnp.maximum, [jnp.max(x) for x in xs]),
+}
+
+#: The same statistics in numpy, of all the group's elements concatenated (in float64).
+NUMPY = {
+    "zero_fraction": lambda x: np.mean(x == 0),
+    "mean": np.mean,
+    "min": np.min,
+    "max": np.max,
+}
+
+
 def hand_written(grads):
-    """Per-label norm, rms, max |x| and count, written out as a training script would."""
+    """Per-label norm, rms, max |x|, count and the statistics of `BY_HAND`, as a training script would."""
     labels = jax.tree.leaves(tg.labels(grads, RULES))
     out = {}
     for label in ("no_decay", "decay"):
@@ -45,10 +64,28 @@ def hand_written(grads):
         out[f"grad/rms/{label}"] = jnp.sqrt(squares / count)
         out[f"grad/max_abs/{label}"] = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
         out[f"grad/count/{label}"] = jnp.asarray(count)
+        for stat, by_hand in BY_HAND.items():
+            out[f"grad/{stat}/{label}"] = by_hand(xs, count)
     return out
 
 
+def with_zeros(tree):
+    """Every (2 + i % 3)-th element of leaf i set to 0: the zero fraction differs from leaf to leaf."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [x.reshape(-1).at[:: 2 + i % 3].set(0).reshape(x.shape) for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def numpy_reference(groups, stat, prefix):
+    """`{"<prefix>/<stat>/<name>": value}` of each group of leaves, computed in numpy."""
+    elements = {
+        name: np.concatenate([np.asarray(x, np.float64).ravel() for x in xs]) for name, xs in groups.items()
+    }
+    return {f"{prefix}/{stat}/{name}": NUMPY[stat](x) for name, x in elements.items()}
+
+
 def test_equal_to_hand_written_reductions_under_jit(grads):
+    grads = with_zeros(grads)
     ours = jax.jit(lambda g: tg.summarize(g, RULES, stats=STATS, prefix="grad"))(grads)
     reference = jax.jit(hand_written)(grads)
     assert ours.keys() == reference.keys()
@@ -57,7 +94,14 @@ def test_equal_to_hand_written_reductions_under_jit(grads):
 
 
 def _primitives(fn, tree):
-    return collections.Counter(eqn.primitive.name for eqn in jax.make_jaxpr(fn)(tree).jaxpr.eqns)
+    """The primitives `fn` traces to, counted; those of a `jax.jit` inside it instead of the `jit` itself."""
+
+    def count(jaxpr):
+        for eqn in jaxpr.eqns:
+            inner = eqn.params.get("jaxpr")
+            yield from count(inner.jaxpr) if eqn.primitive.name == "jit" else [eqn.primitive.name]
+
+    return collections.Counter(count(jax.make_jaxpr(fn)(tree).jaxpr))
 
 
 def test_the_compiled_step_holds_only_the_hand_written_reductions(grads):
@@ -73,6 +117,33 @@ def test_the_compiled_step_holds_only_the_hand_written_reductions(grads):
     ours = _primitives(lambda g: tg.summarize(g, RULES), grads)
     assert ours == _primitives(by_hand, grads)
     assert set(ours) <= {"square", "integer_pow", "reduce_sum", "add", "sqrt"}
+
+
+@pytest.mark.parametrize(
+    "stat, allowed",
+    [
+        ("mean", {"reduce_sum", "add", "div"}),
+        ("zero_fraction", {"eq", "convert_element_type", "reduce_sum", "add", "div"}),
+        ("min", {"reduce_min", "min"}),
+        ("max", {"reduce_max", "max"}),
+    ],
+)
+def test_the_new_statistics_compile_to_the_hand_written_reductions(grads, stat, allowed):
+    labels = jax.tree.leaves(tg.labels(grads, RULES))
+
+    def by_hand(g):
+        out = {}
+        for label in ("no_decay", "decay"):
+            xs = [x for x, lab in zip(jax.tree.leaves(g), labels, strict=True) if lab == label]
+            out[label] = BY_HAND[stat](xs, sum(x.size for x in xs))
+        return out
+
+    ours = _primitives(jax.jit(lambda g: tg.summarize(g, RULES, stats=(stat,))), grads)
+    reference = _primitives(jax.jit(by_hand), grads)
+    # One reduction per leaf, nothing computed for the statistics not asked for (no square for the mean).
+    assert ours == reference
+    assert set(ours) <= allowed
+    assert sum(n for name, n in ours.items() if name.startswith("reduce_")) == len(jax.tree.leaves(grads))
 
 
 def test_labels_are_resolved_while_tracing_only(grads):
@@ -116,6 +187,48 @@ def test_layers_of_a_stacked_leaf_may_differ_in_label(grads):
         np.testing.assert_allclose(ours[key], flat[key], rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("stat", NUMPY)
+def test_the_new_statistics_of_a_dict_equal_numpy(stat):
+    rng = np.random.default_rng(0)
+
+    def leaf(*shape):
+        return jnp.asarray(np.where(rng.random(shape) < 0.3, 0.0, rng.normal(size=shape)), jnp.float32)
+
+    tree = {"w1": leaf(3, 4), "w2": leaf(5), "b1": leaf(4), "b2": leaf(2, 1)}
+    step = jax.jit(lambda t: tg.summarize(t, [("b*", "bias")], default="weight", stats=(stat,), prefix="p"))
+    ours = step(tree)
+    groups = {"bias": [tree["b1"], tree["b2"]], "weight": [tree["w1"], tree["w2"]]}
+    reference = numpy_reference(groups, stat, "p")
+    assert list(ours) == list(reference)
+    for key in reference:
+        np.testing.assert_allclose(ours[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("stat", NUMPY)
+@pytest.mark.parametrize(
+    "rules, options",
+    [(RULES, {}), ([("blocks.{0..1}", "frozen")], {"default": "train"})],
+    ids=["preset", "layers-differ-in-label"],
+)
+def test_the_new_statistics_of_a_stacked_tree_per_layer_equal_numpy(grads, stat, rules, options):
+    grads = with_zeros(grads)
+    ours = jax.jit(
+        lambda g: tg.summarize(
+            g, rules, stats=stat, prefix="grad", stacked={"blocks": 1}, per_layer=True, **options
+        )
+    )(stack(grads))
+    groups = collections.defaultdict(list)
+    labels = jax.tree.leaves(tg.labels(grads, rules, **options))
+    for x, label in zip(jax.tree.leaves(grads), labels, strict=True):
+        groups[label].append(x)
+    for i, block in enumerate(grads.blocks):
+        groups[f"blocks.{i}"] = jax.tree.leaves(block)
+    reference = numpy_reference(groups, stat, "grad")
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_allclose(ours[key], reference[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 def test_norm_ratios(grads):
     params = jax.tree.map(lambda x: x + 1.0, grads)
     ratios = tg.norm_ratios(grads, params, RULES, name="grad/param")
@@ -130,9 +243,11 @@ def test_norm_ratios(grads):
 def test_metric_errors():
     tree = {"w": jnp.ones(2)}
     with pytest.raises(
-        ValueError, match=r"summarize\(\): unknown statistics \['mean'\]; choose from norm, rms"
+        ValueError,
+        match=r"summarize\(\): unknown statistics \['median'\]; "
+        r"choose from norm, rms, max_abs, count, zero_fraction, mean, min, max\.$",
     ):
-        tg.summarize(tree, [("w", "x")], stats=("norm", "mean"))
+        tg.summarize(tree, [("w", "x")], stats=("mean", "median"))
     with pytest.raises(
         ValueError, match=r"summarize\(per_layer=True\) reports the layers of stacked subtrees"
     ):

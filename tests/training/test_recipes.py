@@ -428,3 +428,171 @@ def test_scale_by_rules_matches_hand_scaled_sgd(params):
 def test_scale_by_rules_rejects_non_numeric_factors():
     with pytest.raises(TypeError, match=r"factor of rule 0 \(label 'x'\) is 'x'"):
         tg.scale_by_rules([("a", "x")])
+
+
+# ----------------------------------------------------------------------------
+# Schedules per rule, weight-decay rates, gradual unfreezing: against hand-written
+# per-group optimizers, several steps under jit
+
+
+def run_steps(tx, params, grads, steps=4):
+    """The updates of `steps` jitted steps of `tx` with fixed gradients, params applied."""
+
+    @jax.jit
+    def go(params):
+        state, out = tx.init(params), []
+        for _ in range(steps):
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            out.append(updates)
+        return out
+
+    return go(params)
+
+
+def assert_same(ours, reference, rtol=1e-6):
+    for a, b in zip(ours, reference, strict=True):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-9)
+
+
+def group_labels(params, rules, default):
+    """The labels as optax.partition takes them for an Equinox tree (a tree of labels shaped
+    like a module is callable, and optax would call it)."""
+    labels = tg.labels(params, rules, default=default)
+    return lambda _: labels
+
+
+WARMUP = optax.linear_schedule(0.0, 1.0, transition_steps=3)
+DECAY = optax.exponential_decay(1.0, transition_steps=1, decay_rate=0.5)
+
+
+def test_schedules_per_rule_equal_a_per_group_chain(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    rules = [("head", WARMUP), ("blocks.0", DECAY), ("embed", 0.5)]
+    ours = run_steps(optax.chain(optax.adam(0.1), tg.scale_by_rules(rules)), params, grads)
+    # Reference: one optimizer per group, each scaled by its own schedule (optax.scale_by_schedule).
+    reference = optax.partition(
+        {
+            "head": optax.chain(optax.adam(0.1), optax.scale_by_schedule(WARMUP)),
+            "block0": optax.chain(optax.adam(0.1), optax.scale_by_schedule(DECAY)),
+            "embed": optax.chain(optax.adam(0.1), optax.scale(0.5)),
+            "rest": optax.adam(0.1),
+        },
+        group_labels(params, [("head", "head"), ("blocks.0", "block0"), ("embed", "embed")], "rest"),
+    )
+    assert_same(ours, run_steps(reference, params, grads))
+    # The head starts at zero: its first update is exactly 0.
+    assert not np.any(ours[0].head.weight) and np.all(ours[1].head.weight != 0)
+
+
+def test_only_schedules_need_a_count(params):
+    assert tg.scale_by_rules([("head", 0.5)]).init(params) == optax.EmptyState()
+    state = tg.scale_by_rules([("head", WARMUP)]).init(params)
+    assert isinstance(state, optax.ScaleByScheduleState) and int(state.count) == 0
+
+
+def test_layer_decay_under_a_schedule_equals_the_scales_times_the_schedule(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    rules = [("embed", 0), ("ln_f", -2)]
+    ours = optax.chain(optax.sgd(0.1), tg.layer_decay(0.5, rules=rules, schedule=WARMUP))
+    reference = optax.chain(optax.sgd(0.1), tg.layer_decay(0.5, rules=rules), optax.scale_by_schedule(WARMUP))
+    assert_same(run_steps(ours, params, grads), run_steps(reference, params, grads))
+    with pytest.raises(TypeError, match=r"The schedule of layer_decay\(\) is 'fast'"):
+        tg.layer_decay(0.5, schedule="fast")
+
+
+def test_weight_decay_rates_equal_a_per_group_adamw(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    rates = [("embed", 0.01), (tg.ndim >= 2, 0.1)]
+    ours = optax.chain(optax.scale_by_adam(), tg.weight_decay(rates), optax.scale_by_learning_rate(0.05))
+    # Reference: PyTorch-style parameter groups, one AdamW per rate.
+    reference = optax.partition(
+        {rate: optax.adamw(0.05, weight_decay=rate) for rate in (0.01, 0.1, 0.0)},
+        group_labels(params, rates, 0.0),
+    )
+    assert_same(run_steps(ours, params, grads), run_steps(reference, params, grads))
+
+
+def test_weight_decay_from_a_preset_is_adamw_with_its_mask(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    rates = tg.relabel(tg.presets.DEFAULT, {"decay": 0.1, "no_decay": 0.0})
+    ours = optax.chain(optax.scale_by_adam(), tg.weight_decay(rates), optax.scale_by_learning_rate(0.05))
+    reference = optax.adamw(0.05, weight_decay=0.1, mask=tg.decay_mask())
+    assert_same(run_steps(ours, params, grads), run_steps(reference, params, grads))
+
+
+def test_weight_decay_under_a_schedule(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    ours = run_steps(tg.weight_decay([("head", DECAY)]), params, grads, steps=3)
+    # By hand: update = grad + rate(t) * param, the params moving by the updates.
+    p = params
+    for t, updates in enumerate(ours):
+        expected = grads.head.weight + DECAY(t) * p.head.weight
+        np.testing.assert_allclose(updates.head.weight, expected, rtol=1e-6)
+        np.testing.assert_array_equal(updates.embed.weight, grads.embed.weight)
+        p = optax.apply_updates(p, updates)
+
+
+def test_weight_decay_needs_the_params(params):
+    tx = tg.weight_decay([("head", 0.1)])
+    with pytest.raises(ValueError, match=r"weight_decay\(\) needs the params: pass them to update\(\)"):
+        tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: tg.weight_decay([("head", "lots")]),
+            TypeError,
+            r"rate of rule 0 \(label 'lots'\) is 'lots'",
+        ),
+        (lambda: tg.weight_decay([("head", 0.1)], default=True), TypeError, r"rate of default is True"),
+        (lambda: tg.scale_by_rules([("head", tg.ndim)]), TypeError, r"factor of rule 0 .* a schedule"),
+        (
+            lambda: tg.relabel(tg.presets.NANOGPT, {"decay": 0.1}),
+            ValueError,
+            r"labels without a value: \['no_decay'\]",
+        ),
+        (
+            lambda: tg.relabel(tg.presets.NANOGPT, {"decay": 0.1, "no_decay": 0, "nodecay": 0}),
+            ValueError,
+            r"keys no rule has as its label: \['nodecay'\]",
+        ),
+        (lambda: tg.gradual_unfreeze(optax.sgd(1.0), [("head", -1)]), TypeError, r"ints from 0, or math.inf"),
+        (
+            lambda: tg.gradual_unfreeze(optax.sgd(1.0), [("head", 1.5)]),
+            TypeError,
+            r"label of rule 0 \(label 1.5\)",
+        ),
+    ],
+)
+def test_bad_rates_factors_and_steps(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_gradual_unfreezing_gives_exact_zeros_until_each_step(params):
+    grads = jtu.tree_map(jnp.cos, params)
+    rules = [("head", 0), ("blocks.1", 2), ("blocks.0", 3), ("embed", float("inf"))]
+    ours = run_steps(tg.gradual_unfreeze(optax.adam(0.1), rules, default=1), params, grads, steps=5)
+    # Reference: Adam on everything, each group's update kept from its step on.
+    starts = tg.labels(params, rules, default=1)
+    adam = run_steps(optax.adam(0.1), params, grads, steps=5)
+    for t, (u, a) in enumerate(zip(ours, adam, strict=True)):
+        expected = jtu.tree_map(lambda x, s, t=t: x if t >= s else jnp.zeros_like(x), a, starts)
+        assert_same([u], [expected])
+        for path, leaf, start in zip(tg.paths(u), jax.tree.leaves(u), jax.tree.leaves(starts), strict=True):
+            assert np.all(leaf == 0) == (t < start), (t, path)
+            assert not np.any(np.signbit(leaf)) or t >= start  # +0.0, not -0.0
+
+
+def test_gradual_unfreezing_keeps_state_for_every_leaf_from_the_start(params):
+    adam_state = state_bytes(optax.adam(0.1).init(params))
+    unfreeze = tg.gradual_unfreeze(optax.adam(0.1), [("head", 0)], default=100)
+    frozen = tg.freeze(optax.adam(0.1), ~tg.glob("head"))
+    # The whole of Adam's state plus one step count; freeze keeps state for the head alone.
+    assert state_bytes(unfreeze.init(params)) == adam_state + 4
+    head = params.head.weight.nbytes + params.head.bias.nbytes
+    assert state_bytes(frozen.init(params)) == 2 * head + 4

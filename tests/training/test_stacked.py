@@ -214,3 +214,48 @@ def test_multi_transform_and_masked_take_the_declaration(stacked_tree):
     tx = tg.masked(optax.add_decayed_weights(0.5), tg.ndim >= 2, stacked={"blocks": 1})
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     assert float(updates["blocks"]["b"].sum()) == 0 and float(updates["head"].min()) == 0.5
+
+
+# ----------------------------------------------------------------------------
+# Schedules, weight-decay rates and gradual unfreezing split per layer: stacked == unstacked
+
+WARMUP = optax.linear_schedule(0.0, 1.0, transition_steps=3)
+
+
+def test_per_layer_schedules_same_updates(deep):
+    params, grads = deep
+    rules = [("blocks.{0..1}", WARMUP), ("blocks.2", 0.5), ("head", WARMUP)]
+
+    def tx(stacked):
+        return optax.chain(optax.adam(0.1), tg.scale_by_rules(rules, stacked=stacked))
+
+    stacked = run(tx(STACKED), stack(params), stack(grads))
+    assert_same_updates(stacked, run(tx(None), params, grads))
+    # Layers 0 and 1 start at zero, layers 2 and 3 do not.
+    weight = stacked[0].blocks.attn.query_proj.weight
+    assert not np.any(weight[:2]) and np.all(weight[2:] != 0)
+
+
+def test_per_layer_weight_decay_rates_same_updates(deep):
+    params, grads = deep
+    rules = [("blocks.{0..1}.**", 0.5), (tg.glob("blocks.*.**") & (tg.ndim >= 2), WARMUP)]
+
+    def tx(stacked):
+        return optax.chain(
+            optax.scale_by_adam(), tg.weight_decay(rules, stacked=stacked), optax.scale_by_learning_rate(0.1)
+        )
+
+    assert_same_updates(run(tx(STACKED), stack(params), stack(grads)), run(tx(None), params, grads))
+
+
+def test_per_layer_unfreezing_same_updates(deep):
+    params, grads = deep
+    rules = [("blocks.3", 0), ("blocks.2", 1), ("blocks.{0..1}", 2), ("embed", float("inf"))]
+
+    def tx(stacked):
+        return tg.gradual_unfreeze(optax.adam(0.1), rules, stacked=stacked)
+
+    stacked = run(tx(STACKED), stack(params), stack(grads))
+    assert_same_updates(stacked, run(tx(None), params, grads))
+    frozen_layers = [int(np.sum(~np.any(u.blocks.ln1.weight != 0, axis=1))) for u in stacked]
+    assert frozen_layers == [3, 2, 0]

@@ -241,7 +241,7 @@ def resolve(
     options: Options = DEFAULTS,
     *,
     caller: str,
-    merge: str = "numbers",
+    merge: str | Callable[..., Any] = "numbers",
     subject: str | None = None,
     warn: bool = True,
     relabel: Callable[[TreeView, list[Any]], list[Any]] | None = None,
@@ -255,7 +255,8 @@ def resolve(
         rules: anything `normalize_rules` accepts, or a `Rules` value.
         options: `default`, `strict`, `stacked`, `types_from` (see `Options`).
         caller: the public function the user called, named in messages.
-        merge: how the layers of a stacked leaf merge, a key of `MERGES`.
+        merge: how the layers of a stacked leaf merge: a key of `MERGES`, or a
+            function of the same signature (a recipe's own, e.g. per-layer schedules).
         subject: for a single selector (`mask`, `masked`, `freeze`), how
             messages name it, e.g. "the selector given to mask()".
         warn: warn about shadowed rules (`explain` marks them instead).
@@ -324,7 +325,7 @@ def resolve(
         rows = labels[decided].tolist()  # -1 picks the default, last
         if relabel is not None:
             rows = relabel(view, rows)
-        merge_fn = MERGES[merge]
+        merge_fn = MERGES[merge] if isinstance(merge, str) else merge
         values = view.per_leaf(rows, lambda leaf, layers, stack: merge_fn(view, caller, leaf, layers, stack))
     if warn:
         for index in shadowed:

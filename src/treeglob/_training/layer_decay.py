@@ -27,6 +27,7 @@ from .._core.selector import optional
 from .._core.structure import find, find_nodes
 from .._core.tree import TreeView
 from .layers import JOIN_NEXT, JOIN_PREVIOUS, LayerGroups
+from .schedules import check_factor
 from .wrapper import RuleWrapper
 
 __all__ = ["layer_decay", "layer_decay_scales", "layer_ids"]
@@ -320,17 +321,25 @@ def layer_decay(
     blocks: str | None = None,
     rules: Any = presets.TIMM_VIT_LAYERS,
     default: int = -1,
+    schedule: Any = None,
     stacked: Any = None,
     strict: bool = True,
     types_from: Any = None,
 ) -> optax.GradientTransformation:
-    """Layer-wise learning-rate decay as one stateless transform.
+    """Layer-wise learning-rate decay as one transform.
 
     Chain it after the optimizer: `optax.chain(optax.adamw(lr, ...),
     treeglob.layer_decay(0.75))` multiplies each leaf's step by its scale
     from `treeglob.layer_decay_scales`, which is what timm's per-group
     `lr_scale` does, with one optimizer and one state for the whole model
-    (not one optimizer per layer). Arguments as in `treeglob.layer_ids`.
+    (not one optimizer per layer). Arguments as in `treeglob.layer_ids`,
+    and:
+
+    Args:
+        schedule: an overall schedule (a function of the step count) the
+            scales are multiplied by: each leaf's factor at step `t` is
+            `schedule(t) * scale`. The state is then a step count; without
+            it the transform is stateless.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, treeglob
@@ -341,7 +350,12 @@ def layer_decay(
         [-0.25, -0.5, -1.0]
     """
     _check_decay(decay)
+    if schedule is not None:
+        check_factor(schedule, "layer_decay()", "schedule")
     options = Options(default, strict, stacked, types_from)
-    return RuleWrapper(
+    scales = RuleWrapper(
         _scales, decay=decay, blocks=blocks, rules=rules, options=options, caller="layer_decay"
-    ).scale()
+    )
+    if schedule is None:
+        return scales.scale()
+    return scales.scale(lambda scale: lambda count: schedule(count) * scale, counted=True)

@@ -23,14 +23,18 @@ from .._core.tree import TreeView
 __all__ = ["STATS", "norm_ratios", "summarize"]
 
 #: The statistics `summarize` computes, by name.
-STATS = ("norm", "rms", "max_abs", "count")
+STATS = ("norm", "rms", "max_abs", "count", "zero_fraction", "mean", "min", "max")
 
 
 class _Group:
-    """The partial reductions of one group: sums of squares, maxima of |x|, element counts."""
+    """The partial reductions of one group, one entry per leaf: sums, extrema, element counts."""
 
     def __init__(self) -> None:
         self.squares: list[Any] = []
+        self.abs_maxima: list[Any] = []
+        self.zeros: list[Any] = []
+        self.sums: list[Any] = []
+        self.minima: list[Any] = []
         self.maxima: list[Any] = []
         self.count = 0
 
@@ -47,7 +51,16 @@ class _Group:
         if "norm" in stats or "rms" in stats:
             self.squares.append(reduce(jnp.square(x), jnp.sum))
         if "max_abs" in stats:
-            self.maxima.append(reduce(jnp.abs(x), jnp.max))
+            self.abs_maxima.append(reduce(jnp.abs(x), jnp.max))
+        if "zero_fraction" in stats:
+            # Exact integer count per leaf; the group's total in float, which cannot overflow.
+            self.zeros.append(reduce(x == 0, jnp.sum).astype(jnp.float32))
+        if "mean" in stats:
+            self.sums.append(reduce(x, jnp.sum))
+        if "min" in stats:
+            self.minima.append(reduce(x, jnp.min))
+        if "max" in stats:
+            self.maxima.append(reduce(x, jnp.max))
         self.count += count
 
     def values(self, stats: Sequence[str]) -> dict[str, Any]:
@@ -59,9 +72,17 @@ class _Group:
             if "rms" in stats:
                 out["rms"] = jnp.sqrt(squares / self.count)
         if "max_abs" in stats:
-            out["max_abs"] = functools.reduce(jnp.maximum, self.maxima)
+            out["max_abs"] = functools.reduce(jnp.maximum, self.abs_maxima)
         if "count" in stats:
             out["count"] = jnp.asarray(self.count)
+        if "zero_fraction" in stats:
+            out["zero_fraction"] = functools.reduce(jnp.add, self.zeros) / self.count
+        if "mean" in stats:
+            out["mean"] = functools.reduce(jnp.add, self.sums) / self.count
+        if "min" in stats:
+            out["min"] = functools.reduce(jnp.minimum, self.minima)
+        if "max" in stats:
+            out["max"] = functools.reduce(jnp.maximum, self.maxima)
         return out
 
 
@@ -127,7 +148,9 @@ def summarize(
         tree: the tree to reduce; only its array leaves are reduced.
         rules: as in `treeglob.labels`; labels become part of the keys.
         stats: any of `"norm"` (L2 norm over the group), `"rms"` (root mean
-            square), `"max_abs"`, `"count"` (number of elements).
+            square), `"max_abs"`, `"count"` (number of elements),
+            `"zero_fraction"` (fraction of elements exactly 0), `"mean"`,
+            `"min"`, `"max"`, each over all elements of the group.
         prefix: put in front of every key, e.g. `"grad"`.
         default, strict, stacked: as in `treeglob.labels`. Layers of a
             stacked leaf may have different labels: each layer counts in its own.
@@ -144,6 +167,12 @@ def summarize(
         >>> metrics = treeglob.summarize(grads, [("b", "no_decay")], default="decay", prefix="grad")
         >>> {k: float(v) for k, v in metrics.items()}
         {'grad/norm/no_decay': 2.0, 'grad/norm/decay': 4.0}
+        >>> params = {"w": jnp.array([[0.0, 2.0], [-1.0, 3.0]]), "b": jnp.zeros(4)}
+        >>> stats = ("mean", "zero_fraction", "min", "max")
+        >>> metrics = treeglob.summarize(params, [("b", "bias")], default="weight", stats=stats)
+        >>> {k: float(v) for k, v in metrics.items()}
+        {'zero_fraction/bias': 1.0, 'mean/bias': 0.0, 'min/bias': 0.0, 'max/bias': 0.0,
+         'zero_fraction/weight': 0.25, 'mean/weight': 1.0, 'min/weight': -1.0, 'max/weight': 3.0}
     """
     stats = _check_stats(stats)
     if per_layer and not stacked:

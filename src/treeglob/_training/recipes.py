@@ -7,19 +7,22 @@ arithmetic the recipe asks for: no mask, label or scale is a traced value.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import optax
 
 from .. import presets
 from .._core.resolve import Options
-from .._core.rules import normalize_rules
-from .._core.selector import coerce
+from .._core.rules import Rules, normalize_rules
+from .._core.selector import Selector, coerce
+from .schedules import check_factor, counted, merge_factors
 from .wrapper import RuleWrapper
 
-__all__ = ["decay_mask", "freeze", "scale_by_rules"]
+__all__ = ["decay_mask", "freeze", "gradual_unfreeze", "relabel", "scale_by_rules", "weight_decay"]
 
 
 def decay_mask(
@@ -70,11 +73,15 @@ def scale_by_rules(
 ) -> optax.GradientTransformation:
     """Multiply each update by its numeric label: learning-rate multipliers by rule.
 
-    Stateless and one transform for the whole tree. Chain it after the
-    optimizer: `optax.chain(optax.adamw(lr), scale_by_rules(...))` scales the
-    step of each leaf like a per-group learning rate (AdamW's weight decay
-    term included, as in PyTorch parameter groups). Under `stacked`, layers
-    of one stacked leaf may get different factors.
+    One transform for the whole tree. Chain it after the optimizer:
+    `optax.chain(optax.adamw(lr), scale_by_rules(...))` scales the step of
+    each leaf like a per-group learning rate (AdamW's weight decay term
+    included, as in PyTorch parameter groups). A label is a number or a
+    schedule (a function of the step count, e.g. an optax schedule): a
+    longer warmup for a new head, a backbone that starts at zero. With
+    schedules the state is a step count (`optax.ScaleByScheduleState`),
+    without them the transform is stateless. Under `stacked`, layers of one
+    stacked leaf may get different factors, schedules included.
 
     Examples:
         >>> import jax.numpy as jnp, optax, treeglob
@@ -83,19 +90,96 @@ def scale_by_rules(
         >>> updates, _ = tx.update(params, tx.init(params))
         >>> {k: v.tolist() for k, v in updates.items()}
         {'body': [-0.5, -0.5], 'head': [-1.0, -1.0]}
+        >>> warmup = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+        >>> tx = optax.chain(optax.sgd(1.0), treeglob.scale_by_rules([("head", warmup)]))
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update(params, state)
+        >>> {k: v.tolist() for k, v in updates.items()}  # the head at step 1 of its warmup
+        {'body': [-1.0, -1.0], 'head': [-0.25, -0.25]}
     """
+    normalized = _check_factors(rules, default, "factor")
+    options = Options(default, strict, stacked, types_from)
+    return RuleWrapper(rules=normalized, options=options, caller="scale_by_rules", merge=merge_factors).scale(
+        counted=counted([*normalized.labels(), default])
+    )
+
+
+def weight_decay(
+    rules: Any,
+    *,
+    default: Any = 0.0,
+    stacked: Any = None,
+    strict: bool = True,
+    types_from: Any = None,
+) -> optax.GradientTransformation:
+    """Decoupled weight decay with a rate per leaf from rules: `update + rate * param`.
+
+    `optax.add_decayed_weights` with a rate (a number or a schedule) per
+    rule instead of one rate and an on/off mask: 0.1 on matrices, 0.01 on
+    embeddings, 0 on norms. Place it as AdamW does, between the direction
+    and the learning rate: `optax.chain(optax.scale_by_adam(),
+    treeglob.weight_decay(rules), optax.scale_by_learning_rate(lr))`. With
+    one rate, that chain is `optax.adamw(lr, weight_decay=rate, mask=...)`
+    exactly; to give a preset's labels rates, relabel it:
+    `treeglob.relabel(treeglob.presets.DEFAULT, {"decay": 0.1, "no_decay": 0.0})`.
+
+    Args:
+        rules: `(selector, rate)` pairs or a dict `{rate: selector}`, first
+            match wins; a rate is a real number or a schedule.
+        default: the rate of leaves no rule matches.
+        stacked, strict, types_from: as in `treeglob.labels`; layers of a
+            stacked leaf may get different rates.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, treeglob
+        >>> params = {"emb": jnp.ones(2), "w": jnp.ones(2), "norm": jnp.ones(2)}
+        >>> tx = treeglob.weight_decay([("emb", 0.01), ("w", 0.1)])
+        >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        >>> {k: round(v[0].item(), 4) for k, v in updates.items()}
+        {'emb': 0.01, 'norm': 0.0, 'w': 0.1}
+    """
+    normalized = _check_factors(rules, default, "rate")
+    options = Options(default, strict, stacked, types_from)
+    return RuleWrapper(
+        rules=normalized, options=options, caller="weight_decay", merge=merge_factors
+    ).add_params(counted=counted([*normalized.labels(), default]))
+
+
+def _check_factors(rules: Any, default: Any, what: str) -> Rules:
     normalized = normalize_rules(rules, default)
     for r in normalized:
-        _check_number(r.label, r.describe())
-    _check_number(default, "default")
-
-    options = Options(default, strict, stacked, types_from)
-    return RuleWrapper(rules=normalized, options=options, caller="scale_by_rules").scale()
+        check_factor(r.label, r.describe(), what)
+    check_factor(default, "default", what)
+    return normalized
 
 
-def _check_number(value: Any, where: str) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"The factor of {where} is {value!r}; scale factors must be real numbers.")
+def relabel(rules: Any, mapping: Mapping[Any, Any]) -> list[tuple[Selector, Any]]:
+    """The rules with each label replaced by `mapping[label]`: a preset's labels turned into
+    numbers, e.g. weight-decay rates or learning-rate multipliers.
+
+    Every label of the rules must be in `mapping`, and every key of `mapping`
+    must be a label of the rules (a misspelt key would silently change nothing).
+
+    Examples:
+        >>> import treeglob
+        >>> treeglob.relabel([("*.bias", "no_decay"), ("**", "decay")], {"decay": 0.1, "no_decay": 0.0})
+        [(glob('*.bias'), 0.0), (glob('**'), 0.1)]
+    """
+    normalized = normalize_rules(rules)
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"relabel() maps labels with a dict {{label: value}}, got {type(mapping).__name__}.")
+    produced = normalized.labels()
+    missing = [label for label in produced if label not in mapping]
+    unused = [key for key in mapping if key not in produced]
+    if missing or unused:
+        problems = [f"labels without a value: {missing!r}"] if missing else []
+        problems += [f"keys no rule has as its label: {unused!r}"] if unused else []
+        raise ValueError(
+            f"relabel(): the mapping and the rules' labels disagree: {'; '.join(problems)}. The rules' "
+            f"labels are {produced!r}; give each exactly one value (check the spelling)."
+        )
+    return [(r.selector, mapping[r.label]) for r in normalized]
 
 
 def freeze(
@@ -157,3 +241,73 @@ def freeze(
 
 def _all_frozen(factor: Any) -> bool:
     return isinstance(factor, float) and factor == 0.0
+
+
+def gradual_unfreeze(
+    inner: optax.GradientTransformation,
+    rules: Any,
+    *,
+    default: Any = 0,
+    stacked: Any = None,
+    strict: bool = True,
+    types_from: Any = None,
+) -> optax.GradientTransformation:
+    """Train with `inner`, each leaf from the step its rule names: gradual unfreezing.
+
+    The rules label leaves with the step from which they train, first match
+    wins: `[("head", 0), ("blocks.{10..11}", 1000), ("blocks.{8..9}", 2000)]`
+    trains the head alone until step 1,000, then blocks 10 and 11 as well,
+    and so on. Before its step a leaf's update is exactly zero.
+
+    `inner` runs on the whole tree from the first step (under `jit` its state
+    must exist from the start, so the optimizer state costs what it costs
+    without freezing), and sees every gradient: a leaf that unfreezes has
+    the moments of its gradients so far, and schedules inside `inner` count
+    from step 0. To keep no state for leaves that never train, use
+    `treeglob.freeze`. Under `stacked`, layers of one stacked leaf may
+    unfreeze at different steps.
+
+    Args:
+        inner: the optimizer (e.g. `optax.adamw(...)`).
+        rules: `(selector, step)` pairs or a dict `{step: selector}`; a step
+            is an int from 0 (trained from the start), or `math.inf` (never).
+        default: the step of leaves no rule matches: 0, trained from the start.
+        stacked, strict, types_from: as in `treeglob.labels`.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, treeglob
+        >>> params = {"head": jnp.ones(1), "body": jnp.ones(1)}
+        >>> tx = treeglob.gradual_unfreeze(optax.sgd(1.0), [("body", 2)])
+        >>> state = tx.init(params)
+        >>> for step in range(3):
+        ...     updates, state = tx.update(params, state)
+        ...     print(step, {k: v.item() for k, v in updates.items()})
+        0 {'body': 0.0, 'head': -1.0}
+        1 {'body': 0.0, 'head': -1.0}
+        2 {'body': -1.0, 'head': -1.0}
+    """
+    normalized = normalize_rules(rules, default)
+    for r in normalized:
+        _check_step(r.label, r.describe())
+    _check_step(default, "default")
+    options = Options(default, strict, stacked, types_from)
+    trains = RuleWrapper(rules=normalized, options=options, caller="gradual_unfreeze")
+    return optax.chain(inner, trains.gate(trains_from, counted=True))
+
+
+def trains_from(start: Any) -> Any:
+    """A leaf's start step (or per-layer start steps) to its factor: 1 from that step on, else 0."""
+    if isinstance(start, numbers.Real) and start == 0:
+        return 1
+    return lambda count: count >= np.asarray(start)
+
+
+def _check_step(step: Any, where: str) -> None:
+    if (
+        isinstance(step, numbers.Integral) and not isinstance(step, bool) and int(step) >= 0
+    ) or step == math.inf:
+        return
+    raise TypeError(
+        f"The label of {where} is {step!r}; gradual_unfreeze() labels are the steps from which leaves "
+        "train: ints from 0, or math.inf for never."
+    )
