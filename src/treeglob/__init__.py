@@ -68,6 +68,7 @@ if TYPE_CHECKING:
         weight_decay as weight_decay,
     )
     from ._training.sharding import shardings as shardings
+    from ._training.treatment import Treatment as Treatment, TreatmentTable as TreatmentTable
 
     __version__: str
 
@@ -90,6 +91,7 @@ _LAZY = {
         ],
         "._core.report": ["Explanation", "LeafRow", "RuleRow", "explain"],
         "._training.sharding": ["shardings"],
+        "._training.treatment": ["Treatment", "TreatmentTable"],
         "._checkpoints.load_report": ["LoadReport", "LoadRow"],
         "._checkpoints.transfer": ["load", "load_plan", "save"],
     }.items()
@@ -133,6 +135,8 @@ __all__ = [
     "ShadowedRuleWarning",
     "SourceError",
     "TransferRules",
+    "Treatment",
+    "TreatmentTable",
     "all_of",
     "any_of",
     "decay_mask",

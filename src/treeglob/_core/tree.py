@@ -124,6 +124,17 @@ class TreeView:
         """Spread one value per leaf to one value per row."""
         return per_leaf if self.origin is None else per_leaf[self.origin]
 
+    @functools.cached_property
+    def row_layers(self) -> np.ndarray:
+        """Per row: the flat index of its layer in its leaf's stack (0 outside stacks)."""
+        out = np.zeros(len(self), np.intp)
+        for s in self.stacks:
+            layers = math.prod(s.shape)
+            out[s.first_row : s.first_row + s.num_leaves * layers] = np.repeat(
+                np.arange(layers), s.num_leaves
+            )
+        return out
+
     def _per_row(self, per_leaf: list[Any]) -> list[Any]:
         return per_leaf if self.origin is None else [per_leaf[i] for i in self.origin]
 

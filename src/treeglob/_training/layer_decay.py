@@ -349,13 +349,19 @@ def layer_decay(
         >>> [u.item() for u in jax.tree.leaves(updates)]
         [-0.25, -0.5, -1.0]
     """
-    _check_decay(decay)
-    if schedule is not None:
-        check_factor(schedule, "layer_decay()", "schedule")
     options = Options(default, strict, stacked, types_from)
-    scales = RuleWrapper(
-        _scales, decay=decay, blocks=blocks, rules=rules, options=options, caller="layer_decay"
-    )
+    scales, factor = layer_scales(decay, blocks, rules, schedule, options, caller="layer_decay")
+    return scales.scale(factor, counted=factor is not None)
+
+
+def layer_scales(
+    decay: float, blocks: str | None, rules: Any, schedule: Any, options: Options, *, caller: str
+) -> tuple[RuleWrapper, Any]:
+    """The wrapper giving each leaf its scale, and the function that turns a scale into
+    its factor under `schedule` (None without one)."""
+    _check_decay(decay)
+    scales = RuleWrapper(_scales, decay=decay, blocks=blocks, rules=rules, options=options, caller=caller)
     if schedule is None:
-        return scales.scale()
-    return scales.scale(lambda scale: lambda count: schedule(count) * scale, counted=True)
+        return scales, None
+    check_factor(schedule, f"{caller}()", "schedule")
+    return scales, lambda scale: lambda count: schedule(count) * scale

@@ -17,7 +17,7 @@ import optax
 
 from .. import presets
 from .._core.resolve import Options
-from .._core.rules import Rules, normalize_rules
+from .._core.rules import normalize_rules
 from .._core.selector import Selector, coerce
 from .schedules import check_factor, counted, merge_factors
 from .wrapper import RuleWrapper
@@ -98,11 +98,10 @@ def scale_by_rules(
         >>> {k: v.tolist() for k, v in updates.items()}  # the head at step 1 of its warmup
         {'body': [-1.0, -1.0], 'head': [-0.25, -0.25]}
     """
-    normalized = _check_factors(rules, default, "factor")
-    options = Options(default, strict, stacked, types_from)
-    return RuleWrapper(rules=normalized, options=options, caller="scale_by_rules", merge=merge_factors).scale(
-        counted=counted([*normalized.labels(), default])
+    factors, scheduled = per_leaf_factors(
+        rules, Options(default, strict, stacked, types_from), caller="scale_by_rules", what="factor"
     )
+    return factors.scale(counted=scheduled)
 
 
 def weight_decay(
@@ -139,19 +138,21 @@ def weight_decay(
         >>> {k: round(v[0].item(), 4) for k, v in updates.items()}
         {'emb': 0.01, 'norm': 0.0, 'w': 0.1}
     """
-    normalized = _check_factors(rules, default, "rate")
-    options = Options(default, strict, stacked, types_from)
-    return RuleWrapper(
-        rules=normalized, options=options, caller="weight_decay", merge=merge_factors
-    ).add_params(counted=counted([*normalized.labels(), default]))
+    rates, scheduled = per_leaf_factors(
+        rules, Options(default, strict, stacked, types_from), caller="weight_decay", what="rate"
+    )
+    return rates.add_params(counted=scheduled)
 
 
-def _check_factors(rules: Any, default: Any, what: str) -> Rules:
-    normalized = normalize_rules(rules, default)
+def per_leaf_factors(rules: Any, options: Options, *, caller: str, what: str) -> tuple[RuleWrapper, bool]:
+    """The wrapper giving each leaf its factor (a number, a schedule, per-layer ones), and
+    whether any factor is a schedule; `what` names the labels in messages ("rate")."""
+    normalized = normalize_rules(rules, options.default)
     for r in normalized:
         check_factor(r.label, r.describe(), what)
-    check_factor(default, "default", what)
-    return normalized
+    check_factor(options.default, "default", what)
+    wrapper = RuleWrapper(rules=normalized, options=options, caller=caller, merge=merge_factors)
+    return wrapper, counted([*normalized.labels(), options.default])
 
 
 def relabel(rules: Any, mapping: Mapping[Any, Any]) -> list[tuple[Selector, Any]]:
@@ -286,13 +287,17 @@ def gradual_unfreeze(
         1 {'body': 0.0, 'head': -1.0}
         2 {'body': -1.0, 'head': -1.0}
     """
-    normalized = normalize_rules(rules, default)
+    starts = start_steps(rules, Options(default, strict, stacked, types_from), caller="gradual_unfreeze")
+    return optax.chain(inner, starts.gate(trains_from, counted=True))
+
+
+def start_steps(rules: Any, options: Options, *, caller: str) -> RuleWrapper:
+    """The wrapper giving each leaf the step it trains from (per-layer steps under `stacked`)."""
+    normalized = normalize_rules(rules, options.default)
     for r in normalized:
         _check_step(r.label, r.describe())
-    _check_step(default, "default")
-    options = Options(default, strict, stacked, types_from)
-    trains = RuleWrapper(rules=normalized, options=options, caller="gradual_unfreeze")
-    return optax.chain(inner, trains.gate(trains_from, counted=True))
+    _check_step(options.default, "default")
+    return RuleWrapper(rules=normalized, options=options, caller=caller)
 
 
 def trains_from(start: Any) -> Any:
