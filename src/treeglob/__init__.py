@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         TransferRules as TransferRules,
         load_rules as load_rules,
         load_transfer as load_transfer,
+        load_treatment as load_treatment,
     )
     from ._core.frameworks import stacked_layers as stacked_layers
     from ._core.report import (
@@ -77,7 +78,7 @@ _LAZY = {
     for module, names in {
         ".presets": ["presets"],
         "._core.frameworks": ["stacked_layers"],
-        "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer"],
+        "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer", "load_treatment"],
         "._training.layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
         "._training.layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
         "._training.metrics": ["norm_ratios", "summarize"],
@@ -154,6 +155,7 @@ __all__ = [
     "load_plan",
     "load_rules",
     "load_transfer",
+    "load_treatment",
     "mask",
     "masked",
     "multi_transform",

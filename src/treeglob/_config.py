@@ -22,21 +22,32 @@ builds: `match` -> `glob`/`regex` (`any_of` for a list), `type` -> `inside`,
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pathlib
 import re
 import tomllib
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import optax
+from jax.sharding import PartitionSpec
 
 from . import presets
 from ._checkpoints.rules import TransferRules, check_rules
-from ._core.conditions import COMPARISONS, inside, ndim
+from ._core.conditions import COMPARISONS, glob, inside, ndim
 from ._core.errors import RulesFileError, suggest
 from ._core.rules import MISSING, check_label
 from ._core.selector import Selector, all_of, any_of, coerce, optional
+from ._training.recipes import relabel
 
-__all__ = ["RuleConfig", "TransferRules", "load_rules", "load_transfer"]
+if TYPE_CHECKING:
+    from ._training.treatment import Treatment
+
+__all__ = ["RuleConfig", "TransferRules", "load_rules", "load_transfer", "load_treatment"]
+
+#: Turns a label read from a file into the value a rule holds (a schedule, a PartitionSpec).
+_Value = Callable[[Any, str], Any]
 
 _ENTRY_KEYS = ("match", "type", "ndim", "label", "optional")
 _LABEL_KEYS = ("rules", "default", "preset")
@@ -92,7 +103,7 @@ def _ndim(value: Any, where: str) -> Selector:
     return ndim.compare(m.group(1) or "==", int(m.group(2)))
 
 
-def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
+def _entry(entry: Any, where: str, value: _Value | None = None) -> tuple[Selector, Any]:
     if not isinstance(entry, Mapping):
         raise RulesFileError(
             f"{where}: a rule is a table such as {{match = '*.bias', label = 'no_decay'}}, got {entry!r}."
@@ -133,7 +144,7 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
     flag = entry.get("optional", False)
     if not isinstance(flag, bool):
         raise RulesFileError(f"{where}: optional must be true or false, got {flag!r}.")
-    label = entry["label"]
+    label = entry["label"] if value is None else value(entry["label"], where)
     try:
         check_label(label, where)
     except TypeError as exc:
@@ -141,24 +152,26 @@ def _entry(entry: Any, where: str) -> tuple[Selector, Any]:
     return (optional(selector) if flag else selector), label
 
 
-def _check_keys(data: Any, origin: str) -> None:
+def _check_keys(data: Any, origin: str, keys: tuple[str, ...] = _TOP_KEYS) -> None:
     if not isinstance(data, Mapping):
         raise RulesFileError(f"{origin}: expected a table of rules, got {type(data).__name__}.")
     for key in data:
         if not isinstance(key, str):
             raise RulesFileError(
-                f"{origin}: the key {key!r} is not a string; the keys are {', '.join(_TOP_KEYS)}."
+                f"{origin}: the key {key!r} is not a string; the keys are {', '.join(keys)}."
             )
-        if key not in _TOP_KEYS:
-            raise _unknown_key(key, _TOP_KEYS, origin)
+        if key not in keys:
+            raise _unknown_key(key, keys, origin)
 
 
-def _from_data(data: Any, origin: str) -> RuleConfig:
-    _check_keys(data, origin)
+def _from_data(
+    data: Any, origin: str, value: _Value | None = None, keys: tuple[str, ...] = _TOP_KEYS
+) -> RuleConfig:
+    _check_keys(data, origin, keys)
     entries = data.get("rules", [])
     if not isinstance(entries, list):
         raise RulesFileError(f"{origin}: `rules` must be a list of rule tables ([[rules]] in TOML).")
-    rules = [_entry(e, f"{origin}, rules[{i}]") for i, e in enumerate(entries)]
+    rules = [_entry(e, f"{origin}, rules[{i}]", value) for i, e in enumerate(entries)]
     if "preset" in data:
         name = data["preset"]
         if not isinstance(name, str) or name not in presets.BY_NAME:
@@ -169,6 +182,8 @@ def _from_data(data: Any, origin: str) -> RuleConfig:
     if not rules:
         raise RulesFileError(f"{origin}: no rules; add [[rules]] entries or a preset.")
     default = data.get("default", MISSING)
+    if default is not MISSING and value is not None:
+        default = value(default, f"{origin}, default")
     if default is not MISSING:
         try:
             check_label(default, "default")
@@ -318,3 +333,196 @@ def load_transfer(source: str | pathlib.Path | Mapping[str, Any], *, key: str | 
     except (TypeError, ValueError) as exc:
         raise RulesFileError(f"{origin}: {exc}") from None
     return rules
+
+
+# ----------------------------------------------------------------------------
+# A Treatment: one section of rules per aspect of training
+
+_TREATMENT_KEYS = (
+    "learning_rate",
+    "lr_scale",
+    "layer_decay",
+    "weight_decay",
+    "unfreeze",
+    "sharding",
+    "labels",
+    "stacked",
+    "strict",
+)
+_ASPECT_KEYS = ("rules", "default", "preset", "values")
+_LAYER_DECAY_KEYS = ("decay", "blocks", "layers", "schedule")
+
+
+def _schedules() -> list[str]:
+    return sorted(name.removesuffix("_schedule") for name in dir(optax) if name.endswith("_schedule"))
+
+
+def _number_or_schedule(value: Any, where: str) -> Any:
+    """A number, or a table `{schedule = "<optax name>", <its arguments>}`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("schedule"), str):
+        name = value["schedule"]
+        make = getattr(optax, f"{name}_schedule", None)
+        if make is None:
+            close = suggest(name, _schedules())
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RulesFileError(
+                f"{where}: no optax schedule {name!r}.{hint} The schedules: {', '.join(_schedules())}."
+            )
+        arguments = {k: v for k, v in value.items() if k != "schedule"}
+        try:
+            return make(**arguments)
+        except TypeError as exc:
+            raise RulesFileError(f"{where}: optax.{name}_schedule{inspect.signature(make)}: {exc}.") from None
+    raise RulesFileError(
+        f'{where}: expected a number or a schedule such as {{schedule = "linear", init_value = 0.0, '
+        f"end_value = 1.0, transition_steps = 100}}, got {value!r}."
+    )
+
+
+def _step(value: Any, where: str) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise RulesFileError(f"{where}: expected the step from which to train (an int, or inf), got {value!r}.")
+
+
+def _partition_spec(value: Any, where: str) -> PartitionSpec:
+    """A list with one entry per dimension: a mesh axis, a list of them, or null (JSON) / ""
+    (TOML, which has no null) for a dimension not sharded."""
+    entries = value if isinstance(value, list) else None
+    ok = entries is not None and all(
+        e is None or isinstance(e, str) or (isinstance(e, list) and all(isinstance(n, str) for n in e))
+        for e in entries
+    )
+    if not ok:
+        raise RulesFileError(
+            f"{where}: a sharding is a list with one entry per dimension, a mesh axis, a list of them, or "
+            f'"" (null in JSON) for none, e.g. ["", "model"] or [["data", "fsdp"], ""], got {value!r}.'
+        )
+    return PartitionSpec(*(tuple(e) if isinstance(e, list) else e or None for e in entries or ()))
+
+
+def _aspect(data: Any, origin: str, value: _Value | None) -> list[tuple[Any, Any]]:
+    """One aspect's rules; with `values = {label = value}`, the labels (a preset's) are names."""
+    if not isinstance(data, Mapping):
+        raise RulesFileError(f"{origin}: expected a table with rules, default, preset or values.")
+    names = data.get("values")
+    rest = {k: v for k, v in data.items() if k != "values"}
+    config = _from_data(rest, origin, value if names is None else None, _ASPECT_KEYS)
+    rules = list(config.rules)
+    if config.default is not MISSING:
+        rules.append((glob("**"), config.default))
+    if names is None:
+        return rules
+    if not isinstance(names, Mapping):
+        raise RulesFileError(f"{origin}: values must be a table {{label = value}}, got {names!r}.")
+    converted = {
+        label: v if value is None else value(v, f"{origin}, values.{label}") for label, v in names.items()
+    }
+    try:
+        return relabel(rules, converted)
+    except ValueError as exc:
+        raise RulesFileError(f"{origin}: {exc}") from None
+
+
+def _layer_decay(data: Any, origin: str) -> Any:
+    if isinstance(data, int | float) and not isinstance(data, bool):
+        return data
+    if not isinstance(data, Mapping):
+        raise RulesFileError(
+            f"{origin}: layer_decay is a decay such as 0.75, or a table with decay, blocks, layers, schedule."
+        )
+    for key in data:
+        if key not in _LAYER_DECAY_KEYS:
+            raise _unknown_key(key, _LAYER_DECAY_KEYS, origin)
+    arguments = {"decay": data.get("decay")}
+    if "blocks" in data:
+        arguments["blocks"] = data["blocks"]
+    if "layers" in data:
+        families = [name for name in presets.__all__ if name.endswith("_LAYERS")]
+        name = str(data["layers"]).upper()
+        if name not in families and f"{name}_LAYERS" not in families:
+            raise RulesFileError(
+                f"{origin}: unknown layers {data['layers']!r}; the families are {', '.join(families)}."
+            )
+        arguments["rules"] = getattr(presets, name if name in families else f"{name}_LAYERS")
+    if "schedule" in data:
+        arguments["schedule"] = _number_or_schedule(data["schedule"], f"{origin}, schedule")
+    return arguments
+
+
+def load_treatment(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> Treatment:
+    """Read a `treeglob.Treatment` from a `.toml` or `.json` file, or a dict: one section per aspect.
+
+        learning_rate = {schedule = "warmup_cosine_decay", init_value = 0.0, peak_value = 1e-3,
+                         warmup_steps = 100, decay_steps = 10000}
+        stacked = {blocks = 1}              # optional
+        [lr_scale]                          # each aspect: rules, default, preset, values
+        rules = [{match = "head", label = 10.0}]
+        [layer_decay]
+        decay = 0.75                        # also blocks, layers = "timm_convnext", schedule
+        [weight_decay]
+        preset = "default"
+        values = {decay = 0.05, no_decay = 0.0}   # a preset's labels as rates
+        [unfreeze]
+        rules = [{match = "blocks.{0..5}", label = 1000}]
+        [sharding]
+        rules = [{match = "*.weight", ndim = 2, label = ["", "model"]}]   # "": not sharded
+        [labels]
+        preset = "default"
+
+    Rules are written as in `treeglob.load_rules`; a label is a number or a
+    schedule (`{schedule = "<optax name>", ...its arguments}`), a step, or a
+    `PartitionSpec` as a list, by aspect. `default` adds a last rule for
+    every leaf.
+
+    Raises:
+        RulesFileError: the file is missing or malformed, or a section,
+            schedule or label is wrong; the message names the file and the entry.
+
+    Examples:
+        >>> import treeglob
+        >>> treatment = treeglob.load_treatment({
+        ...     "learning_rate": {"schedule": "linear", "init_value": 0.0, "end_value": 1e-3, "transition_steps": 100},
+        ...     "weight_decay": {"preset": "nanogpt", "values": {"decay": 0.1, "no_decay": 0.0}},
+        ...     "unfreeze": {"rules": [{"match": "head", "label": 0}], "default": 500}})
+        >>> treatment.unfreeze
+        [(glob('head'), 0), (glob('**'), 500)]
+    """
+    from ._training.treatment import Treatment  # the optimizer is built only where a treatment is read
+
+    data, origin = _read(source, key)
+    _check_keys(data, origin, _TREATMENT_KEYS)
+    arguments: dict[str, Any] = {}
+    if "learning_rate" in data:
+        arguments["learning_rate"] = _number_or_schedule(data["learning_rate"], f"{origin}, learning_rate")
+    converters: dict[str, _Value | None] = {
+        "lr_scale": _number_or_schedule,
+        "weight_decay": _number_or_schedule,
+        "unfreeze": _step,
+        "sharding": _partition_spec,
+        "labels": None,
+    }
+    for aspect, value in converters.items():
+        if aspect in data:
+            arguments[aspect] = _aspect(data[aspect], f"{origin} [{aspect}]", value)
+    if "layer_decay" in data:
+        arguments["layer_decay"] = _layer_decay(data["layer_decay"], f"{origin} [layer_decay]")
+    if "stacked" in data:
+        stacked = data["stacked"]
+        if not isinstance(stacked, Mapping) or not all(
+            isinstance(v, int) and v > 0 for v in stacked.values()
+        ):
+            raise RulesFileError(
+                f"{origin}: stacked is a table {{path = number of layer axes}}, got {stacked!r}."
+            )
+        arguments["stacked"] = dict(stacked)
+    if "strict" in data:
+        if not isinstance(data["strict"], bool):
+            raise RulesFileError(f"{origin}: strict must be true or false, got {data['strict']!r}.")
+        arguments["strict"] = data["strict"]
+    try:
+        return Treatment(**arguments)
+    except (TypeError, ValueError) as exc:
+        raise RulesFileError(f"{origin}: {exc}") from None

@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,3 +318,94 @@ def test_installed_script_explains_the_quick_start_model():
     assert result.returncode == 0, result.stderr
     assert "blocks.1.attn.query_proj.weight   (64, 64)   float32   4,096  decay     1" in result.stdout
     assert "no_decay      21    12,327  10.5%" in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# treatment: every leaf's learning rate, weight decay, unfreezing and sharding from one file
+
+TREATMENT = """
+learning_rate = {schedule = "linear", init_value = 0.0, end_value = 1e-3, transition_steps = 100}
+
+[lr_scale]
+rules = [{match = "head", label = 10.0}]
+
+[weight_decay]
+preset = "nanogpt"
+values = {decay = 0.05, no_decay = 0.0}
+
+[unfreeze]
+rules = [{match = "blocks.0", label = 50}]
+
+[sharding]
+rules = [{match = "*.qkv.weight", label = ["model", ""]}]
+"""
+
+
+@pytest.fixture
+def treatment_file(tmp_path):
+    path = tmp_path / "treatment.toml"
+    path.write_text(TREATMENT)
+    return path
+
+
+def test_treatment_table_from_a_file(capsys, st_file, treatment_file):
+    assert main(["treatment", str(st_file), "--rules", str(treatment_file), "--steps", "0,50,100"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [
+        "path",
+        "shape",
+        "lr@0",
+        "lr@50",
+        "lr@100",
+        "wd@0",
+        "wd@50",
+        "wd@100",
+        "sharding",
+    ]
+    rows = {line.split()[0]: line for line in out[1:9]}
+    cells = r"\s+".join
+    assert re.search(
+        cells(["frozen", "0.0005", "0.001", "0.05", "0.05", "0.05", r"P\('model', None\)$"]),
+        rows["blocks.0.attn.qkv.weight"],
+    )
+    assert re.search(cells(["0", "0.005", "0.01", "0.05", "0.05", "0.05", r"P\(\)$"]), rows["head.weight"])
+    assert re.search(cells(["0", "0.0005", "0.001", "0", "0", "0", r"P\(\)$"]), rows["blocks.1.norm.weight"])
+
+
+def test_treatment_json_is_the_table(capsys, st_file, treatment_file):
+    assert main(["treatment", str(st_file), "--rules", str(treatment_file), "--steps", "50", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    table = tg.load_treatment(treatment_file).table(load_source(str(st_file), "Param").tree, [50])
+    assert data["steps"] == [50]
+    assert [leaf["path"] for leaf in data["leaves"]] == table.paths
+    expected = [pytest.approx(v) if t else None for v, t in zip(table.lr[0], table.trained[0], strict=True)]
+    assert [leaf["lr"][0] for leaf in data["leaves"]] == expected
+
+
+@pytest.mark.parametrize(
+    "text, status, message",
+    [
+        ('[unfreeze]\nrules = [{match = "blocks.9", label = 5}]', 1, r"glob\('blocks.9'\) matches no leaf"),
+        (
+            'learning_rate = {schedule = "cosine_dacay"}',
+            2,
+            r"no optax schedule 'cosine_dacay'. Did you mean 'cosine_decay'",
+        ),
+        (
+            '[weight_decay]\npreset = "nanogpt"\nvalues = {decay = 0.1}',
+            2,
+            r"labels without a value: \['no_decay'\]",
+        ),
+        (
+            '[sharding]\nrules = [{match = "head", label = "model"}]',
+            2,
+            r"a sharding is a list with one entry per dimension",
+        ),
+        ("[lr_scal]\nrules = []", 2, r"unknown key 'lr_scal'. Did you mean 'lr_scale'"),
+    ],
+)
+def test_treatment_errors(capsys, tmp_path, st_file, text, status, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["treatment", str(st_file), "--rules", str(path)]) == status
+    assert re.search(message, capsys.readouterr().err)

@@ -3,6 +3,7 @@
     treeglob paths SOURCE [--filter PATTERN] [--json]
     treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--json]
     treeglob load-plan MODEL CHECKPOINT [--rename FROM=TO ...] [--skip PATTERN ...] [--rules FILE] [--json]
+    treeglob treatment SOURCE --rules FILE [--steps 0,1000,...] [--json]
 
 SOURCE (and MODEL) is a `.safetensors` or `.npz` checkpoint or an orbax
 checkpoint directory (metadata only), or a `module:function` /
@@ -24,7 +25,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, NamedTuple
 
 import treeglob as tg
@@ -80,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--default", metavar="LABEL", help="the label of leaves no rule matches")
     ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
+
+    tr = commands.add_parser(
+        "treatment", help="every leaf's learning rate, weight decay, unfreezing and sharding at given steps"
+    )
+    tr.add_argument("source", metavar="SOURCE", help=f"{readable()}, or module:function")
+    tr.add_argument("--rules", metavar="FILE", required=True, help="a treatment file (.toml or .json)")
+    tr.add_argument("--key", metavar="KEY", help="the dotted key of the treatment table inside FILE")
+    tr.add_argument("--steps", metavar="STEPS", default="0", help="comma-separated steps (default: 0)")
+    tr.add_argument("--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers")
+    tr.add_argument(
+        "--variables", metavar="TYPES", default="Param", help="for a Flax NNX model (default: Param)"
+    )
+    tr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tr.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
+    tr.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
     lp = commands.add_parser(
         "load-plan", help="dry-run loading a checkpoint into a model: what loads, what not"
@@ -271,6 +287,34 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
     return 0
 
 
+def _steps(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdecimal() for part in parts):
+        raise _BadInput(f"--steps {text!r}: write steps from 0, comma-separated, e.g. --steps 0,1000,5000.")
+    return [int(part) for part in parts]
+
+
+def _treatment(args: argparse.Namespace, width: int | None, color: bool) -> int:
+    try:
+        treatment = tg.load_treatment(args.rules, key=args.key)
+        steps = _steps(args.steps)
+        source = load_source(args.source, args.variables)
+        # The model's own declaration, then the file's, then the command line's.
+        stacked = _declared(_declared(source.stacked, treatment.stacked), _stacked(args.stacked))
+        treatment = replace(treatment, stacked=stacked)
+    except (_BadInput, ValueError, TypeError) as exc:
+        return _fail(args, 2, type(exc).__name__, str(exc))
+    try:
+        table = treatment.table(source.tree, steps)
+    except (ValueError, TypeError) as exc:
+        return _fail(args, 1, type(exc).__name__, str(exc))
+    if args.json:
+        print(_json({"source": args.source, **table.to_dict()}))
+    else:
+        print(table.format(width=width, color=color))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # One short run that allocates a few objects per tensor and no cycles: the
     # cyclic collector would only walk JAX's own objects again and again (a
@@ -296,6 +340,8 @@ def _main(argv: list[str] | None) -> int:
     color = args.color == "always" or (args.color == "auto" and tty and "NO_COLOR" not in os.environ)
     if args.command == "load-plan":
         return _load_plan(args, width)
+    if args.command == "treatment":
+        return _treatment(args, width, color)
     try:
         inputs = _read_inputs(args)
     except (_BadInput, ValueError, TypeError) as exc:
