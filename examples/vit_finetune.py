@@ -4,12 +4,12 @@ A small Vision Transformer with timm's parameter names (`cls_token`,
 `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
 mlp.fc1,mlp.fc2}`, `norm`, `head`) is pretrained to tell horizontal from
 vertical bars in generated 16x16 images, gets a new 4-way head, and is
-fine-tuned to also tell the two diagonals apart with
-
-    optax.chain(optax.adamw(lr, mask=treeglob.decay_mask(timm rules)),
-                treeglob.layer_decay(0.75))
-
-one optimizer, one state; the scales are timm's `lr_scale` values.
+fine-tuned to also tell the two diagonals apart with one `treeglob.Treatment`:
+gradual unfreezing from the top, a warmup of its own for the new head,
+layer-wise learning-rate decay (timm's `lr_scale` values) and weight-decay
+rates by group. One optimizer, one state; the treatment table printed before
+training shows each parameter's learning rate, decay rate and frozen steps at
+the start, at each unfreezing step and at the end.
 
     python examples/vit_finetune.py --pretrain-steps 150 --steps 150
 """
@@ -17,7 +17,6 @@ one optimizer, one state; the scales are timm's `lr_scale` values.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import equinox as eqx
 import jax
@@ -159,30 +158,39 @@ def main(pretrain_steps: int = 150, steps: int = 150, decay: float = 0.75, seed:
     params, accuracy = train(params, static, optax.adamw(1e-3), 2, pretrain_steps, seed)
     print(f"pretrained on 2 classes: test accuracy {accuracy:.1%}")
 
-    # A fresh 4-way head, then fine-tune everything with layer-wise LR decay.
+    # A fresh 4-way head, then fine-tune with one Treatment: the optimizer and its table.
     model = eqx.tree_at(
         lambda m: m.head, eqx.combine(params, static), eqx.nn.Linear(32, 4, key=jax.random.key(seed + 1))
     )
     params, static = eqx.partition(model, eqx.is_array)
-    ids, scales = tg.layer_ids(params), tg.layer_decay_scales(params, decay)
-    by_layer = defaultdict(list)
-    for path, layer, scale in zip(
-        tg.paths(params), jax.tree.leaves(ids), jax.tree.leaves(scales), strict=True
-    ):
-        by_layer[layer, scale].append(path)
-    print("layer  lr scale  leaves")
-    for (layer, scale), paths in sorted(by_layer.items()):
-        print(f"{layer:5d}  {scale:8.4f}  {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}")
-
-    # timm's convention, with the ViT's no_weight_decay() names in front.
-    decay_rules = [(tg.optional(["^cls_token$", "^pos_embed$"]), "no_decay"), *tg.presets.TIMM]
-    optimizer = optax.chain(
-        optax.adamw(2e-3, weight_decay=0.05, mask=tg.decay_mask(decay_rules)),
-        tg.layer_decay(decay),
-    )
-    _, accuracy = train(params, static, optimizer, 4, steps, seed + 2)
+    treatment = fine_tuning(steps, decay)
+    print(treatment.table(params, steps=[0, steps // 3, 2 * steps // 3, steps - 1]))
+    _, accuracy = train(params, static, treatment.optimizer(optax.scale_by_adam()), 4, steps, seed + 2)
     print(f"fine-tuned on 4 classes: test accuracy {accuracy:.1%}")
     return accuracy
+
+
+def fine_tuning(steps: int, decay: float) -> tg.Treatment:
+    """Gradual unfreezing from the top, a warmup of its own for the new head, layer-wise
+    learning-rate decay, and weight-decay rates by group (timm's convention, with the ViT's
+    no_weight_decay() names and a smaller rate on the patch embedding)."""
+    tokens = tg.optional(["^cls_token$", "^pos_embed$"])
+    return tg.Treatment(
+        learning_rate=optax.warmup_cosine_decay_schedule(0.0, 2e-3, max(1, steps // 10), steps),
+        lr_scale=[("head", optax.linear_schedule(0.1, 1.0, transition_steps=max(1, steps // 3)))],
+        layer_decay=decay,
+        weight_decay=[
+            (tokens, 0.0),
+            ("patch_embed.proj.weight", 0.01),
+            *tg.relabel(tg.presets.TIMM, {"decay": 0.05, "no_decay": 0.0}),
+        ],
+        # The head and the final norm first, then the top blocks, then everything.
+        unfreeze=[
+            ("blocks.{2..3}", steps // 3),
+            (tg.glob("blocks.{0..1}") | tokens | "patch_embed", 2 * steps // 3),
+        ],
+        labels=[(tokens, "no_decay"), *tg.presets.TIMM],
+    )
 
 
 if __name__ == "__main__":

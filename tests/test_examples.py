@@ -48,10 +48,20 @@ def test_lora_moves_only_adapters_and_keeps_state_small():
     assert "24 adapter leaves, nothing else" in out
 
 
-def test_vit_finetune_prints_timm_layer_scales():
-    out = run("vit_finetune.py", "--pretrain-steps", "20", "--steps", "20")
-    assert re.search(r"^\s+0\s+0\.2373\s+cls_token, pos_embed", out, re.M), out
-    assert re.search(r"^\s+5\s+1\.0000\s+head.weight, head.bias", out, re.M), out
+def test_vit_finetune_prints_the_treatment_table():
+    out = run("vit_finetune.py", "--pretrain-steps", "20", "--steps", "30")
+    header = r"^path\s+shape\s+label\s+lr@0\s+lr@10\s+lr@20\s+lr@29\s+wd@0\s+wd@10\s+wd@20\s+wd@29$"
+    assert re.search(header, out, re.M), out
+    number = r"[0-9.e-]+"
+    # Blocks 0-1 train from step 20, blocks 2-3 from step 10, the head from the start (warmup: 0).
+    assert re.search(
+        rf"^blocks\.0\.attn\.qkv\.weight\s+\(96, 32\)\s+decay\s+frozen\s+frozen\s+{number}", out, re.M
+    )
+    assert re.search(rf"^blocks\.3\.mlp\.fc1\.weight\s+\(128, 32\)\s+decay\s+frozen\s+{number}", out, re.M)
+    assert re.search(r"^head\.weight\s+\(4, 32\)\s+decay\s+0\s", out, re.M)
+    assert re.search(r"^patch_embed\.proj\.weight\s.*\s0\.01$", out, re.M)
+    assert re.search(r"^cls_token\s.*no_decay\s+frozen\s+frozen\s.*\s0$", out, re.M)
+    assert "fine-tuned on 4 classes" in out
 
 
 def test_scanned_gpt_freezes_the_first_layers():
