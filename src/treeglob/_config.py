@@ -108,13 +108,7 @@ def _entry(entry: Any, where: str, value: _Value | None = None) -> tuple[Selecto
         raise RulesFileError(
             f"{where}: a rule is a table such as {{match = '*.bias', label = 'no_decay'}}, got {entry!r}."
         )
-    for key in entry:
-        if not isinstance(key, str):
-            raise RulesFileError(
-                f"{where}: the key {key!r} is not a string; the keys are {', '.join(_ENTRY_KEYS)}."
-            )
-        if key not in _ENTRY_KEYS:
-            raise _unknown_key(key, _ENTRY_KEYS, where)
+    _check_keys(entry, where, _ENTRY_KEYS)
     if "label" not in entry:
         raise RulesFileError(f'{where}: the rule has no label; add label = "...".')
     parts: list[Selector] = []
@@ -433,9 +427,7 @@ def _layer_decay(data: Any, origin: str) -> Any:
         raise RulesFileError(
             f"{origin}: layer_decay is a decay such as 0.75, or a table with decay, blocks, layers, schedule."
         )
-    for key in data:
-        if key not in _LAYER_DECAY_KEYS:
-            raise _unknown_key(key, _LAYER_DECAY_KEYS, origin)
+    _check_keys(data, origin, _LAYER_DECAY_KEYS)
     arguments = {"decay": data.get("decay")}
     if "blocks" in data:
         arguments["blocks"] = data["blocks"]
