@@ -14,7 +14,6 @@ so that the table of treatments shows what the transforms compute.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,7 +26,6 @@ from .._core.tree import TreeView
 
 __all__ = [
     "PerLayer",
-    "Schedule",
     "at_step",
     "check_factor",
     "counted",
@@ -95,6 +93,3 @@ def counted(values: list[Any]) -> bool:
 def at_step(factor: Any, step: int) -> float:
     """A row's label at a concrete step, as a Python float (for reports)."""
     return float(np.asarray(value_at(factor, step)))
-
-
-Schedule = Callable[[Any], Any]
