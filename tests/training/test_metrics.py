@@ -94,12 +94,12 @@ def test_equal_to_hand_written_reductions_under_jit(grads):
 
 
 def _primitives(fn, tree):
-    """The primitives `fn` traces to, counted; those of a `jax.jit` inside it instead of the `jit` itself."""
+    """The primitives `fn` traces to, counted; those of a `jax.jit` inside it instead of the `jit` itself (named `pjit` before JAX 0.7)."""
 
     def count(jaxpr):
         for eqn in jaxpr.eqns:
             inner = eqn.params.get("jaxpr")
-            yield from count(inner.jaxpr) if eqn.primitive.name == "jit" else [eqn.primitive.name]
+            yield from count(inner.jaxpr) if eqn.primitive.name in ("jit", "pjit") else [eqn.primitive.name]
 
     return collections.Counter(count(jax.make_jaxpr(fn)(tree).jaxpr))
 
