@@ -3,6 +3,7 @@
     _core          the selection core: paths, patterns, selectors, the pipeline, explain
     _training      optax wrappers and recipes (with treeglob.presets)      -> _core
     _checkpoints   formats, sources, transfer                             -> _core
+    _surgery       modules replaced by selector                           -> _core
     _config        rules as data (label rules, transfer rules)            -> the three above
     _cli           the command line                                       -> the public API
     treeglob       the public namespace                                   -> everything
@@ -27,6 +28,7 @@ LAYERS = {
     "treeglob._training": "training",
     "treeglob.presets": "training",
     "treeglob._checkpoints": "checkpoints",
+    "treeglob._surgery": "surgery",
     "treeglob._config": "config",
     "treeglob._cli": "cli",
     "treeglob.__main__": "cli",
@@ -37,9 +39,10 @@ ALLOWED = {
     "core": {"core"},
     "training": {"core", "training"},
     "checkpoints": {"core", "checkpoints"},
+    "surgery": {"core", "surgery"},
     "config": {"core", "training", "checkpoints", "config"},
     "cli": {"api", "cli"},
-    "api": {"core", "training", "checkpoints", "config", "cli", "api"},
+    "api": {"core", "training", "checkpoints", "surgery", "config", "cli", "api"},
 }
 
 # What the command line takes from below the public API: reading what it names (a
@@ -107,4 +110,4 @@ def test_each_module_imports_only_the_layers_below_it(path):
 def test_every_module_belongs_to_a_layer_and_the_layout_is_as_documented():
     assert {layer_of(module_name(p)) for p in MODULES} == set(ALLOWED)
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__"))
-    assert folders == ["_checkpoints", "_cli", "_core", "_training"]
+    assert folders == ["_checkpoints", "_cli", "_core", "_surgery", "_training"]

@@ -43,12 +43,15 @@ if TYPE_CHECKING:
         load_treatment as load_treatment,
     )
     from ._core.frameworks import stacked_layers as stacked_layers
+    from ._core.nodes import ModuleRow as ModuleRow, Modules as Modules, modules as modules
     from ._core.report import (
         Explanation as Explanation,
         LeafRow as LeafRow,
         RuleRow as RuleRow,
         explain as explain,
     )
+    from ._surgery.replace import replace_modules as replace_modules
+    from ._training.filters import nnx_filter as nnx_filter, partition as partition
     from ._training.layer_decay import (
         layer_decay as layer_decay,
         layer_decay_scales as layer_decay_scales,
@@ -78,7 +81,10 @@ _LAZY = {
     for module, names in {
         ".presets": ["presets"],
         "._core.frameworks": ["stacked_layers"],
+        "._core.nodes": ["ModuleRow", "Modules", "modules"],
+        "._surgery.replace": ["replace_modules"],
         "._config": ["RuleConfig", "TransferRules", "load_rules", "load_transfer", "load_treatment"],
+        "._training.filters": ["nnx_filter", "partition"],
         "._training.layer_decay": ["layer_decay", "layer_decay_scales", "layer_ids"],
         "._training.layers": ["JOIN_NEXT", "JOIN_PREVIOUS", "LayerGroups"],
         "._training.metrics": ["norm_ratios", "summarize"],
@@ -128,6 +134,8 @@ __all__ = [
     "LoadError",
     "LoadReport",
     "LoadRow",
+    "ModuleRow",
+    "Modules",
     "NoMatchError",
     "RuleConfig",
     "RuleRow",
@@ -158,15 +166,19 @@ __all__ = [
     "load_treatment",
     "mask",
     "masked",
+    "modules",
     "multi_transform",
     "ndim",
+    "nnx_filter",
     "norm_ratios",
     "optional",
     "owned_by",
+    "partition",
     "paths",
     "presets",
     "regex",
     "relabel",
+    "replace_modules",
     "save",
     "scale_by_rules",
     "shape",

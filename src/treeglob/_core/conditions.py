@@ -65,6 +65,16 @@ class _Glob(Selector):
             ),
         )
 
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        # A node is selected by a run of segments that ends at it, as if the pattern ended in
+        # `$`: "attn" selects the attention modules, not every module inside them.
+        anchored = (
+            self.compiled
+            if self.compiled.anchored_end
+            else compile_glob(self.pattern + "$", self.ignore_case)
+        )
+        return np.fromiter(map(anchored.match, ctx.view.segments), bool, len(ctx.view))
+
     def _literals(self) -> list[str]:
         return [self.compiled.literal()]
 
@@ -203,6 +213,9 @@ class _Inside(Selector):
             )
         return out
 
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        return ctx.nodes_view.inside(self.classes)
+
     _hint = _type_hint
 
     def __repr__(self) -> str:
@@ -230,6 +243,9 @@ class _OwnedBy(Selector):
                 lambda owner: None,
             ),
         )
+
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        return ctx.nodes_view.owned_by(self.classes)
 
     _hint = _type_hint
 
@@ -272,6 +288,14 @@ def owned_by(*classes: type | types.UnionType) -> Selector:
 # Array metadata
 
 
+def _array_condition(condition: Selector) -> TypeError:
+    return TypeError(
+        f"{condition!r} describes arrays, and a module or subtree is not one: select modules by "
+        "path and type (e.g. 'attn.{q,v}' & eqx.nn.Linear), or with treeglob.where(fn), which "
+        "gets fn(path, module)."
+    )
+
+
 #: The comparisons `ndim` and `size` support, by their operator text.
 COMPARISONS = {
     "==": operator.eq,
@@ -296,6 +320,9 @@ class _Compare(Selector):
             return op(ndims, value) & (ndims >= 0)
         values = ctx.view.sizes
         return np.fromiter((v is not None and op(v, value) for v in values), bool, len(ctx.view))
+
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        raise _array_condition(self)
 
     def __repr__(self) -> str:
         return f"({self.metric} {self.op} {self.value})"
@@ -385,6 +412,9 @@ class _Shape(Selector):
     def _eval(self, ctx: Context) -> np.ndarray:
         return np.fromiter((s is not None and self._fits(s) for s in ctx.view.shapes), bool, len(ctx.view))
 
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        raise _array_condition(self)
+
     def _fits(self, shape: tuple[int, ...]) -> bool:
         if ... in self.dims:
             k = self.dims.index(...)
@@ -431,6 +461,9 @@ class _DType(Selector):
             bool,
             len(ctx.view),
         )
+
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        raise _array_condition(self)
 
     def __repr__(self) -> str:
         return "dtype(" + ", ".join(getattr(k, "__name__", str(k)) for k in self.kinds) + ")"

@@ -14,7 +14,12 @@ An adapter says, for the trees of its framework:
   Variable as `{"value": ...}`;
 * where a model marks its stacked layers (`stacked_layers`, `stack_mark`): a
   penzai `LayerStack` names its layer axis;
-* what to say when a type selector matches nothing on its trees (`type_hint`).
+* what to say when a type selector matches nothing on its trees (`type_hint`);
+* whether its models change in place when a module is replaced (`in_place`,
+  `assign`): an NNX module is a mutable object graph that an `nnx.Optimizer`
+  and other references hold, so its attributes are set, as NNX's own
+  documentation does (`model.linear = nnx.LoRA(...)`); every other tree is
+  rebuilt (Equinox and penzai models are immutable).
 
 Dict keys that are paths (`/`-joined Haiku module names and
 `flatten_dict(sep="/")`, tuple keys of `flatten_dict`) are split the same way
@@ -41,6 +46,7 @@ __all__ = [
     "ADAPTERS",
     "KEY_SEPARATOR",
     "Adapter",
+    "in_place",
     "is_wrapper",
     "label_segments",
     "parameters",
@@ -106,6 +112,14 @@ class Adapter:
         (they live in objects of the framework's), or ""."""
         return ""
 
+    def in_place(self, tree: Any) -> bool:
+        """Whether a module of `tree` is replaced by assigning to its parent, not by rebuilding."""
+        return False
+
+    def assign(self, parent: Any, key: Any, value: Any) -> None:
+        """Put `value` in `parent` at the JAX key `key` (for `in_place` trees)."""
+        raise NotImplementedError
+
 
 _NNX_STATE_HINT = (
     "This is a Flax NNX State: it holds the Variables, not the modules, so module types "
@@ -153,6 +167,22 @@ class _FlaxNNX(Adapter):
 
     def type_hint(self, tree_types: set[type]) -> str:
         return _NNX_STATE_HINT if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types) else ""
+
+    def in_place(self, tree: Any) -> bool:
+        nnx = sys.modules.get("flax.nnx")
+        return nnx is not None and isinstance(tree, nnx.Module)
+
+    def assign(self, parent: Any, key: Any, value: Any) -> None:
+        if isinstance(key, jtu.GetAttrKey):
+            setattr(parent, key.name, value)  # a module's attribute
+        elif isinstance(key, jtu.SequenceKey | jtu.DictKey) and hasattr(parent, "__setitem__"):
+            parent[key.idx if isinstance(key, jtu.SequenceKey) else key.key] = value  # nnx.List, nnx.Dict
+        else:
+            raise TypeError(
+                f"Cannot put a new module into a {type(parent).__name__} at {key}: Flax NNX modules "
+                "are changed in place, and this container cannot be assigned to. Keep submodules "
+                "in module attributes, nnx.List or nnx.Dict."
+            )
 
 
 def _label_path(label: str) -> tuple[str, ...]:
@@ -361,6 +391,11 @@ def stack_mark(
 def parameters_elsewhere(leaf_types: set[type]) -> str:
     """Why a tree holds no parameter arrays to save or load, or "" (see `Adapter.parameters_elsewhere`)."""
     return "\n".join(m for a in ADAPTERS if (m := a.parameters_elsewhere(leaf_types)))
+
+
+def in_place(tree: Any) -> Adapter | None:
+    """The adapter whose models change in place when a module is replaced, or None (rebuild)."""
+    return next((adapter for adapter in ADAPTERS if adapter.in_place(tree)), None)
 
 
 def stored_wrapper(node: Any) -> bool:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from .errors import NoMatchError, suggest
 from .keys import quote
 from .tree import TreeView
+
+if TYPE_CHECKING:
+    from .nodes import NodeView
 
 __all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "optional"]
 
@@ -52,6 +55,12 @@ class Selector:
 
     def _eval(self, ctx: Context) -> np.ndarray:
         raise NotImplementedError
+
+    def _eval_nodes(self, ctx: Context) -> np.ndarray:
+        """One bool per inner node of a `NodeView` (see `nodes.py`). Combinators, regexes,
+        predicates and constants read only what the two views share (paths, per-row
+        objects, the row count), so the leaf evaluation serves; path globs and types override."""
+        return self._eval(ctx)
 
     def _literals(self) -> list[str]:
         """The literal text of the patterns inside this selector, to suggest close matches."""
@@ -89,20 +98,30 @@ class Selector:
 class Context:
     """Evaluates selectors on one `TreeView`, each distinct selector once.
 
+    Or on a `NodeView` (the inner nodes as rows), which offers what the
+    selectors that serve both read of a TreeView: `paths`, `segments`,
+    `row_leaves`, the row count (`_eval_nodes` reads it as `nodes_view`).
+
     `scope` names what is being evaluated (e.g. "rule 2 (label 'no_decay')")
     so that a strictness error raised deep inside a combination says where.
     """
 
-    def __init__(self, view: TreeView, *, strict: bool):
-        self.view = view
+    def __init__(self, view: TreeView | NodeView, *, strict: bool):
+        self.view = cast(TreeView, view)
         self.strict = strict
         self.scope = ""
         self._cache: dict[Selector, np.ndarray] = {}
 
+    @property
+    def nodes_view(self) -> NodeView:
+        """The view, when it is a `NodeView` (in `_eval_nodes`)."""
+        return cast("NodeView", self.view)
+
     def evaluate(self, selector: Selector) -> np.ndarray:
         hit = self._cache.get(selector)
         if hit is None:
-            hit = self._cache[selector] = selector._eval(self)
+            evaluate = selector._eval_nodes if self.view.of_nodes else selector._eval
+            hit = self._cache[selector] = evaluate(self)
         return hit
 
     def require(self, selector: Selector, role: str) -> np.ndarray:
@@ -114,7 +133,8 @@ class Context:
 
     def no_match(self, selector: Selector, role: str, extra: str = "") -> NoMatchError:
         where = f"In {self.scope}, {role}" if self.scope else role[0].upper() + role[1:]
-        lines = [f"{where} {selector!r} matches no leaf of the tree ({len(self.view)} leaves)."]
+        one, many = self.view.noun
+        lines = [f"{where} {selector!r} matches no {one} of the tree ({len(self.view)} {many})."]
         close = self.suggestions(selector)
         if close:
             lines.append("Close matches in the tree: " + ", ".join(close) + ".")

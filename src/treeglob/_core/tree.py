@@ -68,6 +68,10 @@ class TreeView:
         origin: per row, the index of its leaf (None when rows are the leaves).
     """
 
+    #: What a row is, in messages; and that rows are leaves, not inner nodes (`nodes.NodeView`).
+    noun = ("leaf", "leaves")
+    of_nodes = False
+
     def __init__(self, tree: Any, stacked: Any = None):
         self.tree, self.stacked = tree, stacked
         self.leaves, self.treedef = _flatten(jtu.tree_flatten, tree)
