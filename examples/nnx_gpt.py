@@ -3,8 +3,10 @@
 1. Weight decay with `tg.presets.DEFAULT` (one AdamW, the usual exclusions,
    found by name on the parameter State) and layer-wise LR decay.
 2. LoRA: adapters (`nnx.LoRA`, whose matrices are `nnx.LoRAParam`s) around
-   every pretrained MLP input layer, everything else frozen with `tg.freeze(..., ~tg.inside(nnx.LoRAParam))`:
-   only the adapters move, and Adam holds state for them alone.
+   every pretrained MLP input layer, put in place by `tg.replace_modules`
+   (NNX modules change in place), then trained alone: only the adapters are
+   differentiated (`nnx.DiffState` with a `tg.nnx_filter`) and the optimizer
+   holds state for them alone (`nnx.Optimizer(wrt=...)`, the same filter).
 
 Data: the text of Python's own documentation, as in `train_gpt.py`.
 
@@ -55,18 +57,24 @@ class GPT(nnx.Module):
         return self.head(self.ln_f(x))
 
 
-@nnx.jit
-def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+def make_train_step(wrt=nnx.Param):
+    """A jitted step that differentiates the Variables `wrt` selects, and only those."""
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return train_step
 
 
-def train(model, optimizer, steps, data, seed, log_every=50):
+def train(model, optimizer, steps, data, seed, log_every=50, wrt=nnx.Param):
     losses = []
+    train_step = make_train_step(wrt)
     for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, 64, seed), strict=False):
         losses.append(float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y))))
         if i == 1 or i % log_every == 0 or i == steps:
@@ -94,17 +102,19 @@ def main(steps: int = 200, seed: int = 0) -> None:
 
     # 2. LoRA: adapters around each pretrained MLP input layer (lora_b starts at zero,
     # so the model is unchanged), then only the adapters (nnx.LoRAParam) trained.
-    rngs = nnx.Rngs(seed + 1)
-    for block in model.blocks:
-        block.fc = nnx.LoRA(64, 4, 256, base_module=block.fc, rngs=rngs)
-    lora = model
-    adapters = ~tg.inside(nnx.LoRAParam)
-    optimizer = nnx.Optimizer(lora, tg.freeze(optax.adam(3e-3), adapters), wrt=nnx.Param)
+    def lora_of(linear, key):
+        return nnx.LoRA(linear.in_features, 4, linear.out_features, base_module=linear, rngs=nnx.Rngs(key))
+
+    lora = tg.replace_modules(model, "blocks.*.fc", lora_of, key=jax.random.key(seed + 1))
+    assert lora is model  # NNX modules change in place
+    print(tg.modules(lora, nnx.LoRA))
+    adapters = tg.nnx_filter(lora, nnx.LoRAParam)
+    optimizer = nnx.Optimizer(lora, optax.adam(3e-3), wrt=adapters)
     state_floats = sum(x.size for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if x.ndim)
-    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(lora, nnx.LoRAParam)))
+    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(lora, adapters)))
     print(f"LoRA: {trainable:,} trainable elements; Adam holds {state_floats:,} floats of state")
     before = jax.tree.leaves(nnx.state(lora, nnx.Param))
-    train(lora, optimizer, max(steps // 4, 10), data, seed + 1)
+    train(lora, optimizer, max(steps // 4, 10), data, seed + 1, wrt=adapters)
     after = nnx.state(lora, nnx.Param)
     moved = [
         p
