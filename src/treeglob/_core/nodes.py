@@ -283,8 +283,10 @@ def check_nested(nested: Any, caller: str) -> str:
 def selected_rows(view: NodeView, selector: Any, *, nested: str, strict: bool, caller: str) -> list[int]:
     """The rows `selector` selects on `view`, nested matches resolved by `nested`."""
     check_nested(nested, caller)
-    ctx = Context(view, strict=strict)
-    hit = ctx.require(coerce(selector), f"the selector given to {caller}()")
+    ctx, chosen = Context(view, strict=strict), coerce(selector)
+    hit = ctx.evaluate(chosen)
+    if strict and not chosen.may_be_empty and not hit.any():
+        raise ctx.no_match(chosen, f"the selector given to {caller}()", _leaf_hint(view, chosen))
     above = np.zeros(len(view), bool)  # per row: a selected row encloses it
     below = np.zeros(len(view), bool)  # per row: it encloses a selected row
     for row, parent in enumerate(view.parents):
@@ -295,6 +297,20 @@ def selected_rows(view: NodeView, selector: Any, *, nested: str, strict: bool, c
             below[parent] = True
     keep = hit & ~(above if nested == "outermost" else below)
     return np.flatnonzero(keep).tolist()
+
+
+def _leaf_hint(view: NodeView, selector: Selector) -> str:
+    """Where a selector that selects no node selects leaves: say that it names no node whole."""
+    leaves = Context(view.leaf_view, strict=False).evaluate(selector)
+    if not leaves.any():
+        return ""
+    found = [view.leaf_view.paths[i] for i in np.flatnonzero(leaves)[:3]]
+    return (
+        f"It selects leaves ({', '.join(found)}, ...), but no module or subtree ends where it "
+        "matches: name a module whole (a glob must match up to the module's last segment). "
+        "A Haiku module name that only prefixes other modules' names (`block` in `block/linear`) "
+        "is no node: select the modules ('block.*'). To select leaves, use treeglob.mask."
+    )
 
 
 def modules(

@@ -155,10 +155,17 @@ class Context:
         out: list[str] = []
         for literal in selector._literals():
             literal = literal.replace("/", ".")
-            if "." in literal:
-                candidates = self.view.paths
-            else:
-                candidates = sorted({quote(s) for segs in self.view.segments for s in segs})
+            # A pattern of k segments matches a run of k segments of a leaf's path (anywhere)
+            # or of a node's (ending at the node): those runs are what it is compared with,
+            # and whole paths, for a pattern anchored at the root.
+            k = literal.count(".") + 1
+            runs = {
+                ".".join(map(quote, segs[i : i + k]))
+                for segs in self.view.segments
+                for i in ([len(segs) - k] if self.view.of_nodes else range(len(segs) - k + 1))
+                if i >= 0
+            }
+            candidates = [*self.view.paths, *sorted(runs)] if k > 1 else sorted(runs)
             out += [c for c in suggest(literal, candidates) if c not in out]
         return out
 
