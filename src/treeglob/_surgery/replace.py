@@ -82,7 +82,7 @@ def replace_modules(
             new[real] = call(view.reals[real].obj, view.paths[rows[0]], k)
         elif adapter is not None:
             raise ValueError(
-                f"replace_modules() cannot replace {view.paths[rows[0]]}: it is a layer of a stacked "
+                f"replace_modules() cannot replace {_layers_as_star(view, rows[0])}: it is a layer of a stacked "
                 f"{adapter.name} module, which is changed in place and cannot be rebuilt layer by layer. "
                 "Replace the module before stacking it (e.g. inside the function nnx.vmap builds it with)."
             )
@@ -143,7 +143,7 @@ def _per_layer(
 ) -> Any:
     """The replacement of a module in a stacked subtree, built for every layer under vmap."""
     shape = view.stack_shapes[real]
-    path = _layers_as_star(view, rows[0], shape)
+    path = _layers_as_star(view, rows[0])
     if len(rows) != math.prod(shape):
         chosen = ", ".join(".".join(map(str, view.layers[r] or ())) for r in rows[:12])
         raise ValueError(
@@ -163,14 +163,14 @@ def _per_layer(
     return fn(view.reals[real].obj, layer_keys)
 
 
-def _layers_as_star(view: NodeView, row: int, shape: tuple[int, ...]) -> str:
+def _layers_as_star(view: NodeView, row: int) -> str:
     """`blocks.*.attn.q`: a stacked row's path with `*` for its layer index."""
     layer = row
     while view.layers[view.parents[layer]] is not None:
         layer = view.parents[layer]  # up to the layer's own row, whose parent is the stacked subtree
-    start = len(view.segments[view.parents[layer]])
+    start, axes = len(view.segments[view.parents[layer]]), len(view.layers[row] or ())
     segments = [quote(s) for s in view.segments[row]]
-    segments[start : start + len(shape)] = ["*"] * len(shape)
+    segments[start : start + axes] = ["*"] * axes
     return ".".join(segments)
 
 
