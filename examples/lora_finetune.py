@@ -170,7 +170,9 @@ def main(
     merged = merge_adapters(tuned)
     gap = float(jnp.abs(jax.vmap(merged)(x) - tuned_out).max())
     assert not tg.modules(merged, LoRALinear, strict=False) and gap < 1e-4, gap
-    print(f"merged: {len(tg.modules(tuned, LoRALinear))} adapters folded into Linear weights (max gap {gap:.1e})")
+    print(
+        f"merged: {len(tg.modules(tuned, LoRALinear))} adapters folded into Linear weights (max gap {gap:.1e})"
+    )
     return {"state_bytes": state_bytes(opt_state), "before": before, "after": after, "merge_gap": gap}
 
 

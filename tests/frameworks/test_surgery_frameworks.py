@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import treeglob as tg
-from framework_models import CONTEXT, VOCAB, NNXGPT, haiku_params, linen_params
+from framework_models import CONTEXT, NNXGPT, VOCAB, haiku_params, linen_params
 
 TOKENS = jnp.arange(CONTEXT) % VOCAB
 
