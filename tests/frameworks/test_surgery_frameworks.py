@@ -8,10 +8,14 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-import treeglob as tg
-from framework_models import CONTEXT, NNXGPT, VOCAB, haiku_params, linen_params
+pytest.importorskip("flax", reason="the framework tests need flax (pip install '.[test]')")
+pytest.importorskip("haiku", reason="the framework tests need dm-haiku (pip install '.[test]')")
+
+from flax import nnx  # noqa: E402
+
+import treeglob as tg  # noqa: E402
+from framework_models import CONTEXT, NNXGPT, VOCAB, haiku_params, linen_params  # noqa: E402
 
 TOKENS = jnp.arange(CONTEXT) % VOCAB
 
