@@ -54,6 +54,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
+from lora_finetune import add_adapters, make_step, split  # noqa: E402
 from train_gpt import GPT  # noqa: E402
 
 import treeglob as tg  # noqa: E402
@@ -511,6 +512,76 @@ def compiled_step(repeat: int) -> bool:
     return all(same.values())
 
 
+def freezing(dim: int, depth: int, repeat: int) -> dict[str, dict[str, float]]:
+    """LoRA fine-tuning steps of `examples/lora_finetune.py`, three ways: everything trained,
+    frozen on the optimizer side (`tg.freeze`: every gradient computed, the frozen ones
+    dropped), frozen on the gradient side (`tg.partition`: only the adapters differentiated).
+    Memory is XLA's own account of the compiled step (arguments, outputs and scratch, less
+    what outputs reuse of the arguments), the same on every machine; time a median step."""
+    model = GPT(vocab=100, dim=dim, depth=depth, heads=4, context=64, key=jax.random.key(0))
+    lora = add_adapters(model, rank=8, key=jax.random.key(1))
+    x = jax.random.randint(jax.random.key(2), (16, 64), 0, 100)
+    out: dict[str, dict[str, float]] = {}
+    steps = {}
+    for mode in ("full", "optimizer", "gradient"):
+        trainable, frozen, static, optimizer = split(lora, mode)
+        step = make_step(static, optimizer)
+        state = optimizer.init(trainable)
+        stats = step.lower(trainable, frozen, state, x, x).compile().memory_analysis()
+        total = (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
+        out[mode] = {"total": total, "temp": stats.temp_size_in_bytes, "state": _nbytes(state)}
+        jax.block_until_ready(step(trainable, frozen, state, x, x))
+        steps[mode] = lambda step=step, a=(trainable, frozen, state, x, x): jax.block_until_ready(step(*a))
+    for mode, seconds in timed(steps, repeat).items():
+        out[mode]["step"] = seconds
+    print(
+        f"## Freezing: a LoRA fine-tuning step ({depth}-block GPT, width {dim}, rank-8 adapters on attn.{{q,v}})\n"
+    )
+    names = {
+        "full": "full fine-tuning",
+        "optimizer": "optimizer side (tg.freeze)",
+        "gradient": "gradient side (tg.partition)",
+    }
+    full = out["full"]
+    table(
+        [
+            "training",
+            "compiled step MB",
+            "of which scratch MB",
+            "optimizer state MB",
+            "step ms",
+            "time vs full",
+        ],
+        [
+            [
+                names[mode],
+                f"{r['total'] / 1e6:.1f}",
+                f"{r['temp'] / 1e6:.1f}",
+                f"{r['state'] / 1e6:.2f}",
+                f"{1e3 * r['step']:.1f}",
+                f"{r['step'] / full['step']:.2f}",
+            ]
+            for mode, r in out.items()
+        ],
+    )
+    weights = _nbytes(eqx.filter(lora, eqx.is_array))
+    saved = out["optimizer"]["total"] - out["gradient"]["total"]
+    print(
+        f"gradient side vs optimizer side: {saved / 1e6:.1f} MB less (the weights: {weights / 1e6:.1f} MB); "
+        f"scratch {out['gradient']['temp'] / out['optimizer']['temp']:.2f}x, time {out['gradient']['step'] / out['optimizer']['step']:.2f}x\n"
+    )
+    return out
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def measure_layer_decay(depth: int, repeat: int) -> list[str]:
     params = eqx.filter(
         GPT(vocab=100, dim=64, depth=depth, heads=4, context=64, key=jax.random.key(0)), eqx.is_array
@@ -584,6 +655,7 @@ def main(quick: bool = False) -> None:
     imported = imports(1 if quick else 7, warm_up=not quick)
     cli = command_line(150 if quick else 12_000, 1 if quick else 5, warm_up=not quick)
     same = compiled_step(repeat)
+    freezing(*((32, 1) if quick else (256, 6)), repeat)
     layer_decay([2] if quick else [12, 48], repeat)
     adversarial()
 

@@ -25,6 +25,7 @@ def test_benchmark_script_runs_in_its_quick_configuration():
         "## Import",
         "## Command line",
         "## Compiled step",
+        "## Freezing: a LoRA fine-tuning step",
         "## Layer-wise LR decay",
         "## Adversarial patterns",
         "## Targets",
