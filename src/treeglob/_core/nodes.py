@@ -304,9 +304,10 @@ def _leaf_hint(view: NodeView, selector: Selector) -> str:
     leaves = Context(view.leaf_view, strict=False).evaluate(selector)
     if not leaves.any():
         return ""
-    found = [view.leaf_view.paths[i] for i in np.flatnonzero(leaves)[:3]]
+    hits = np.flatnonzero(leaves)
+    found = ", ".join(view.leaf_view.paths[i] for i in hits[:3]) + (", ..." if len(hits) > 3 else "")
     return (
-        f"It selects leaves ({', '.join(found)}, ...), but no module or subtree ends where it "
+        f"It selects leaves ({found}), but no module or subtree ends where it "
         "matches: name a module whole (a glob must match up to the module's last segment). "
         "A Haiku module name that only prefixes other modules' names (`block` in `block/linear`) "
         "is no node: select the modules ('block.*'). To select leaves, use treeglob.mask."
