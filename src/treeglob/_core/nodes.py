@@ -123,7 +123,6 @@ class NodeView:
 
     def __init__(self, tree: Any, stacked: Any = None):
         self.leaf_view = TreeView(tree, stacked)
-        self.tree, self.stacked = tree, stacked
         self.structure = self.leaf_view.structure  # what type hints read
         leaf_segments = row_segments(self.leaf_view.leaf_structure)
         self.reals = _real_nodes(tree, leaf_segments) if self.leaf_view.leaves else []
@@ -132,9 +131,8 @@ class NodeView:
         self.parents: list[int] = []
         self.layers: list[tuple[int, ...] | None] = []
         self.real: list[int] = []
-        self.stack_shapes: dict[
-            int, tuple[int, ...]
-        ] = {}  # a real node in a stacked subtree -> the stack shape
+        # A real node in a stacked subtree -> the stack's shape (its leading layer axes).
+        self.stack_shapes: dict[int, tuple[int, ...]] = {}
         stacks = {tuple(split_path(s.path)): s for s in self.leaf_view.stacks}
         row_of: dict[int, int] = {}  # a real node outside stacks -> its row
         i = 0

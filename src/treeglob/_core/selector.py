@@ -156,18 +156,24 @@ class Context:
         for literal in selector._literals():
             literal = literal.replace("/", ".")
             # A pattern of k segments matches a run of k segments of a leaf's path (anywhere)
-            # or of a node's (ending at the node): those runs are what it is compared with,
-            # and whole paths, for a pattern anchored at the root.
+            # or of a node's (ending at the node). One segment is compared with those; more,
+            # with whole paths first (the pattern's wildcards are left out of its literal
+            # text, so its own segment count is not known), then with the runs.
             k = literal.count(".") + 1
-            runs = {
+            close = (suggest(literal, self.view.paths) if k > 1 else []) or suggest(literal, self._runs(k))
+            out += [c for c in close if c not in out]
+        return out
+
+    def _runs(self, k: int) -> list[str]:
+        """The runs of `k` consecutive segments a pattern of `k` segments may match."""
+        return sorted(
+            {
                 ".".join(map(quote, segs[i : i + k]))
                 for segs in self.view.segments
                 for i in ([len(segs) - k] if self.view.of_nodes else range(len(segs) - k + 1))
                 if i >= 0
             }
-            candidates = [*self.view.paths, *sorted(runs)] if k > 1 else sorted(runs)
-            out += [c for c in suggest(literal, candidates) if c not in out]
-        return out
+        )
 
 
 # ----------------------------------------------------------------------------
