@@ -16,9 +16,13 @@ def test_the_registry_holds_the_formats_treeglob_reads_and_writes():
     assert [(f.name, f.suffix, f.write is not None) for f in FORMATS] == [
         ("safetensors", ".safetensors", True),
         ("npz", ".npz", True),
+        ("sharded safetensors", ".safetensors.index.json", False),
         ("orbax", "", False),
     ]
-    assert readable() == "a .safetensors or .npz file, or an orbax checkpoint directory"
+    assert readable() == (
+        "a .safetensors, .npz or .safetensors.index.json file, a directory of .safetensors shards, "
+        "or an orbax checkpoint directory"
+    )
 
 
 @pytest.mark.parametrize("suffix", WRITABLE)

@@ -500,7 +500,7 @@ def test_save_refuses_dtypes_the_format_cannot_store(tmp_path):
         ),
         (
             lambda p: (p / "x.pt").write_bytes(b"x") and p / "x.pt",
-            r"treeglob reads a .safetensors or .npz file",
+            r"treeglob reads a .safetensors, .npz or .safetensors.index.json file",
         ),
         (
             lambda p: (p / "b.safetensors").write_bytes(b"\x01") and p / "b.safetensors",

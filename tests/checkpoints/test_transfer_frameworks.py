@@ -1052,12 +1052,12 @@ def test_load_plan_exit_statuses_and_messages(files, capsys, args, status, out, 
         (["none.py:build", "torch.safetensors"], r"none\.py:build: no such file 'none\.py'"),
         (
             ["nets.py", "torch.safetensors"],
-            r"nets\.py: not a \.safetensors or \.npz file, or an orbax checkpoint",
+            r"nets\.py: not a \.safetensors, \.npz or \.safetensors\.index\.json file, a directory of \.safetensors shards, or an orbax checkpoint",
         ),
         (["nets.py:nnx_net", "none.safetensors"], r"none\.safetensors: no such file or directory"),
         (
             ["nets.py:nnx_net", "nets.py"],
-            r"treeglob reads a \.safetensors or \.npz file, or an orbax checkpoint directory, not \.py",
+            r"treeglob reads a \.safetensors, \.npz or \.safetensors\.index\.json file, a directory of \.safetensors shards, or an orbax checkpoint directory, not \.py",
         ),
         (
             ["nets.py:nnx_net", "torch.safetensors", "--variables", "Parm"],

@@ -208,7 +208,8 @@ def test_no_strict_lets_a_rule_match_nothing(capsys, npz_file):
         (["paths", "missing.safetensors"], r"missing.safetensors: no such file"),
         (
             ["paths", "model.npz.txt"],
-            r"not a .safetensors or .npz file, or an orbax checkpoint directory, nor a module:function factory",
+            r"not a .safetensors, .npz or .safetensors.index.json file, a directory of .safetensors shards, or an orbax "
+            r"checkpoint directory, nor a module:function factory",
         ),
         (["explain", "{npz}", "--rule", "nolabel"], r"--rule 'nolabel': write LABEL=PATTERN"),
         (["explain", "{npz}", "--rule", "x=a..b"], r"empty segment"),

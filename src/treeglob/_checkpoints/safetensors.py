@@ -222,18 +222,23 @@ class SafetensorsCheckpoint(Checkpoint):
         super().__init__(str(path), header)
 
     def _read(self, row: int, path: str) -> np.ndarray:
-        info: TensorInfo = self.view.leaves[row]
+        return self.read_tensor(self.view.leaves[row], path)
+
+    def read_tensor(self, info: TensorInfo, name: str) -> np.ndarray:
+        """The tensor `info` describes (`name` for messages)."""
         out = np.empty(info.shape, info.dtype)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + info.begin)
             if f.readinto(out.reshape(-1).view(np.uint8).data) != info.end - info.begin:
-                raise SourceError(f"{self.where}: tensor {path!r} is cut short; the file is truncated.")
+                raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
         return out
 
     def read_slice(self, path: str, index: Any) -> np.ndarray:
-        info: TensorInfo = self.meta[path]
+        return self.read_tensor_slice(self.meta[path], path, index)
+
+    def read_tensor_slice(self, info: TensorInfo, name: str, index: Any) -> np.ndarray:
+        """`read_tensor(info, name)[index]`, reading only the pages of the slice."""
         if not info.shape or 0 in info.shape:
-            return self.read(path)[index]
-        # Mapped, so that only the pages of the slice are read.
+            return self.read_tensor(info, name)[index]
         mapped = np.memmap(self.path, info.dtype, "r", self.data_start + info.begin, info.shape)
         return np.array(mapped[index])

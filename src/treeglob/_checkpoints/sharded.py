@@ -1,0 +1,131 @@
+"""Sharded `.safetensors` checkpoints: several files read as one.
+
+Hugging Face publishes a model above a few GB as `model-00001-of-0000N.safetensors`
+files beside `model.safetensors.index.json`, whose `weight_map` names the file of
+each tensor. Such a checkpoint is opened from its index file, from the directory
+that holds it, or from a list of `.safetensors` files (a directory of them without
+an index is that list). Only the headers are read on opening; a tensor's bytes
+are read from its own shard when a load asks for it. The shards' tensors form one
+flat dict, so the missing and unused checks of a load span every shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._core.errors import SourceError
+from .base import Checkpoint
+from .safetensors import SafetensorsCheckpoint, TensorInfo
+
+__all__ = ["INDEX_SUFFIX", "ShardedCheckpoint", "holds_shards", "open_files", "open_index"]
+
+#: How a Hugging Face index file's name ends (`model.safetensors.index.json`).
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class ShardedCheckpoint(Checkpoint):
+    """Several `.safetensors` files as one checkpoint: each tensor read from its own file."""
+
+    slices = True
+
+    def __init__(self, shards: Sequence[SafetensorsCheckpoint], where: str):
+        self.shards = list(shards)
+        tree: dict[str, TensorInfo] = {}
+        owner: dict[str, SafetensorsCheckpoint] = {}
+        for shard in self.shards:
+            for name, info in shard.tree.items():
+                if name in owner:
+                    raise SourceError(
+                        f"{where}: the tensor {name!r} is in two shards, {owner[name].where} and {shard.where}; "
+                        "a sharded checkpoint holds each tensor once."
+                    )
+                tree[name], owner[name] = info, shard
+        super().__init__(where, tree)
+        # The leaves are the dict's values in key order, as JAX flattens a dict.
+        self._owners = [owner[name] for name in sorted(tree)]
+        self._names = sorted(tree)
+
+    def _read(self, row: int, path: str) -> np.ndarray:
+        return self._owners[row].read_tensor(self.view.leaves[row], self._names[row])
+
+    def read_slice(self, path: str, index: Any) -> np.ndarray:
+        row = self.rows[path]
+        return self._owners[row].read_tensor_slice(self.view.leaves[row], self._names[row], index)
+
+
+def open_files(files: Sequence[str | os.PathLike[str]], where: str | None = None) -> ShardedCheckpoint:
+    """The `.safetensors` files `files` as one checkpoint."""
+    paths = [pathlib.Path(f) for f in files]
+    if not paths:
+        raise SourceError(f"{where or 'the list of files'}: no .safetensors files to read.")
+    for path in paths:
+        if path.suffix != ".safetensors":
+            raise SourceError(
+                f"{path}: a list of files is read as the shards of one checkpoint, which must all be "
+                ".safetensors files."
+            )
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file (a shard of {where or 'the list of files'}).")
+    described = where or f"{len(paths)} .safetensors files ({paths[0].name}, ...)"
+    return ShardedCheckpoint([SafetensorsCheckpoint(p) for p in paths], described)
+
+
+def open_index(index: pathlib.Path) -> ShardedCheckpoint:
+    """The checkpoint a Hugging Face index file describes; its `weight_map` is checked
+    against the shards' own headers."""
+    where = str(index)
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{where}: not a readable index file: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(
+            f'{where}: not a safetensors index file: it needs a "weight_map" object mapping each tensor '
+            "name to the file that holds it."
+        )
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise SourceError(
+            f"{where}: the shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} named in its weight_map "
+            f"{'are' if len(missing) > 1 else 'is'} not in {index.parent}."
+        )
+    checkpoint = open_files([index.parent / f for f in files], where)
+    for name, file in weight_map.items():
+        shard = next((s for s in checkpoint.shards if s.path.name == pathlib.Path(file).name), None)
+        if shard is None or name not in shard.tree:
+            raise SourceError(
+                f"{where}: its weight_map puts the tensor {name!r} in {file}, which does not hold it."
+            )
+    unlisted = sorted(set(checkpoint.tree) - set(weight_map))
+    if unlisted:
+        raise SourceError(
+            f"{where}: the shards hold tensors its weight_map does not list: {', '.join(unlisted[:5])}"
+            f"{', ...' if len(unlisted) > 5 else ''}."
+        )
+    return checkpoint
+
+
+def holds_shards(directory: pathlib.Path) -> bool:
+    """Whether a directory is a sharded checkpoint: an index file, or `.safetensors` files."""
+    return any(directory.glob("*" + INDEX_SUFFIX)) or any(directory.glob("*.safetensors"))
+
+
+def open_directory(directory: pathlib.Path) -> ShardedCheckpoint:
+    """The sharded checkpoint in a directory: by its index file, else all its `.safetensors` files."""
+    indexes = sorted(directory.glob("*" + INDEX_SUFFIX))
+    if len(indexes) > 1:
+        raise SourceError(
+            f"{directory}: holds several index files ({', '.join(i.name for i in indexes)}); name the one to "
+            "read."
+        )
+    if indexes:
+        return open_index(indexes[0])
+    return open_files(sorted(directory.glob("*.safetensors")), str(directory))
