@@ -95,7 +95,7 @@ def test_dict_keys_that_are_paths_make_nodes_at_the_paths_their_leaves_show():
         "gpt.block_0.mlp",
         "head",
     ]
-    with pytest.raises(tg.NoMatchError, match=r"(?s)It selects leaves \(gpt\.block_0\.attn\.b.*'block\.\*'"):
+    with pytest.raises(tg.NoMatchError, match=r"(?s)It selects leaves \(gpt\.block_0\.attn\.b.*'mlp\.\*\*'"):
         tg.modules(params, "block_0")  # a prefix of Haiku module names, not a node
 
 
@@ -156,6 +156,11 @@ def test_stacked_layers_are_listed_as_the_same_model_built_with_a_list_would_be(
             r"modules\(\) got a selector \(glob\('attn'\)\) where the tree goes",
         ),
         (
+            lambda: tg.modules("attn", MODEL),
+            TypeError,
+            r"modules\(\) got a selector \('attn'\) where the tree goes",
+        ),
+        (
             lambda: tg.modules(MODEL, ~tg.glob("atn")),
             tg.NoMatchError,
             r"The negated selector glob\('atn'\) matches no module",
@@ -165,6 +170,24 @@ def test_stacked_layers_are_listed_as_the_same_model_built_with_a_list_would_be(
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_the_haiku_hint_comes_only_for_trees_with_slash_names():
+    with pytest.raises(tg.NoMatchError) as info:
+        tg.modules(MODEL, "attn.query_proj.weight")
+    assert "Haiku" not in str(info.value)
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"`mlp` in `mlp/~/linear_0`\) is no node: select the modules below it \('mlp\.\*\*'\)",
+    ):
+        tg.modules({"mlp/~/linear_0": {"w": 1}}, "mlp")
+    assert tg.modules({"mlp/~/linear_0": {"w": 1}}, "mlp.**").paths == ["mlp.~.linear_0"]
+
+
+def test_an_error_in_a_predicate_names_the_module_it_was_asked_about():
+    with pytest.raises(AttributeError) as info:
+        tg.modules(MODEL, tg.where(lambda path, node: node.weight is not None))
+    assert "on the module at path ''." in info.value.__notes__[0]
 
 
 def test_optional_and_non_strict_selections_may_be_empty():

@@ -84,7 +84,7 @@ SELECTORS = [
 @pytest.mark.parametrize("selector", SELECTORS, ids=repr)
 def test_the_nnx_filter_selects_in_state_and_optimizer_what_mask_selects(selector):
     model = tg.replace_modules(NNXGPT(rngs=nnx.Rngs(0)), "fc", lora_of, key=jax.random.key(1))
-    state = nnx.state(model)
+    state = nnx.state(model, nnx.Param)
     hits = jax.tree.leaves(tg.mask(state, selector, types_from=model))
     expected = [p for p, hit in zip(tg.paths(state), hits, strict=True) if hit]
     f = tg.nnx_filter(model, selector)
@@ -140,6 +140,41 @@ def test_nnx_gradient_side_freezing_gives_the_updates_of_optimizer_side_freezing
     assert len(jax.tree.leaves(nnx.state(opt_b, nnx.OptState))) == 2 + 2 * 4
 
 
+def test_nnx_filter_chooses_among_params_unless_told_otherwise():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(2, 2, rngs=rngs)
+            self.norm = nnx.BatchNorm(2, rngs=rngs)
+            self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+    net = Net(nnx.Rngs(0))
+    assert tg.paths(nnx.state(net, tg.nnx_filter(net, "**"))) == [
+        "linear.bias",
+        "linear.kernel",
+        "norm.bias",
+        "norm.scale",
+    ]
+    stats = tg.nnx_filter(net, "norm", variables=nnx.BatchStat)
+    assert tg.paths(nnx.state(net, stats)) == ["norm.mean", "norm.var"]
+    grads = nnx.grad(
+        lambda m: m.linear(jnp.ones(2)).sum(), argnums=nnx.DiffState(0, tg.nnx_filter(net, "**"))
+    )(net)
+    assert tg.paths(grads) == ["linear.bias", "linear.kernel", "norm.bias", "norm.scale"]
+
+
+def test_a_module_shared_by_two_attributes_is_replaced_once_and_stays_shared():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 2, rngs=rngs)])
+            self.tied = self.layers[0]
+
+    net, calls = Net(nnx.Rngs(0)), []
+    tg.replace_modules(
+        net, nnx.Linear, lambda m, key: calls.append(key) or lora_of(m, key), key=jax.random.key(0)
+    )
+    assert len(calls) == 2 and net.tied is net.layers[0] and isinstance(net.tied, nnx.LoRA)
+
+
 def test_nnx_filter_refuses_what_is_not_an_nnx_module():
     with pytest.raises(TypeError, match=r"nnx_filter\(\) takes a Flax NNX module, got dict"):
         tg.nnx_filter({"w": 1}, "w")
@@ -154,7 +189,7 @@ def test_a_stacked_nnx_layer_cannot_be_rebuilt_and_says_so():
                 jax.random.split(jax.random.key(0), 3)
             )
 
-    with pytest.raises(ValueError, match=r"blocks\.\*: it is a layer of a stacked Flax NNX module"):
+    with pytest.raises(ValueError, match=r"blocks\.\*: it lies in the layers of a stacked Flax NNX module"):
         tg.replace_modules(Stack(), "blocks.*", lambda m: m, stacked={"blocks": 1})
 
 
@@ -173,6 +208,28 @@ def test_linen_lora_factors_are_added_beside_the_kernel():
     added = sorted(set(tg.paths(out)) - set(tg.paths(params)))
     assert added == [f"h_{i}.attn.c_attn.lora_{x}" for i in range(2) for x in "ab"]
     assert out["h_0"]["mlp"] is params["h_0"]["mlp"] and "lora_a" not in params["h_0"]["attn"]["c_attn"]
+
+
+def test_haiku_layer_stack_modules_are_replaced_per_layer():
+    import haiku as hk
+
+    def forward(x):
+        def layer(x):
+            return jax.nn.relu(hk.Linear(4, name="dense")(x))
+
+        return hk.layer_stack(3)(layer)(x)
+
+    params = hk.transform(forward).init(jax.random.key(0), jnp.ones((1, 4)))
+    stacked = tg.stacked_layers(params)
+    (stack,) = stacked
+    assert tg.modules(params, "dense", stacked=stacked).paths == [f"{stack}.{i}.dense" for i in range(3)]
+
+    def add_lora(dense, key):
+        return {**dense, "lora_a": jax.random.normal(key, (dense["w"].shape[0], 2))}
+
+    out = tg.replace_modules(params, "dense", add_lora, key=jax.random.key(1), stacked=stacked)
+    (entry,) = [k for k in out if k.endswith("dense")]
+    assert out[entry]["lora_a"].shape == (3, 4, 2)  # one factor per layer, still stacked
 
 
 def test_haiku_modules_are_the_entries_of_the_params_dict_under_their_slash_names():

@@ -126,6 +126,18 @@ def test_a_dict_subtree_is_extended_beside_its_kernel():
     assert out["attn"]["k"] is params["attn"]["k"] and "lora_a" not in params["attn"]["q"]
 
 
+def test_a_module_held_twice_is_replaced_once_with_one_key():
+    linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    calls = []
+    out = tg.replace_modules(
+        [linear, linear],
+        eqx.nn.Linear,
+        lambda m, key: calls.append(key) or LoRALinear(m, 1, key=key),
+        key=jax.random.key(1),
+    )
+    assert len(calls) == 1 and out[0] is out[1]
+
+
 def test_the_root_itself_may_be_replaced():
     assert tg.replace_modules({"w": 1}, "**", lambda m: {"v": 2}) == {"v": 2}
 
@@ -204,6 +216,12 @@ def test_replacing_some_layers_of_a_stack_is_an_error():
             r"replace_modules\(key=\.\.\.\) passes each module's key .* takes no `key` parameter",
         ),
         ({}, "not a function", TypeError, r"replace_modules\(\) takes a function fn\(module\)"),
+        (
+            {"key": 0},
+            lambda m, key: m,
+            TypeError,
+            r"replace_modules\(key=\.\.\.\) takes a JAX PRNG key \(jax\.random\.key\(0\)\), got int: 0",
+        ),
         ({"nested": "all"}, lambda m: m, ValueError, r"replace_modules\(nested='all'\) is not a choice"),
     ],
 )

@@ -512,7 +512,8 @@ class _Where(Selector):
                 result = self.fn(path, leaf)
             except Exception as exc:
                 exc.add_note(
-                    f"treeglob: raised by the where() predicate {_name(self.fn)} on the leaf at path {path!r}."
+                    f"treeglob: raised by the where() predicate {_name(self.fn)} on the "
+                    f"{ctx.view.noun[0]} at path {path!r}."
                 )
                 raise
             if not isinstance(result, bool | np.bool_):

@@ -31,7 +31,7 @@ from typing import Any
 import jax.tree_util as jtu
 import numpy as np
 
-from .frameworks import is_wrapper
+from .frameworks import KEY_SEPARATOR, is_wrapper
 from .keys import key_text, quote, split_path
 from .selector import Context, Selector, coerce
 from .stacking import Layers, Stack
@@ -131,24 +131,30 @@ class NodeView:
         self.parents: list[int] = []
         self.layers: list[tuple[int, ...] | None] = []
         self.real: list[int] = []
-        # A real node in a stacked subtree -> the stack's shape (its leading layer axes).
+        # A real node in a stacked subtree -> the stack's shape (its leading layer axes), and
+        # the length of the stacked subtree's path, which the layer index follows.
         self.stack_shapes: dict[int, tuple[int, ...]] = {}
+        self.stack_depths: dict[int, int] = {}
         stacks = {tuple(split_path(s.path)): s for s in self.leaf_view.stacks}
         row_of: dict[int, int] = {}  # a real node outside stacks -> its row
         i = 0
         while i < len(self.reals):
             node = self.reals[i]
-            stack = stacks.get(node.segments)
             parent = row_of.get(node.parent, -1)
+            stack = next((s for at, s in stacks.items() if node.segments[: len(at)] == at), None)
             if stack is None:
                 row_of[i] = self._add(node.segments, type(node.obj), parent, None, i)
                 i += 1
                 continue
-            row_of[i] = root = self._add(node.segments, Layers, parent, None, i)
-            end = i + 1
+            end = i + 1  # the node and every node inside it
             while end < len(self.reals) and self._within(self.reals[end], i):
                 end += 1
-            self._add_layers(stack, i, end, root)
+            prefix = tuple(split_path(stack.path))
+            if node.segments == prefix:  # the stacked subtree itself: a list of its layers
+                row_of[i] = self._add(node.segments, Layers, parent, None, i)
+                self._add_layers(stack, prefix, i, end, row_of[i], i)
+            else:  # a node in a stack that is no node itself (a prefix of Haiku module names)
+                self._add_layers(stack, prefix, i, end, parent, None)
             i = end
 
     def _within(self, node: _Real, ancestor: int) -> bool:
@@ -166,17 +172,22 @@ class NodeView:
         self.real.append(real)
         return len(self.segments) - 1
 
-    def _add_layers(self, stack: Stack, root: int, end: int, root_row: int) -> None:
-        """The rows of a stacked subtree's layers: each layer, then the nodes inside it."""
-        prefix = self.reals[root].segments
-        self.stack_shapes.update(dict.fromkeys(range(root, end), stack.shape))
+    def _add_layers(
+        self, stack: Stack, prefix: tuple[str, ...], first: int, end: int, parent: int, root: int | None
+    ) -> None:
+        """The rows of the real nodes `first..end` in a stacked subtree at `prefix`, layer by
+        layer: the layer itself where the subtree is a node (`root`), then the nodes in it."""
+        self.stack_shapes.update(dict.fromkeys(range(first, end), stack.shape))
+        self.stack_depths.update(dict.fromkeys(range(first, end), len(prefix)))
         for layer in np.ndindex(*stack.shape):
             at = (*prefix, *map(str, layer))
-            row_of = {root: self._add(at, type(self.reals[root].obj), root_row, layer, root)}
-            for j in range(root + 1, end):
+            row_of = {}
+            if root is not None:
+                row_of[root] = self._add(at, type(self.reals[root].obj), parent, layer, root)
+            for j in range(first if root is None else first + 1, end):
                 node = self.reals[j]
                 segments = (*at, *node.segments[len(prefix) :])
-                row_of[j] = self._add(segments, type(node.obj), row_of[node.parent], layer, j)
+                row_of[j] = self._add(segments, type(node.obj), row_of.get(node.parent, parent), layer, j)
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -184,6 +195,13 @@ class NodeView:
     @functools.cached_property
     def paths(self) -> list[str]:
         return [".".join(map(quote, segments)) for segments in self.segments]
+
+    def star_path(self, row: int) -> str:
+        """`blocks.*.attn.q`: a stacked row's path with `*` for its layer index."""
+        start, axes = self.stack_depths[self.real[row]], len(self.layers[row] or ())
+        segments = [quote(s) for s in self.segments[row]]
+        segments[start : start + axes] = ["*"] * axes
+        return ".".join(segments)
 
     @functools.cached_property
     def row_leaves(self) -> list[Any]:
@@ -263,7 +281,7 @@ class Modules:
 
 def node_view(tree: Any, caller: str, stacked: Any) -> NodeView:
     """The tree's node view, after checking that the caller did not pass a selector as the tree."""
-    if isinstance(tree, Selector):
+    if isinstance(tree, Selector | str):  # a bare string is no model: a pattern, put first
         raise TypeError(
             f"{caller}() got a selector ({tree!r}) where the tree goes. The tree comes first: "
             f"treeglob.{caller}(tree, selector, ...)."
@@ -304,12 +322,22 @@ def _leaf_hint(view: NodeView, selector: Selector) -> str:
         return ""
     hits = np.flatnonzero(leaves)
     found = ", ".join(view.leaf_view.paths[i] for i in hits[:3]) + (", ..." if len(hits) > 3 else "")
-    return (
-        f"It selects leaves ({found}), but no module or subtree ends where it "
-        "matches: name a module whole (a glob must match up to the module's last segment). "
-        "A Haiku module name that only prefixes other modules' names (`block` in `block/linear`) "
-        "is no node: select the modules ('block.*'). To select leaves, use treeglob.mask."
+    hint = (
+        f"It selects leaves ({found}), but no module or subtree ends where it matches: name a "
+        "module whole (a glob must match up to the module's last segment). To select leaves, "
+        "use treeglob.mask."
     )
+    slashed = any(
+        isinstance(getattr(key, "key", None), str) and KEY_SEPARATOR in key.key
+        for path in view.leaf_view.key_paths
+        for key in path
+    )
+    if slashed:
+        hint += (
+            " A Haiku module name that only prefixes other modules' names (`mlp` in `mlp/~/linear_0`) "
+            "is no node: select the modules below it ('mlp.**')."
+        )
+    return hint
 
 
 def modules(

@@ -21,7 +21,6 @@ import jax
 import jax.tree_util as jtu
 
 from .._core.frameworks import in_place
-from .._core.keys import quote
 from .._core.nodes import NodeView, node_view, one_level, selected_rows
 
 __all__ = ["replace_modules"]
@@ -72,19 +71,25 @@ def replace_modules(
     call = _caller(fn, key is not None)
     view = node_view(tree, "replace_modules", stacked)
     adapter = in_place(tree)
-    groups: dict[int, list[int]] = {}  # a node of the tree -> its selected rows (one per layer if stacked)
+    # One call of fn per module: a module held at several paths (an NNX module shared by two
+    # attributes) is replaced once and stays shared; a stacked one once for all its layers.
+    groups: dict[Any, list[int]] = {}
     for row in selected_rows(view, selector, nested=nested, strict=strict, caller="replace_modules"):
-        groups.setdefault(view.real[row], []).append(row)
-    keys = [None] * len(groups) if key is None else list(jax.random.split(key, len(groups)))
+        real = view.real[row]
+        one = ("layers", real) if view.layers[row] is not None else id(view.reals[real].obj)
+        groups.setdefault(one, []).append(row)
+    keys = [None] * len(groups) if key is None else list(_split(key, len(groups)))
     new: dict[int, Any] = {}
-    for (real, rows), k in zip(groups.items(), keys, strict=True):
+    for rows, k in zip(groups.values(), keys, strict=True):
+        real = view.real[rows[0]]
         if view.layers[rows[0]] is None:
-            new[real] = call(view.reals[real].obj, view.paths[rows[0]], k)
+            value = call(view.reals[real].obj, view.paths[rows[0]], k)
+            new.update(dict.fromkeys((view.real[r] for r in rows), value))
         elif adapter is not None:
             raise ValueError(
-                f"replace_modules() cannot replace {_layers_as_star(view, rows[0])}: it is a layer of a stacked "
-                f"{adapter.name} module, which is changed in place and cannot be rebuilt layer by layer. "
-                "Replace the module before stacking it (e.g. inside the function nnx.vmap builds it with)."
+                f"replace_modules() cannot replace {view.star_path(rows[0])}: it lies in the layers of a "
+                f"stacked {adapter.name} module, which is changed in place and cannot be rebuilt layer by "
+                "layer. Replace the module before stacking it (e.g. inside the function nnx.vmap builds it with)."
             )
         else:
             new[real] = _per_layer(view, real, rows, call, k)
@@ -96,6 +101,17 @@ def replace_modules(
             return value  # the root itself: nothing holds it
         adapter.assign(view.reals[node.parent].obj, node.keys[-1], value)
     return tree
+
+
+def _split(key: Any, n: int) -> Any:
+    """`n` keys from the user's `key`, which must be a JAX PRNG key."""
+    try:
+        return jax.random.split(key, n)
+    except Exception as exc:
+        raise TypeError(
+            f"replace_modules(key=...) takes a JAX PRNG key (jax.random.key(0)), got "
+            f"{type(key).__name__}: {key!r} ({exc})."
+        ) from None
 
 
 def _caller(fn: Callable[..., Any], with_key: bool) -> Callable[[Any, str, Any], Any]:
@@ -143,7 +159,7 @@ def _per_layer(
 ) -> Any:
     """The replacement of a module in a stacked subtree, built for every layer under vmap."""
     shape = view.stack_shapes[real]
-    path = _layers_as_star(view, rows[0])
+    path = view.star_path(rows[0])
     if len(rows) != math.prod(shape):
         chosen = ", ".join(".".join(map(str, view.layers[r] or ())) for r in rows[:12])
         raise ValueError(
@@ -161,17 +177,6 @@ def _per_layer(
         fn = eqx.filter_vmap(fn)
     layer_keys = None if key is None else jax.random.split(key, shape)
     return fn(view.reals[real].obj, layer_keys)
-
-
-def _layers_as_star(view: NodeView, row: int) -> str:
-    """`blocks.*.attn.q`: a stacked row's path with `*` for its layer index."""
-    layer = row
-    while view.layers[view.parents[layer]] is not None:
-        layer = view.parents[layer]  # up to the layer's own row, whose parent is the stacked subtree
-    start, axes = len(view.segments[view.parents[layer]]), len(view.layers[row] or ())
-    segments = [quote(s) for s in view.segments[row]]
-    segments[start : start + axes] = ["*"] * axes
-    return ".".join(segments)
 
 
 def _rebuild(node: Any, replaced: dict[tuple[int, ...], Any], at: tuple[int, ...] = ()) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._core.resolve import mask
+from .._core.resolve import Options, select
 
 __all__ = ["nnx_filter", "partition"]
 
@@ -46,7 +46,7 @@ def partition(tree: Any, selector: Any, *, strict: bool = True, stacked: Any = N
         >>> frozen
         {'act': 'gelu', 'base': array([1., 1.]), 'lora_a': None}
     """
-    selected = mask(tree, selector, strict=strict, stacked=stacked)
+    selected = select(tree, selector, Options(strict=strict, stacked=stacked), caller="partition").tree()
     spec = jtu.tree_map(lambda hit, leaf: hit and eqx.is_array(leaf), selected, tree)
     return eqx.partition(tree, spec)
 
@@ -65,18 +65,21 @@ class _PathFilter:
         return f"treeglob.nnx_filter({self.described}, {len(self.paths)} variables)"
 
 
-def nnx_filter(model: Any, selector: Any, *, strict: bool = True, stacked: Any = None) -> _PathFilter:
+def nnx_filter(
+    model: Any, selector: Any, *, variables: Any = None, strict: bool = True, stacked: Any = None
+) -> _PathFilter:
     """A Flax NNX filter that selects the Variables of `model` that `selector` selects.
 
     Use it wherever NNX takes a filter: `nnx.state(model, f)`,
     `nnx.split(model, f, ...)`, `nnx.DiffState(0, f)`,
     `nnx.Optimizer(model, tx, wrt=f)`. The selector is resolved on the
-    model's whole State with the model's module types (as
-    `treeglob.mask(nnx.state(model), selector, types_from=model)`), so
+    model's `variables` (its `nnx.Param`s, LoRA's `nnx.LoRAParam`s among them,
+    unless told otherwise) with the model's module types, as
+    `treeglob.mask(nnx.state(model, variables), selector, types_from=model)`:
     `tg.inside(nnx.LayerNorm)`, `"blocks.{0..5}"` and `nnx.LoRAParam` all
-    work; combine it with NNX's own filters, e.g. `nnx.All(nnx.Param, f)`.
-    The filter is a plain function of the paths chosen now: build it again
-    after replacing modules.
+    work, and a path never drags in batch statistics or RNG counters, which
+    `nnx.grad` cannot differentiate. The filter is a function of the paths
+    chosen now: build it again after replacing modules.
 
     The filter is a function, not a `treeglob.Selector`: a selector is
     deliberately never callable, since optax would call it as a schedule.
@@ -84,6 +87,8 @@ def nnx_filter(model: Any, selector: Any, *, strict: bool = True, stacked: Any =
     Args:
         model: a Flax NNX module.
         selector: a selector, or a value that coerces to one.
+        variables: the NNX filter of the Variables to choose from (default
+            `nnx.Param`; e.g. `nnx.Any(nnx.Param, nnx.BatchStat)`).
         strict: raise `NoMatchError` (with close matches) when nothing is selected.
         stacked: `{path: axes}` of stacked subtrees; a selection must take a stacked
             Variable whole.
@@ -95,7 +100,9 @@ def nnx_filter(model: Any, selector: Any, *, strict: bool = True, stacked: Any =
             f"nnx_filter() takes a Flax NNX module, got {type(model).__name__}. For an Equinox model "
             "use treeglob.partition(model, selector); for any other tree, treeglob.mask."
         )
-    selected = mask(nnx.state(model), selector, strict=strict, stacked=stacked, types_from=model)
+    state = nnx.state(model, nnx.Param if variables is None else variables)
+    options = Options(strict=strict, stacked=stacked, types_from=model)
+    selected = select(state, selector, options, caller="nnx_filter").tree()
     paths = frozenset(
         tuple(getattr(key, "key", getattr(key, "idx", key)) for key in path)
         for path, hit in jtu.tree_flatten_with_path(selected)[0]
