@@ -276,7 +276,7 @@ def _pairs(data: Mapping[str, Any], key: str, origin: str, what: str) -> list[tu
         )
     for pattern, target in pairs:
         ok = isinstance(target, str) or (
-            key == "rename"
+            key in ("rename", "transform")
             and isinstance(target, list)
             and target
             and all(isinstance(t, str) for t in target)
@@ -292,7 +292,8 @@ def load_transfer(source: str | pathlib.Path | Mapping[str, Any], *, key: str | 
     """Read checkpoint-transfer rules (`skip`, `ignore`, `rename`, `transform`) from a file or dict.
 
     The file may be the rules file of `load_rules` too: each reader takes
-    its own keys. Transforms are named: `"transpose"` or a dtype name.
+    its own keys. Transforms are named: `"transpose"` or a dtype name, or a list
+    of names applied in order (`["transpose", "float32"]`).
 
         skip = ["head"]                       # model leaves kept from initialisation
         ignore = ["*.attn.masked_bias"]       # checkpoint tensors nothing uses
@@ -318,7 +319,7 @@ def load_transfer(source: str | pathlib.Path | Mapping[str, Any], *, key: str | 
         rename=_pairs(data, "rename", origin, "a replacement (or a list of them)"),
         skip=_patterns(data, "skip", origin),
         ignore=_patterns(data, "ignore", origin),
-        transform=_pairs(data, "transform", origin, "a transform name"),
+        transform=_pairs(data, "transform", origin, "a transform name (or a list of them, applied in order)"),
     )
     if not any(rules):
         raise RulesFileError(f"{origin}: no transfer rules; give skip, ignore, rename or transform.")

@@ -376,12 +376,40 @@ def test_missing_leaves_suggest_close_renamed_names(tmp_path):
         tg.load(gpt(1), tmp_path / "m.safetensors", rename=[("ln_f", "lnf")])
 
 
-def test_two_tensors_for_one_path(tmp_path):
-    tg.save(tmp_path / "m.safetensors", {"a": {"w": np.ones(2)}, "b": {"w": np.ones(2)}})
+def test_several_tensors_for_one_path_list_every_collision(tmp_path):
+    tree = {
+        "a": {"w": np.ones(2), "v": np.ones(2)},
+        "b": {"w": np.ones(2), "v": np.ones(2)},
+        "z": {"w": np.ones(2)},
+    }
+    tg.save(tmp_path / "m.safetensors", tree)
+    model = {"c": {"w": np.zeros(2), "v": np.zeros(2)}}
+    with pytest.raises(tg.LoadError) as info:
+        tg.load(model, tmp_path / "m.safetensors", rename=[("{x}.{n}", "c.{n}")])
+    assert str(info.value).splitlines() == [
+        "load(): 2 model paths would each take several checkpoint tensors:",
+        "    c.v <- 'a.v', 'b.v'",
+        "    c.w <- 'a.w', 'b.w', 'z.w'",
+        "A leaf takes one tensor: rename all but one of them elsewhere, or ignore=[...] them.",
+    ]
+    assert info.value.report is None
+
+
+def test_a_rename_typo_gets_close_matches_among_runs_of_segments():
+    ckpt = {"h.0.mlp.c_fc.weight": np.zeros(2), "h.0.attn.bias": np.zeros(2)}
+    model = {"blocks": [{"fc": {"weight": np.zeros(2)}}]}
     with pytest.raises(
-        ValueError, match=r"the checkpoint tensors 'a.w' and 'b.w' both become the model path 'c.w'"
+        tg.NoMatchError,
+        match=r"rename rule 1 \('mlp\.c_fcc' -> 'fc'\) matches no checkpoint name .* Close matches: mlp\.c_fc\.",
     ):
-        tg.load({"c": {"w": np.zeros(2)}}, tmp_path / "m.safetensors", rename=[("{x}.w", "c.w")])
+        tg.load_plan(model, ckpt, rename=[("h", "blocks"), ("mlp.c_fcc", "fc")])
+    with pytest.raises(tg.NoMatchError, match=r"Close matches: h\.0\.mlp\.c_fc\.weight\."):
+        tg.load_plan(model, ckpt, rename=[("h.{i}.mlp.c_fcc.weight", "blocks.{i}.fc.weight")])
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"glob\('\*\.attn\.biass\$'\) matches no leaf(.|\n)*Close matches in the tree: h\.0\.attn\.bias",
+    ):
+        tg.load_plan(model, ckpt, ignore=["*.attn.biass$"])
 
 
 def test_transforms(tmp_path):
@@ -402,6 +430,38 @@ def test_transforms(tmp_path):
         tg.load(target, tmp_path / "m.safetensors", transform=[("w", "tranpose")])
     with pytest.raises(TypeError, match=r"transform\[0\]: 3 is not callable"):
         tg.load(target, tmp_path / "m.safetensors", transform=[("w", 3)])
+
+
+def test_named_transforms_compose_in_order_from_python_a_rules_file_and_the_command_line(tmp_path, capsys):
+    from treeglob._cli.main import main as cli
+
+    weights = {"w": np.arange(6, dtype=np.float16).reshape(2, 3)}
+    tg.save(tmp_path / "m.safetensors", weights)
+    target = {"w": np.zeros((3, 2), np.float32)}
+    model, report = tg.load(target, tmp_path / "m.safetensors", transform=[("w", ("transpose", "float32"))])
+    np.testing.assert_array_equal(model["w"], weights["w"].T.astype(np.float32))
+    assert report.rows[0].transform == "transpose then astype(float32)"
+    (tmp_path / "rules.toml").write_text('transform = [["w", ["transpose", "float32"]]]\n')
+    rules = tg.load_transfer(tmp_path / "rules.toml")
+    assert rules.transform == [("w", ("transpose", "float32"))]
+    assert tg.load_plan(target, tmp_path / "m.safetensors", **rules._asdict()).ok
+    np.savez(tmp_path / "target.npz", w=np.zeros((3, 2), np.float32))
+    status = cli(
+        [
+            "load-plan",
+            str(tmp_path / "target.npz"),
+            str(tmp_path / "m.safetensors"),
+            "--transform",
+            "w=transpose,float32",
+        ]
+    )
+    assert status == 0 and "via transpose then astype(float32)" in capsys.readouterr().out
+    with pytest.raises(
+        TypeError, match=r"transform\[0\]\[1\]: 3 is not callable; .* or a tuple of these applied in order"
+    ):
+        tg.load_plan(target, tmp_path / "m.safetensors", transform=[("w", ("transpose", 3))])
+    with pytest.raises(ValueError, match=r"transform\[0\]: an empty tuple of transforms"):
+        tg.load_plan(target, tmp_path / "m.safetensors", transform=[("w", ())])
 
 
 def test_a_transform_whose_shape_cannot_be_known_ahead_is_checked_when_loaded(tmp_path):

@@ -144,17 +144,27 @@ def _match_tensors(
     renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
     index = {view.paths[r]: r for r in view.data_rows}
     taken: dict[int, str] = {}
+    collisions: dict[str, list[str]] = {}  # a model path -> every tensor that becomes it
     for name, outs in renamed.items():
         for out in outs:
             row = index.get(out)
             if row is None:
                 continue
             if row in taken:
-                raise ValueError(
-                    f"{caller}(): the checkpoint tensors {taken[row]!r} and {name!r} both become the "
-                    f"model path {out!r}. Rename one of them elsewhere or ignore=[...] it."
-                )
-            taken[row] = name
+                collisions.setdefault(out, [taken[row]]).append(name)
+            else:
+                taken[row] = name
+    if collisions:
+        listed = "\n".join(
+            f"    {path} <- {', '.join(map(repr, names))}" for path, names in list(collisions.items())[:20]
+        )
+        more = f"\n    ... and {len(collisions) - 20} more" if len(collisions) > 20 else ""
+        raise LoadError(
+            f"{caller}(): {len(collisions)} model path{'s' if len(collisions) > 1 else ''} would each take "
+            f"several checkpoint tensors:\n{listed}{more}\nA leaf takes one tensor: rename all but one "
+            "of them elsewhere, or ignore=[...] them.",
+            None,
+        )
     return ignored, renamed, taken
 
 

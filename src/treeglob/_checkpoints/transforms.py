@@ -43,6 +43,38 @@ def _named_transform(name: str, where: str) -> _Named:
     return _Named(f"astype({dtype})", dtype)
 
 
+@dataclass(frozen=True)
+class _Chain:
+    """Transforms applied in order, written as a tuple: `("transpose", "float32")`."""
+
+    steps: tuple[Callable[[Any], Any], ...]
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return " then ".join(map(transform_name, self.steps))
+
+    def __call__(self, x: Any) -> Any:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
+    """A rule's transform: a function, a name, or a tuple of these applied in order."""
+    if isinstance(fn, str):
+        return _named_transform(fn, where)
+    if isinstance(fn, tuple | list):
+        if not fn:
+            raise ValueError(f"{where}: an empty tuple of transforms; give at least one.")
+        return _Chain(tuple(_transform(step, f"{where}[{k}]") for k, step in enumerate(fn)))
+    if not callable(fn):
+        raise TypeError(
+            f"{where}: {fn!r} is not callable; give a function of the array, 'transpose', a dtype "
+            "name, or a tuple of these applied in order."
+        )
+    return fn
+
+
 def transform_name(fn: Callable[[Any], Any]) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
@@ -53,13 +85,7 @@ def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
     for index, (pattern, fn) in enumerate(
         pairs(transform, "transform", "function", "('*.c_fc.weight', 'transpose')")
     ):
-        if isinstance(fn, str):
-            fn = _named_transform(fn, f"transform[{index}]")
-        if not callable(fn):
-            raise TypeError(
-                f"transform[{index}]: {fn!r} is not callable; give a function of the array, "
-                "'transpose' or a dtype name."
-            )
+        fn = _transform(fn, f"transform[{index}]")
         out.append((pattern, fn))
     return out
 
@@ -70,6 +96,13 @@ def output_meta(
     """The shape and dtype `fn` gives for a tensor, without its data; else why not."""
     if isinstance(fn, _Named):
         return fn.output(shape, dtype)
+    if isinstance(fn, _Chain):
+        for step in fn.steps:
+            out = output_meta(step, shape, dtype)
+            if isinstance(out, str):
+                return f"{transform_name(step)}: {out}"
+            shape, dtype = out
+        return shape, dtype
     # A zero-strided NumPy stand-in of the tensor: no memory for views (.T, slices,
     # np.split, reshape), and NumPy's own dtype rules, which are what `fn` meets when
     # the tensor is loaded.

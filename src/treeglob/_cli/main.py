@@ -112,7 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ignore", metavar="PATTERN", action="append", default=[], help="leave these tensors out"
     )
     lp.add_argument(
-        "--transform", metavar="PATTERN=NAME", action="append", default=[], help="'transpose' or a dtype name"
+        "--transform",
+        metavar="PATTERN=NAME",
+        action="append",
+        default=[],
+        help="'transpose' or a dtype name, or names applied in order: 'transpose,float32'",
     )
     lp.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
     lp.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
@@ -236,6 +240,8 @@ def _transfer_rules(args: argparse.Namespace) -> tg.TransferRules:
     transform = _pairs(
         args.transform, "--transform", "PATTERN=NAME, e.g. --transform '*.c_fc.weight=transpose'"
     )
+    # NAME,NAME: transforms applied in order (a dtype name holds no comma)
+    transform = [(p, tuple(n.split(",")) if "," in n else n) for p, n in transform]
     rules = tg.TransferRules(rename, list(args.skip), list(args.ignore), transform)
     if args.rules:
         data = tg.load_transfer(args.rules, key=args.key)

@@ -37,8 +37,9 @@ class RulesFileError(ValueError):
 
 class LoadError(ValueError):
     """A checkpoint transfer that does not fit: model leaves without a tensor, tensors
-    nothing uses, or shapes/dtypes that differ. Lists every problem at once; `.report`
-    (a `LoadReport`) has the rest."""
+    nothing uses, shapes/dtypes that differ, several tensors renamed onto one leaf.
+    Lists every problem at once; `.report` (a `LoadReport`, or None where the
+    names did not even pair up) has the rest."""
 
     def __init__(self, message: str, report: Any):
         super().__init__(message)

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-__all__ = ["key_text", "quote", "split_path"]
+__all__ = ["key_text", "quote", "runs", "split_path"]
 
 _SPECIAL = frozenset("*?[]{}./\"'\\^$")
 
@@ -69,3 +69,17 @@ def split_path(path: str) -> tuple[str, ...]:
             current.append(c)
     out.append("".join(current))
     return tuple(out)
+
+
+def runs(paths: list[tuple[str, ...]], k: int, *, ending: bool = False) -> list[str]:
+    """The printed runs of `k` consecutive segments of the paths (each only the run that
+    ends the path, with `ending`): what a pattern of `k` segments is compared with for
+    close matches, since it may match anywhere along a path."""
+    return sorted(
+        {
+            ".".join(map(quote, segments[i : i + k]))
+            for segments in paths
+            for i in ([len(segments) - k] if ending else range(len(segments) - k + 1))
+            if i >= 0
+        }
+    )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .errors import NoMatchError, suggest
-from .keys import quote
+from .keys import runs
 from .tree import TreeView
 
 if TYPE_CHECKING:
@@ -160,20 +160,11 @@ class Context:
             # with whole paths first (the pattern's wildcards are left out of its literal
             # text, so its own segment count is not known), then with the runs.
             k = literal.count(".") + 1
-            close = (suggest(literal, self.view.paths) if k > 1 else []) or suggest(literal, self._runs(k))
+            close = (suggest(literal, self.view.paths) if k > 1 else []) or suggest(
+                literal, runs(self.view.segments, k, ending=self.view.of_nodes)
+            )
             out += [c for c in close if c not in out]
         return out
-
-    def _runs(self, k: int) -> list[str]:
-        """The runs of `k` consecutive segments a pattern of `k` segments may match."""
-        return sorted(
-            {
-                ".".join(map(quote, segs[i : i + k]))
-                for segs in self.view.segments
-                for i in ([len(segs) - k] if self.view.of_nodes else range(len(segs) - k + 1))
-                if i >= 0
-            }
-        )
 
 
 # ----------------------------------------------------------------------------
