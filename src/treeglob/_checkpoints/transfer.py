@@ -160,8 +160,9 @@ def _match_tensors(
         )
         more = f"\n    ... and {len(collisions) - 20} more" if len(collisions) > 20 else ""
         raise LoadError(
-            f"{caller}(): {len(collisions)} model path{'s' if len(collisions) > 1 else ''} would each take "
-            f"several checkpoint tensors:\n{listed}{more}\nA leaf takes one tensor: rename all but one "
+            f"{caller}(): {len(collisions)} model "
+            f"{'paths would each' if len(collisions) > 1 else 'path would'} take several checkpoint "
+            f"tensors:\n{listed}{more}\nA leaf takes one tensor: rename all but one "
             "of them elsewhere, or ignore=[...] them.",
             None,
         )
