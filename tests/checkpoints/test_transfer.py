@@ -787,3 +787,44 @@ except ValueError as exc:
 """
     out = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     assert re.match(r"load\(\): shardings at 'w' \(.*\) does not fit its shape \(8, 8\)", out), out
+
+
+def test_the_dtype_policy_casts_floating_tensors_to_the_model_dtype_on_request(tmp_path, capsys):
+    from treeglob._cli.main import main as cli
+
+    weights = {
+        "w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
+        "b": jnp.ones(3, jnp.bfloat16),
+        "i": np.arange(3, dtype=np.int32),
+    }
+    tg.save(tmp_path / "m.safetensors", weights)
+    model = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32), "i": np.zeros(3, np.int32)}
+    strict = tg.load_plan(model, tmp_path / "m.safetensors", transform=[("w", "transpose")])
+    assert [r.path for r in strict.rows if r.status == "mismatch"] == ["b", "w"]  # strict by default
+    loaded, report = tg.load(model, tmp_path / "m.safetensors", transform=[("w", "transpose")], cast=True)
+    assert loaded["w"].dtype == loaded["b"].dtype == np.float32 and loaded["i"].dtype == np.int32
+    np.testing.assert_array_equal(loaded["w"], np.asarray(weights["w"], np.float32).T)
+    notes = {r.path: (r.source_dtype, r.note) for r in report.rows}
+    assert notes == {
+        "b": ("bfloat16", "cast from bfloat16"),
+        "i": ("int32", ""),
+        "w": ("bfloat16", "cast from bfloat16 after transpose"),
+    }
+    ints = {"i": np.zeros(3, np.int64), "w": model["w"], "b": model["b"]}
+    plan = tg.load_plan(ints, tmp_path / "m.safetensors", transform=[("w", "transpose")], cast=True)
+    assert [r.path for r in plan.rows if r.status == "mismatch"] == ["i"]  # other kinds must agree
+    np.savez(tmp_path / "model.npz", **model)
+    assert (
+        cli(
+            [
+                "load-plan",
+                str(tmp_path / "model.npz"),
+                str(tmp_path / "m.safetensors"),
+                "--transform",
+                "w=transpose",
+                "--cast",
+            ]
+        )
+        == 0
+    )
+    assert "cast from bfloat16 after transpose" in capsys.readouterr().out

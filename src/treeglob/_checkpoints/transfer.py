@@ -32,7 +32,7 @@ from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
-from .transforms import output_meta, parse_transforms, transform_name
+from .transforms import cast_after, output_meta, parse_transforms, transform_name
 
 __all__ = ["load", "load_plan", "save"]
 
@@ -65,6 +65,7 @@ def _plan(
     strict: bool,
     allow_missing: bool,
     allow_unused: bool,
+    cast: bool = False,
 ) -> _Plan:
     rename_rules = parse_renames(rename or [])  # malformed rules first, before any file is opened
     transforms = parse_transforms(transform or [])
@@ -106,6 +107,11 @@ def _plan(
         row = LoadRow("loaded", path, name, shape, _text(dtype), **src, transform=label)
         if isinstance(got, str):
             row = replace(row, note=f"checked when loaded (without data: {got[:80]})")
+        elif cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
+            # The dtype policy: a floating tensor is cast to its leaf's floating dtype.
+            fn = cast_after(fn, dtype)
+            cast_note = f"cast from {got[1]}" + (f" after {label}" if label else "")
+            row = replace(row, transform=transform_name(fn), note=cast_note)
         elif got != (shape, dtype):
             note = f"gives {got[1]}{got[0]}" + (f" after {label}" if label else "")
             out_rows.append(replace(row, status="mismatch", note=note))
@@ -196,6 +202,11 @@ def _choose_transforms(
 
 
 @functools.cache
+def _floating(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+@functools.cache
 def _text(dtype: Any) -> str:
     return str(dtype)  # NumPy builds a dtype's name anew each time
 
@@ -241,6 +252,7 @@ def load_plan(
     strict: bool = True,
     allow_missing: bool = False,
     allow_unused: bool = False,
+    cast: bool = False,
 ) -> LoadReport:
     """What `treeglob.load` would do, from metadata only: no tensor is read.
 
@@ -277,6 +289,7 @@ def load_plan(
             strict=strict,
             allow_missing=allow_missing,
             allow_unused=allow_unused,
+            cast=cast,
         ).report
 
 
@@ -293,6 +306,7 @@ def load(
     strict: bool = True,
     allow_missing: bool = False,
     allow_unused: bool = False,
+    cast: bool = False,
 ) -> tuple[Any, LoadReport]:
     """Load a checkpoint into a model by rules, reading one tensor at a time.
 
@@ -333,6 +347,11 @@ def load(
             something (`NoMatchError` with close matches otherwise).
         allow_missing: let model leaves without a tensor keep their values.
         allow_unused: let checkpoint tensors go unused.
+        cast: the dtype policy. By default a tensor's dtype must be its
+            leaf's (a bfloat16 checkpoint into a float32 model is an error);
+            with `cast=True` a floating tensor is cast to its leaf's
+            floating dtype (after any transform), shown per row in the
+            report (`cast from bfloat16`). Other kinds must still agree.
 
     Returns:
         `(model, report)`: `target` with the loaded leaves replaced, and the
@@ -365,6 +384,7 @@ def load(
             strict=strict,
             allow_missing=allow_missing,
             allow_unused=allow_unused,
+            cast=cast,
         )
     plan.report.check("load")
     _check_values(plan)

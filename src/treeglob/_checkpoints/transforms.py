@@ -12,7 +12,7 @@ import numpy as np
 
 from .rename import pairs
 
-__all__ = ["output_meta", "parse_transforms", "transform_name"]
+__all__ = ["cast_after", "output_meta", "parse_transforms", "transform_name"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,12 @@ def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
             "name, or a tuple of these applied in order."
         )
     return fn
+
+
+def cast_after(fn: Callable[[Any], Any] | None, dtype: Any) -> Callable[[Any], Any]:
+    """`fn` (or nothing), then a cast to `dtype`: the dtype policy's own transform."""
+    cast = _Named(f"astype({jnp.dtype(dtype)})", jnp.dtype(dtype))
+    return cast if fn is None else _Chain((fn, cast))
 
 
 def transform_name(fn: Callable[[Any], Any]) -> str:

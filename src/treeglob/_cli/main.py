@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     lp.add_argument("--allow-missing", action="store_true", help="model leaves without a tensor are fine")
     lp.add_argument("--allow-unused", action="store_true", help="unused checkpoint tensors are fine")
+    lp.add_argument(
+        "--cast", action="store_true", help="cast floating tensors to the model's floating dtypes"
+    )
     lp.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
     lp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lp.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
@@ -273,6 +276,7 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
             strict=not args.no_strict,
             allow_missing=args.allow_missing,
             allow_unused=args.allow_unused,
+            cast=args.cast,
         )
     except (ValueError, TypeError) as exc:
         return _fail(args, 1, type(exc).__name__, str(exc))
