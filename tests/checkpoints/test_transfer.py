@@ -71,15 +71,15 @@ def test_rename_rules_chain_in_order():
         [("^transformer.h", "blocks"), ("blocks.{i}.ln_1", "blocks.{i}.ln1"), ("ln1", "norm")]
     )
     out = apply_renames(["transformer.h.0.ln_1.weight", "lm_head.weight"], rules, caller="load")
-    assert out == {
-        "transformer.h.0.ln_1.weight": ["blocks.0.norm.weight"],
-        "lm_head.weight": ["lm_head.weight"],
+    assert out == {  # each name's new names, with the rules that changed it on the way
+        "transformer.h.0.ln_1.weight": [("blocks.0.norm.weight", (0, 1, 2))],
+        "lm_head.weight": [("lm_head.weight", ())],
     }
 
 
 def test_rename_accepts_a_dict_in_order():
     rules = parse_renames({"a": "b", "b": "c"})
-    assert apply_renames(["a.w"], rules, caller="load") == {"a.w": ["c.w"]}
+    assert apply_renames(["a.w"], rules, caller="load") == {"a.w": [("c.w", (0, 1))]}
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_a_rename_rule_that_matches_nothing_is_an_error_with_close_matches():
     rules = parse_renames([("transformer.ln_g", "norm")])
     with pytest.raises(tg.NoMatchError, match=r"Close matches: transformer.ln_f"):
         apply_renames(["transformer.ln_f"], rules, caller="load")
-    assert apply_renames(["a"], rules, caller="load", strict=False) == {"a": ["a"]}
+    assert apply_renames(["a"], rules, caller="load", strict=False) == {"a": [("a", ())]}
 
 
 # ----------------------------------------------------------------------------
@@ -390,7 +390,8 @@ def test_several_tensors_for_one_path_list_every_collision(tmp_path):
         "load(): 2 model paths would each take several checkpoint tensors:",
         "    c.v <- 'a.v', 'b.v'",
         "    c.w <- 'a.w', 'b.w', 'z.w'",
-        "A leaf takes one tensor: rename all but one of them elsewhere, or ignore=[...] them.",
+        "A leaf takes one tensor: rename all but one of them elsewhere, or ignore=[...] them; or combine "
+        "them with a 'concat(axis)' or 'stack(axis)' transform on the leaf.",
     ]
     assert info.value.report is None
 
@@ -426,7 +427,9 @@ def test_transforms(tmp_path):
     np.testing.assert_array_equal(model["w"], np.arange(6).reshape(2, 3).T)
     assert model["w"].dtype == model["b"].dtype == jnp.bfloat16
     assert {r.path: r.transform for r in report.rows} == {"b": "astype(bfloat16)", "w": "<lambda>"}
-    with pytest.raises(ValueError, match=r"unknown transform 'tranpose'; a named transform is 'transpose'"):
+    with pytest.raises(
+        ValueError, match=r"unknown transform 'tranpose'; a named transform is one of transpose,"
+    ):
         tg.load(target, tmp_path / "m.safetensors", transform=[("w", "tranpose")])
     with pytest.raises(TypeError, match=r"transform\[0\]: 3 is not callable"):
         tg.load(target, tmp_path / "m.safetensors", transform=[("w", 3)])
@@ -456,6 +459,17 @@ def test_named_transforms_compose_in_order_from_python_a_rules_file_and_the_comm
         ]
     )
     assert status == 0 and "via transpose then astype(float32)" in capsys.readouterr().out
+    np.savez(tmp_path / "half.npz", w=np.zeros((1, 3), np.float32))
+    status = cli(
+        [
+            "load-plan",
+            str(tmp_path / "half.npz"),
+            str(tmp_path / "m.safetensors"),
+            "--transform",
+            "w=split(2, 0),float32",
+        ]
+    )
+    assert status == 0 and "via split(2, 0, axis=0) then astype(float32)" in capsys.readouterr().out
     with pytest.raises(
         TypeError, match=r"transform\[0\]\[1\]: 3 is not callable; .* or a tuple of these applied in order"
     ):

@@ -208,11 +208,12 @@ def test_transfer_rules_from_toml_keep_their_order(tmp_path):
         ),
         (
             {"transform": {"*.w": "tranpose"}},
-            r"unknown transform 'tranpose'; a named transform is 'transpose' or a dtype",
+            r"unknown transform 'tranpose'; a named transform is one of transpose,",
         ),
         (
-            {"transform": {"*.w": ["transpose"]}},
-            r"transform entry '\*.w' = \['transpose'\]: expected a pattern and a transform name",
+            {"transform": {"*.w": ["transpose", 3]}},
+            r"transform entry '\*.w' = \['transpose', 3\]: expected a pattern and a transform name "
+            r"\(or a list of them, applied in order\)",
         ),
     ],
 )

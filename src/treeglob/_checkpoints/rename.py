@@ -256,24 +256,26 @@ def parse_renames(rename: Any, argument: str = "rename") -> list[RenameRule]:
 
 def apply_renames(
     names: list[str], rules: list[RenameRule], *, caller: str, strict: bool = True
-) -> dict[str, list[str]]:
-    """Per name, the names it becomes after every rule (in order; fan-outs included).
+) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Per name, the names it becomes after every rule (in order; fan-outs included), each
+    with the indices of the rules that changed it on the way (what orders several tensors
+    renamed onto one leaf).
 
     Raises:
         NoMatchError: with `strict`, a rule that matches none of the names it sees.
     """
-    current = {name: [name] for name in names}
+    current: dict[str, list[tuple[str, tuple[int, ...]]]] = {name: [(name, ())] for name in names}
     for rule in rules:
         hit = False
         for name, outs in current.items():
-            renamed = []
-            for out in outs:
+            renamed: list[tuple[str, tuple[int, ...]]] = []
+            for out, history in outs:
                 new = rule.apply(out)
                 hit |= new is not None
-                renamed += [out] if new is None else new
+                renamed += [(out, history)] if new is None else [(n, (*history, rule.index)) for n in new]
             current[name] = renamed
         if strict and not hit:
-            seen = [out for outs in current.values() for out in outs]
+            seen = [out for outs in current.values() for out, _ in outs]
             text = rule.pattern if isinstance(rule.pattern, str) else rule.pattern.pattern
             literal = _CAPTURE.sub("0", text.removeprefix("re:")).strip("^$")
             # Whole names first, then runs of as many segments (a pattern matches anywhere).

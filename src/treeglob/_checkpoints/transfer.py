@@ -32,7 +32,7 @@ from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
-from .transforms import cast_after, output_meta, parse_transforms, transform_name
+from .transforms import Impossible, cast_after, combines, output_meta, parse_transforms, transform_name
 
 __all__ = ["load", "load_plan", "save"]
 
@@ -48,8 +48,9 @@ class _Plan:
     view: TreeView
     checkpoint: Checkpoint
     report: LoadReport
-    # Per model row: (checkpoint name, transform) for rows that load; None otherwise.
-    reads: list[tuple[str, Callable[[Any], Any] | None] | None]
+    # Per model row: (checkpoint names, transform) for rows that load (several names where a
+    # transform combines them); None otherwise.
+    reads: list[tuple[tuple[str, ...], Callable[[Any], Any] | None] | None]
 
 
 def _plan(
@@ -72,39 +73,48 @@ def _plan(
     view = view_of(target, caller, stacked)
     _check_arrays(view, caller)
     checkpoint = open_checkpoint(source)
+    chosen = _choose_transforms(view, transforms, caller, strict)
+    combining = [k >= 0 and combines(transforms[k][1]) for k in chosen.tolist()]
     ignored, renamed, taken = _match_tensors(
-        view, checkpoint, rename_rules, as_patterns(ignore), caller, strict
+        view, checkpoint, rename_rules, as_patterns(ignore), caller, strict, combining
     )
     skipped = np.zeros(len(view), dtype=bool)
     if skip_rules := [(p, True) for p in as_patterns(skip)]:
         skipped = _resolve_rows(view, skip_rules, caller, strict, f"the skip list given to {caller}()")
-    chosen = _choose_transforms(view, transforms, caller, strict)
 
     out_rows: list[LoadRow] = []
-    reads: list[tuple[str, Callable[[Any], Any] | None] | None] = [None] * len(view)
+    reads: list[tuple[tuple[str, ...], Callable[[Any], Any] | None] | None] = [None] * len(view)
     # A model repeats a few shapes many times: each transform is traced once per input.
-    outputs: dict[tuple[int, tuple[int, ...], Any], tuple[tuple[int, ...], Any] | str] = {}
+    outputs: dict[tuple[Any, ...], tuple[tuple[int, ...], Any] | str] = {}
     for r in view.data_rows:
         path, shape, dtype = view.paths[r], view.shapes[r], jnp.dtype(view.dtypes[r])
-        name = taken.get(r)
-        meta = None if name is None else checkpoint.meta[name]
-        src = {} if meta is None else _source_meta(meta)
+        names = taken.get(r)
+        metas = [] if names is None else [checkpoint.meta[n] for n in names]
+        name = None if names is None else " + ".join(names)
+        src = _source_meta(metas[0]) if len(metas) == 1 else {}
         if skipped[r]:
             out_rows.append(LoadRow("skipped", path, name, shape, _text(dtype), **src, note="skip"))
             continue
-        if name is None or meta is None:
+        if names is None:
             out_rows.append(LoadRow("missing", path, None, shape, _text(dtype)))
             continue
         k = int(chosen[r])
         fn = transforms[k][1] if k >= 0 else None
-        got = (tuple(meta.shape), jnp.dtype(meta.dtype))
+        inputs = [(tuple(m.shape), jnp.dtype(m.dtype)) for m in metas]
+        got: tuple[tuple[int, ...], Any] | str = inputs[0]
         if fn is not None:
-            key = (k, *got)
+            key = (k, *inputs)
             if key not in outputs:
-                outputs[key] = output_meta(fn, *got)
+                many = combining[r]
+                outputs[key] = output_meta(
+                    fn, *(([s for s, _ in inputs], [d for _, d in inputs]) if many else inputs[0])
+                )
             got = outputs[key]
         label = None if fn is None else transform_name(fn)
         row = LoadRow("loaded", path, name, shape, _text(dtype), **src, transform=label)
+        if isinstance(got, Impossible):  # a transform written as data that cannot apply: certain
+            out_rows.append(replace(row, status="mismatch", note=str(got)))  # names the failing step
+            continue
         if isinstance(got, str):
             row = replace(row, note=f"checked when loaded (without data: {got[:80]})")
         elif cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
@@ -117,15 +127,15 @@ def _plan(
             out_rows.append(replace(row, status="mismatch", note=note))
             continue
         out_rows.append(row)
-        reads[r] = (name, fn)
+        reads[r] = (names, fn)
 
-    used = set(taken.values())
+    used = {n for names in taken.values() for n in names}
     for p, meta in checkpoint.meta.items():
         src = _source_meta(meta)
         if p in ignored:
             out_rows.append(LoadRow("ignored", None, p, None, None, **src))
         elif p not in used:
-            outs = [o for o in renamed[p] if o != p]
+            outs = [o for o, _ in renamed[p] if o != p]
             out_rows.append(LoadRow("unused", None, p, None, None, **src, note=", ".join(outs)))
     report = LoadReport(tuple(out_rows), checkpoint.where, allow_missing, allow_unused)
     return _Plan(view, checkpoint, report, reads)
@@ -138,8 +148,11 @@ def _match_tensors(
     ignore: list[Any],
     caller: str,
     strict: bool,
-) -> tuple[set[str], dict[str, list[str]], dict[int, str]]:
-    """The checkpoint names ignored, each name's renamed paths, and per model row the name it takes."""
+    combining: list[bool],
+) -> tuple[set[str], dict[str, list[tuple[str, tuple[int, ...]]]], dict[int, tuple[str, ...]]]:
+    """The checkpoint names ignored, each name's renamed paths, and per model row the names it
+    takes: one, or for a row whose transform combines (`concat`, `stack`) every tensor renamed
+    onto it, in the order of the rename rules that brought them."""
     source_view = checkpoint.view  # names are the checkpoint's paths, as treeglob prints paths
     ignored: set[str] = set()
     if ignore:
@@ -149,29 +162,45 @@ def _match_tensors(
     kept = [p for p in checkpoint.meta if p not in ignored]
     renamed = apply_renames(kept, rename_rules, caller=caller, strict=strict)
     index = {view.paths[r]: r for r in view.data_rows}
-    taken: dict[int, str] = {}
-    collisions: dict[str, list[str]] = {}  # a model path -> every tensor that becomes it
+    arrivals: dict[int, list[tuple[tuple[int, ...], str]]] = {}  # row -> (rules that renamed it, name)
     for name, outs in renamed.items():
-        for out in outs:
+        for out, history in outs:
             row = index.get(out)
-            if row is None:
-                continue
-            if row in taken:
-                collisions.setdefault(out, [taken[row]]).append(name)
-            else:
-                taken[row] = name
-    if collisions:
-        listed = "\n".join(
-            f"    {path} <- {', '.join(map(repr, names))}" for path, names in list(collisions.items())[:20]
-        )
-        more = f"\n    ... and {len(collisions) - 20} more" if len(collisions) > 20 else ""
-        raise LoadError(
-            f"{caller}(): {len(collisions)} model "
-            f"{'paths would each' if len(collisions) > 1 else 'path would'} take several checkpoint "
-            f"tensors:\n{listed}{more}\nA leaf takes one tensor: rename all but one "
-            "of them elsewhere, or ignore=[...] them.",
-            None,
-        )
+            if row is not None:
+                arrivals.setdefault(row, []).append((history, name))
+    taken: dict[int, tuple[str, ...]] = {}
+    collisions: dict[str, list[str]] = {}  # a model path -> every tensor that becomes it
+    unordered: dict[str, list[str]] = {}
+    for row, got in arrivals.items():
+        if len(got) == 1 or combining[row]:
+            got = sorted(got, key=lambda arrival: arrival[0])
+            histories = [history for history, _ in got]
+            if len(set(histories)) < len(histories):
+                unordered[view.paths[row]] = [name for _, name in got]
+            taken[row] = tuple(name for _, name in got)
+        else:
+            collisions[view.paths[row]] = [name for _, name in got]
+    for found, what, fix in (
+        (
+            collisions,
+            "take several checkpoint tensors",
+            "A leaf takes one tensor: rename all but one of them elsewhere, or ignore=[...] them; "
+            "or combine them with a 'concat(axis)' or 'stack(axis)' transform on the leaf.",
+        ),
+        (
+            unordered,
+            "take several tensors that the same rename rules brought, in no order",
+            "concat and stack take the tensors in the order of the rename rules that rename them: "
+            "write one rule per tensor, in that order.",
+        ),
+    ):
+        if found:
+            listed = "\n".join(
+                f"    {path} <- {', '.join(map(repr, names))}" for path, names in list(found.items())[:20]
+            )
+            more = f"\n    ... and {len(found) - 20} more" if len(found) > 20 else ""
+            count = f"{len(found)} model {'paths would each' if len(found) > 1 else 'path would'}"
+            raise LoadError(f"{caller}(): {count} {what}:\n{listed}{more}\n{fix}", None)
     return ignored, renamed, taken
 
 
@@ -402,7 +431,7 @@ def _check_values(plan: _Plan) -> None:
         and not isinstance(view.leaves[r if view.origin is None else int(view.origin[r])], arrays)
     ]
     abstract = sorted(
-        {name for read in plan.reads if read is not None and (name := read[0]) in checkpoint.abstract}
+        {name for read in plan.reads if read is not None for name in read[0] if name in checkpoint.abstract}
     )
     for paths, what in (
         (
@@ -463,8 +492,9 @@ def _execute(plan: _Plan, placements: list[Any]) -> Any:
         shape, dtype = view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
         assert shape is not None
         if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
-            name, fn = reads[0]  # type: ignore[misc]
+            names, fn = reads[0]  # type: ignore[misc]
             if fn is None and sharding is not None and checkpoint.slices:
+                (name,) = names
                 # Each device reads its own slice; the whole tensor is never in one place.
                 new_leaves[leaf_index] = jax.block_until_ready(
                     jax.make_array_from_callback(
@@ -472,7 +502,7 @@ def _execute(plan: _Plan, placements: list[Any]) -> Any:
                     )
                 )
                 continue
-            value = _read(checkpoint, name, fn, view.paths[rows[0]], shape, dtype)
+            value = _read(checkpoint, names, fn, view.paths[rows[0]], shape, dtype)
         else:
             stack = view.leaf_stacks[leaf_index]
             value = np.empty(shape, dtype)
@@ -501,20 +531,23 @@ def _place(value: Any, leaf: Any, sharding: Any) -> Any:
 
 def _read(
     checkpoint: Checkpoint,
-    name: str,
+    names: tuple[str, ...],
     fn: Callable[[Any], Any] | None,
     path: str,
     shape: tuple[int, ...],
     dtype: Any,
 ) -> Any:
-    value = checkpoint.read(name)
+    """The value of one leaf (one layer): its tensor, or for a combining transform the list of
+    its tensors, through its transform; checked against the model's shape and dtype."""
+    value = [checkpoint.read(name) for name in names] if combines(fn) else checkpoint.read(names[0])
     if fn is not None:
-        where = f"load(): the transform {transform_name(fn)} for {path!r} (from {name!r})"
+        source = " + ".join(map(repr, names))
+        where = f"load(): the transform {transform_name(fn)} for {path!r} (from {source})"
         try:
-            value = fn(np.asarray(value))
+            value = fn([np.asarray(v) for v in value] if isinstance(value, list) else np.asarray(value))
         except Exception as exc:
             hint = ""
-            if np.asarray(value).dtype.kind == "V":
+            if not isinstance(value, list) and np.asarray(value).dtype.kind == "V":
                 hint = (
                     f" The tensor's dtype is {np.asarray(value).dtype} (raw bytes: NumPy writes "
                     "bfloat16 so in .npz files); reinterpret it, e.g. lambda x: x.view(jnp.bfloat16)."

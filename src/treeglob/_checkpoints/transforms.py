@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,35 +13,192 @@ import numpy as np
 
 from .rename import pairs
 
-__all__ = ["cast_after", "output_meta", "parse_transforms", "transform_name"]
+__all__ = [
+    "Impossible",
+    "cast_after",
+    "combines",
+    "output_meta",
+    "parse_transforms",
+    "transform_name",
+]
+
+
+class Impossible(str):
+    """Why a transform written as data cannot apply to a tensor: certain, unlike a function
+    whose output cannot be known without the data."""
+
+
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class _Named:
-    """A transform given by name: `"transpose"` or a dtype (a cast). Its output's shape
-    and dtype are known without running it."""
+    """A transform written as data (`"transpose"`, `"split(3, 0, axis=1)"`, a dtype name):
+    what it does to an array, and to a shape and dtype without data. A combining one
+    (`concat`, `stack`) takes the list of tensors renamed onto one leaf."""
 
-    __name__: str
-    dtype: Any = None  # the cast's dtype; None for the transpose
+    label: str
+    apply: Callable[[Any], Any]
+    output: Callable[[Shape, Any], tuple[Shape, Any]]
+    combines: tuple[str, int] | None = None  # ("concat" | "stack", axis) for a combining one
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return self.label
 
     def __call__(self, x: Any) -> Any:
-        return x.T if self.dtype is None else x.astype(self.dtype)
-
-    def output(self, shape: tuple[int, ...], dtype: Any) -> tuple[tuple[int, ...], Any]:
-        return (shape[::-1], dtype) if self.dtype is None else (shape, self.dtype)
+        return self.apply(x)
 
 
-def _named_transform(name: str, where: str) -> _Named:
-    if name == "transpose":
-        return _Named("transpose")
+def _axis(axis: int, ndim: int, name: str) -> int:
+    if not -ndim <= axis < max(ndim, 1):
+        raise ValueError(f"{name}: axis {axis} is out of range for {ndim} dimensions")
+    return axis % max(ndim, 1)
+
+
+def _transpose(*axes: int) -> _Named:
+    name = f"transpose({', '.join(map(str, axes))})" if axes else "transpose"
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+        if axes and sorted(axes) != list(range(len(shape))):
+            raise ValueError(f"{name}: the axes are not a permutation of the {len(shape)} dimensions")
+        return tuple(shape[a] for a in axes) if axes else shape[::-1], dtype
+
+    return _Named(name, lambda x: np.transpose(x, axes or None), output)
+
+
+def _reshape(*dims: int) -> _Named:
+    name = f"reshape({', '.join(map(str, dims))})"
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+        size, known = int(np.prod(shape)), int(np.prod([d for d in dims if d != -1]))
+        unknown = dims.count(-1)
+        if unknown > 1 or (unknown and (known == 0 or size % known)) or (not unknown and known != size):
+            raise ValueError(f"{name}: {size} elements do not fit the shape {dims}")
+        return tuple(size // known if d == -1 else d for d in dims), dtype
+
+    return _Named(name, lambda x: np.reshape(x, dims), output)
+
+
+def _split(parts: int, take: int, axis: int = 0) -> _Named:
+    name = f"split({parts}, {take}, axis={axis})"
+    if not 0 <= take < parts:
+        raise ValueError(f"{name}: the part taken must be in 0..{parts - 1}")
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+        a = _axis(axis, len(shape), name)
+        if shape[a] % parts:
+            raise ValueError(
+                f"{name}: axis {axis} of size {shape[a]} does not split into {parts} equal parts"
+            )
+        return (*shape[:a], shape[a] // parts, *shape[a + 1 :]), dtype
+
+    return _Named(name, lambda x: np.split(x, parts, axis=axis)[take], output)
+
+
+def _squeeze(axis: int) -> _Named:
+    name = f"squeeze({axis})"
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+        a = _axis(axis, len(shape), name)
+        if shape[a] != 1:
+            raise ValueError(f"{name}: axis {axis} has size {shape[a]}, not 1")
+        return (*shape[:a], *shape[a + 1 :]), dtype
+
+    return _Named(name, lambda x: np.squeeze(x, axis), output)
+
+
+def _expand(axis: int) -> _Named:
+    name = f"expand({axis})"
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+        a = _axis(axis, len(shape) + 1, name)
+        return (*shape[:a], 1, *shape[a:]), dtype
+
+    return _Named(name, lambda x: np.expand_dims(x, axis), output)
+
+
+def _astype(dtype: Any) -> _Named:
+    kind = jnp.dtype(dtype)
+    return _Named(f"astype({kind})", lambda x: np.asarray(x).astype(kind), lambda shape, _: (shape, kind))
+
+
+def _combine(how: str, axis: int = 0) -> _Named:
+    """`concat` / `stack`: the tensors renamed onto one leaf, in the order of their rename rules."""
+    name = f"{how}(axis={axis})"
+    join = np.concatenate if how == "concat" else np.stack
+
+    def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:  # for one tensor; see `combined_meta`
+        return combined_meta(how, axis, [(shape, dtype)], name)
+
+    return _Named(name, lambda xs: join(list(xs), axis=axis), output, combines=(how, axis))
+
+
+def combined_meta(how: str, axis: int, inputs: list[tuple[Shape, Any]], name: str) -> tuple[Shape, Any]:
+    """The shape and dtype `concat`/`stack` give for tensors of these shapes and dtypes."""
+    shapes = [s for s, _ in inputs]
+    dtype = jnp.result_type(*(d for _, d in inputs))
+    first = shapes[0]
+    if how == "stack":
+        if any(s != first for s in shapes):
+            raise ValueError(f"{name}: the tensors have different shapes {shapes}")
+        a = _axis(axis, len(first) + 1, name)
+        return (*first[:a], len(shapes), *first[a:]), dtype
+    a = _axis(axis, len(first), name)
+    if any(len(s) != len(first) or s[:a] + s[a + 1 :] != first[:a] + first[a + 1 :] for s in shapes):
+        raise ValueError(f"{name}: the tensors' shapes {shapes} differ off axis {axis}")
+    return (*first[:a], sum(s[a] for s in shapes), *first[a + 1 :]), dtype
+
+
+#: The transforms a rules file, the command line or Python name: `name` or `name(args)`.
+NAMED: dict[str, Callable[..., _Named]] = {
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "split": _split,
+    "squeeze": _squeeze,
+    "expand": _expand,
+    "astype": _astype,
+    "concat": lambda axis=0: _combine("concat", axis),
+    "stack": lambda axis=0: _combine("stack", axis),
+}
+
+_USAGE = (
+    "transpose, transpose(1, 0, 2), reshape(4, -1), split(parts, take, axis=0), squeeze(axis), "
+    "expand(axis), astype(float32) or a dtype name, and for several tensors onto one leaf "
+    "concat(axis=0), stack(axis=0)"
+)
+
+
+def _named_transform(text: str, where: str) -> _Named:
+    """A transform written as data: `name`, `name(args)` (literal ints, and a dtype name
+    for astype), or a dtype name (a cast)."""
     try:
-        dtype = jnp.dtype(name)
+        call = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        call = None
+    if isinstance(call, ast.Name) and call.id in NAMED and call.id != "astype":
+        call = ast.Call(call, [], [])
+    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in NAMED:
+        try:
+            if call.func.id == "astype":
+                (arg,) = call.args
+                return _astype(ast.unparse(arg).strip("'\""))
+            args = [ast.literal_eval(a) for a in call.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+            if not all(type(v) is int for v in [*args, *kwargs.values()]):
+                raise TypeError("takes integers")
+            return NAMED[call.func.id](*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{where}: the transform {text!r} is malformed ({exc}); write one of {_USAGE}."
+            ) from None
+    try:
+        return _astype(text)
     except TypeError:
         raise ValueError(
-            f"{where}: unknown transform {name!r}; a named transform is 'transpose' or a dtype name "
-            "such as 'float32' or 'bfloat16'. Pass a function for anything else."
+            f"{where}: unknown transform {text!r}; a named transform is one of {_USAGE}. Pass a "
+            "function for anything else."
         ) from None
-    return _Named(f"astype({dtype})", dtype)
 
 
 @dataclass(frozen=True)
@@ -77,7 +235,7 @@ def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
 
 def cast_after(fn: Callable[[Any], Any] | None, dtype: Any) -> Callable[[Any], Any]:
     """`fn` (or nothing), then a cast to `dtype`: the dtype policy's own transform."""
-    cast = _Named(f"astype({jnp.dtype(dtype)})", jnp.dtype(dtype))
+    cast = _astype(dtype)
     return cast if fn is None else _Chain((fn, cast))
 
 
@@ -96,19 +254,40 @@ def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
     return out
 
 
+def combines(fn: Callable[[Any], Any] | None) -> bool:
+    """Whether `fn` takes the list of tensors renamed onto one leaf (`concat`, `stack`, or a
+    tuple of transforms that starts with one)."""
+    first = fn.steps[0] if isinstance(fn, _Chain) else fn
+    return isinstance(first, _Named) and first.combines is not None
+
+
 def output_meta(
-    fn: Callable[[Any], Any], shape: tuple[int, ...], dtype: Any
-) -> tuple[tuple[int, ...], Any] | str:
-    """The shape and dtype `fn` gives for a tensor, without its data; else why not."""
-    if isinstance(fn, _Named):
-        return fn.output(shape, dtype)
+    fn: Callable[[Any], Any], shape: Shape | list[Shape], dtype: Any | list[Any]
+) -> tuple[Shape, Any] | str:
+    """The shape and dtype `fn` gives for a tensor (or, for a combining `fn`, for the
+    tensors with these shapes and dtypes), without data: else why not, an `Impossible`
+    where it is certain to fail."""
     if isinstance(fn, _Chain):
+        meta: tuple[Shape, Any] | None = None
         for step in fn.steps:
-            out = output_meta(step, shape, dtype)
+            out = output_meta(step, shape, dtype) if meta is None else output_meta(step, *meta)
             if isinstance(out, str):
-                return f"{transform_name(step)}: {out}"
-            shape, dtype = out
-        return shape, dtype
+                text = f"{transform_name(step)}: {out}" if not isinstance(step, _Named) else out
+                return Impossible(text) if isinstance(out, Impossible) else text
+            meta = out
+        assert meta is not None
+        return meta
+    if isinstance(fn, _Named):
+        try:
+            if fn.combines is not None:
+                shapes, dtypes = (shape, dtype) if isinstance(shape, list) else ([shape], [dtype])
+                return combined_meta(*fn.combines, list(zip(shapes, dtypes, strict=True)), fn.__name__)
+            if isinstance(shape, list):
+                return Impossible(f"{fn.__name__} takes one tensor, not {len(shape)}")
+            return fn.output(shape, dtype)
+        except ValueError as exc:
+            return Impossible(str(exc))
+    assert not isinstance(shape, list)
     # A zero-strided NumPy stand-in of the tensor: no memory for views (.T, slices,
     # np.split, reshape), and NumPy's own dtype rules, which are what `fn` meets when
     # the tensor is loaded.

@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATTERN=NAME",
         action="append",
         default=[],
-        help="'transpose' or a dtype name, or names applied in order: 'transpose,float32'",
+        help="a transform written as data (transpose, split(3, 0, axis=1), a dtype name, ...), "
+        "or several applied in order: 'transpose,float32'",
     )
     lp.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
     lp.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
@@ -237,14 +238,26 @@ def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]
     return out
 
 
+def _in_order(text: str) -> str | tuple[str, ...]:
+    """`transpose,float32`: transforms applied in order, split at the commas outside
+    parentheses (`split(3, 0, axis=1)` is one)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if c == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 def _transfer_rules(args: argparse.Namespace) -> tg.TransferRules:
     """The load-plan rules: the command line's, then the file's; checked before anything is read."""
     rename = _pairs(args.rename, "--rename", "FROM=TO, e.g. --rename 'h.{i}=blocks.{i}'")
     transform = _pairs(
         args.transform, "--transform", "PATTERN=NAME, e.g. --transform '*.c_fc.weight=transpose'"
     )
-    # NAME,NAME: transforms applied in order (a dtype name holds no comma)
-    transform = [(p, tuple(n.split(",")) if "," in n else n) for p, n in transform]
+    transform = [(p, _in_order(n)) for p, n in transform]
     rules = tg.TransferRules(rename, list(args.skip), list(args.ignore), transform)
     if args.rules:
         data = tg.load_transfer(args.rules, key=args.key)

@@ -1,0 +1,167 @@
+"""Transforms written as data (`"split(3, 0, axis=1)"`, `"reshape(4, -1)"`, ...) and several
+checkpoint tensors combined into one leaf (`concat`, `stack`)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import treeglob as tg
+from treeglob._checkpoints.transforms import Impossible, output_meta, parse_transforms
+
+X = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+
+CASES = [
+    ("transpose", X.T),
+    ("transpose(1, 0, 2)", X.transpose(1, 0, 2)),
+    ("reshape(4, -1)", X.reshape(4, -1)),
+    ("reshape(2, 12)", X.reshape(2, 12)),
+    ("split(2, 1, axis=2)", X[:, :, 2:]),
+    ("split(3, 0, axis=1)", X[:, :1]),
+    ("split(2, 0)", X[:1]),
+    ("squeeze(0)", X[:1].squeeze(0)),
+    ("expand(1)", X[:, None]),
+    ("astype(bfloat16)", X.astype(jnp.bfloat16)),
+    ("float16", X.astype(np.float16)),
+]
+
+
+@pytest.mark.parametrize("text, expected", CASES, ids=[c[0] for c in CASES])
+def test_each_transform_written_as_data_knows_its_output_without_the_data(text, expected):
+    ((_, fn),) = parse_transforms([("w", text)])
+    source = X[:1] if text.startswith("squeeze") else X
+    out = fn(source)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    assert out.dtype == expected.dtype
+    assert output_meta(fn, source.shape, source.dtype) == (expected.shape, jnp.dtype(expected.dtype))
+
+
+@pytest.mark.parametrize(
+    "text, shape, why",
+    [
+        ("split(3, 0)", (2, 6), "split(3, 0, axis=0): axis 0 of size 2 does not split into 3 equal parts"),
+        ("reshape(5, -1)", (2, 6), r"reshape(5, -1): 12 elements do not fit the shape (5, -1)"),
+        ("squeeze(1)", (2, 6), "squeeze(1): axis 1 has size 6, not 1"),
+        ("transpose(0, 0)", (2, 6), "transpose(0, 0): the axes are not a permutation of the 2 dimensions"),
+        ("expand(5)", (2, 6), "expand(5): axis 5 is out of range for 3 dimensions"),
+    ],
+)
+def test_a_transform_that_cannot_apply_is_a_mismatch_in_the_plan_not_a_surprise_in_the_load(text, shape, why):
+    ((_, fn),) = parse_transforms([("w", text)])
+    got = output_meta(fn, shape, np.float32)
+    assert isinstance(got, Impossible) and got == why
+    report = tg.load_plan(
+        {"w": np.zeros((1, 6), np.float32)}, {"w": np.zeros(shape, np.float32)}, transform=[("w", text)]
+    )
+    (row,) = report.rows
+    assert (row.status, row.note) == ("mismatch", why) and not report.ok
+    with pytest.raises(tg.LoadError, match="does not fit its model leaf"):
+        tg.load(
+            {"w": np.zeros((1, 6), np.float32)}, {"w": np.zeros(shape, np.float32)}, transform=[("w", text)]
+        )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("split(3)", r"the transform 'split\(3\)' is malformed \(.*\); write one of transpose, "),
+        (
+            "split(3, 3)",
+            r"the transform 'split\(3, 3\)' is malformed \(split\(3, 3, axis=0\): the part taken must be in 0\.\.2\)",
+        ),
+        ("reshape(2.5)", r"the transform 'reshape\(2\.5\)' is malformed \(takes integers\)"),
+        ("transpos", r"unknown transform 'transpos'; a named transform is one of transpose"),
+    ],
+)
+def test_a_malformed_transform_is_refused_before_anything_is_read(text, message):
+    with pytest.raises(ValueError, match=message):
+        tg.load_plan({"w": np.zeros(2)}, {"w": np.zeros(2)}, transform=[("w", text)])
+
+
+# ----------------------------------------------------------------------------
+# Several tensors into one leaf
+
+
+Q, K, V = (np.full((2, 4), v, np.float32) for v in (1, 2, 3))
+SEPARATE = {
+    "h.0.q_proj": Q,
+    "h.0.k_proj": K,
+    "h.0.v_proj": V,
+    "h.1.q_proj": Q + 10,
+    "h.1.k_proj": K + 10,
+    "h.1.v_proj": V + 10,
+}
+FUSED = {"blocks": [{"qkv": np.zeros((6, 4), np.float32)}, {"qkv": np.zeros((6, 4), np.float32)}]}
+ONE_RULE_EACH = [
+    ("h.{i}.q_proj", "blocks.{i}.qkv"),
+    ("h.{i}.k_proj", "blocks.{i}.qkv"),
+    ("h.{i}.v_proj", "blocks.{i}.qkv"),
+]
+
+
+def test_separate_projections_concatenate_into_a_fused_leaf_in_the_order_of_their_rules():
+    model, report = tg.load(FUSED, SEPARATE, rename=ONE_RULE_EACH, transform=[("*.qkv", "concat(0)")])
+    np.testing.assert_array_equal(model["blocks"][0]["qkv"], np.concatenate([Q, K, V]))
+    np.testing.assert_array_equal(model["blocks"][1]["qkv"], np.concatenate([Q, K, V]) + 10)
+    rows = {r.path: (r.source, r.transform) for r in report.rows}
+    assert rows["blocks.0.qkv"] == ("h.0.q_proj + h.0.k_proj + h.0.v_proj", "concat(axis=0)")
+    # the rules' order decides, not the names': v, q, k
+    reordered = [ONE_RULE_EACH[2], ONE_RULE_EACH[0], ONE_RULE_EACH[1]]
+    model, _ = tg.load(FUSED, SEPARATE, rename=reordered, transform=[("*.qkv", "concat(0)")])
+    np.testing.assert_array_equal(model["blocks"][0]["qkv"], np.concatenate([V, Q, K]))
+
+
+def test_experts_stack_into_one_leaf_and_the_plan_knows_its_shape():
+    experts = {f"moe.experts.{e}.w": np.full((3, 2), e, np.float32) for e in range(4)}
+    rename = [(f"moe.experts.{e}.w", "moe.w") for e in range(4)]
+    target = {"moe": {"w": np.zeros((4, 3, 2), np.float32)}}
+    model, _ = tg.load(target, experts, rename=rename, transform=[("moe.w", "stack(0)")])
+    np.testing.assert_array_equal(model["moe"]["w"][:, 0, 0], [0, 1, 2, 3])
+    wrong = {"moe": {"w": np.zeros((5, 3, 2), np.float32)}}
+    (row,) = tg.load_plan(wrong, experts, rename=rename, transform=[("moe.w", "stack(0)")]).rows
+    assert (row.status, row.note) == ("mismatch", "gives float32(4, 3, 2) after stack(axis=0)")
+
+
+def test_combined_tensors_may_be_transformed_after_and_cast():
+    transform = [("*.qkv", ("concat(0)", "transpose", "bfloat16"))]
+    target = {"blocks": [{"qkv": jnp.zeros((4, 6), jnp.bfloat16)}] * 2}
+    model, report = tg.load(target, SEPARATE, rename=ONE_RULE_EACH, transform=transform)
+    np.testing.assert_array_equal(
+        np.asarray(model["blocks"][0]["qkv"], np.float32), np.concatenate([Q, K, V]).T
+    )
+    assert report.rows[0].transform == "concat(axis=0) then transpose then astype(bfloat16)"
+
+
+def test_tensors_one_rule_brings_together_have_no_order_and_are_refused():
+    with pytest.raises(
+        tg.LoadError,
+        match=r"(?s)take several tensors that the same rename rules brought, in no order:\n    blocks\.0\.qkv <- 'h\.0\.k_proj', 'h\.0\.q_proj', 'h\.0\.v_proj'.*write one rule per tensor",
+    ):
+        tg.load_plan(
+            FUSED, SEPARATE, rename=[("h.{i}.{x}_proj", "blocks.{i}.qkv")], transform=[("*.qkv", "concat(0)")]
+        )
+
+
+def test_shapes_that_do_not_concatenate_are_a_mismatch():
+    bad = dict(SEPARATE, **{"h.0.v_proj": np.zeros((2, 5), np.float32)})
+    rows = {
+        r.path: r
+        for r in tg.load_plan(FUSED, bad, rename=ONE_RULE_EACH, transform=[("*.qkv", "concat(0)")]).rows
+    }
+    assert rows["blocks.0.qkv"].status == "mismatch"
+    assert (
+        rows["blocks.0.qkv"].note
+        == "concat(axis=0): the tensors' shapes [(2, 4), (2, 4), (2, 5)] differ off axis 0"
+    )
+
+
+def test_transforms_as_data_from_a_rules_file(tmp_path):
+    (tmp_path / "rules.toml").write_text(
+        "rename = [\n"
+        '  ["h.{i}.q_proj", "blocks.{i}.qkv"], ["h.{i}.k_proj", "blocks.{i}.qkv"], ["h.{i}.v_proj", "blocks.{i}.qkv"],\n'
+        "]\n"
+        'transform = {"*.qkv" = ["concat(0)", "transpose"]}\n'
+    )
+    rules = tg.load_transfer(tmp_path / "rules.toml")
+    target = {"blocks": [{"qkv": np.zeros((4, 6), np.float32)}] * 2}
+    model, _ = tg.load(target, SEPARATE, **rules._asdict())
+    np.testing.assert_array_equal(model["blocks"][1]["qkv"], (np.concatenate([Q, K, V]) + 10).T)
