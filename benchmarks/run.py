@@ -582,6 +582,37 @@ def _nbytes(tree: Any) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
+def loading(count: int, repeat: int) -> float:
+    """`tg.load` of `count` small tensors from a `.safetensors` file into a concrete model on
+    one device, against a hand-written loader: `safetensors.numpy.load_file`, then each
+    array put on the device in the model's leaf order. Returns treeglob's ratio."""
+    from safetensors.numpy import load_file
+
+    params = {
+        f"layers.{i}": {"w": jnp.full((16, 16), i, jnp.float32), "b": jnp.zeros(16)}
+        for i in range(count // 2)
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "model.safetensors"
+        tg.save(path, params)
+        treedef, names = jtu.tree_structure(params), tg.paths(params)
+
+        def hand_written() -> Any:
+            arrays = load_file(path)
+            return jax.block_until_ready(
+                jtu.tree_unflatten(treedef, [jax.device_put(arrays[n]) for n in names])
+            )
+
+        def treeglob_load() -> Any:
+            return jax.block_until_ready(tg.load(params, path)[0])
+
+        r = timed({"hand-written loader": hand_written, "treeglob load": treeglob_load}, repeat)
+    print(f"## Loading {count:,} small tensors into a model on one device (ms, median)\n")
+    base = r["hand-written loader"]
+    table(["loader", "ms", "ratio"], [[k, ms(v), f"{v / base:.2f}"] for k, v in r.items()])
+    return r["treeglob load"] / base
+
+
 def measure_layer_decay(depth: int, repeat: int) -> list[str]:
     params = eqx.filter(
         GPT(vocab=100, dim=64, depth=depth, heads=4, context=64, key=jax.random.key(0)), eqx.is_array
@@ -656,6 +687,7 @@ def main(quick: bool = False) -> None:
     cli = command_line(150 if quick else 12_000, 1 if quick else 5, warm_up=not quick)
     same = compiled_step(repeat)
     freezing(*((32, 1) if quick else (256, 6)), repeat)
+    load_ratio = loading(200 if quick else 2_000, repeat)
     layer_decay([2] if quick else [12, 48], repeat)
     adversarial()
 
@@ -700,6 +732,7 @@ def main(quick: bool = False) -> None:
         checks.append(
             ("peak memory of labels at most 1.05x tree_flatten_with_path's (120k)", memory_ratio, 1.05)
         )
+    checks.append(("load of small tensors at most 1.2x a hand-written loader", load_ratio, 1.2))
     if len(counts) >= 2:
         small, big = counts[-2], counts[-1]
         growth = (results[big]["warm"] / results[small]["warm"]) / (big / small) * 10

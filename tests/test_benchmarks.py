@@ -26,6 +26,7 @@ def test_benchmark_script_runs_in_its_quick_configuration():
         "## Command line",
         "## Compiled step",
         "## Freezing: a LoRA fine-tuning step",
+        "## Loading",
         "## Layer-wise LR decay",
         "## Adversarial patterns",
         "## Targets",

@@ -14,6 +14,7 @@ read it, and headers longer than `MAX_HEADER_BYTES` are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -240,5 +241,10 @@ class SafetensorsCheckpoint(Checkpoint):
         """`read_tensor(info, name)[index]`, reading only the pages of the slice."""
         if not info.shape or 0 in info.shape:
             return self.read_tensor(info, name)[index]
-        mapped = np.memmap(self.path, info.dtype, "r", self.data_start + info.begin, info.shape)
-        return np.array(mapped[index])
+        tensor = self._mapped[info.begin : info.end].view(info.dtype).reshape(info.shape)
+        return np.array(tensor[index])
+
+    @functools.cached_property
+    def _mapped(self) -> np.memmap:
+        """The data section mapped once (a map per tensor costs more than a small tensor's read)."""
+        return np.memmap(self.path, np.uint8, "r", self.data_start)

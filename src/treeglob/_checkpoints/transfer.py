@@ -484,6 +484,7 @@ def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
 def _execute(plan: _Plan, placements: list[Any]) -> Any:
     view, checkpoint = plan.view, plan.checkpoint
     new_leaves = list(view.leaves)
+    placer = _Placer(new_leaves)
     for leaf_index, rows in enumerate(_leaf_rows(view)):
         reads = [plan.reads[r] for r in rows]
         if all(read is None for read in reads):
@@ -493,9 +494,11 @@ def _execute(plan: _Plan, placements: list[Any]) -> Any:
         assert shape is not None
         if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
             names, fn = reads[0]  # type: ignore[misc]
-            if fn is None and sharding is not None and checkpoint.slices:
+            if fn is None and sharding is not None and checkpoint.slices and len(sharding.device_set) > 1:
                 (name,) = names
-                # Each device reads its own slice; the whole tensor is never in one place.
+                # Each device reads its own slice; the whole tensor is never in one place. (On
+                # one device the whole tensor is read straight into its buffer instead: the
+                # callback's machinery costs more than the read for small tensors.)
                 new_leaves[leaf_index] = jax.block_until_ready(
                     jax.make_array_from_callback(
                         shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
@@ -514,19 +517,50 @@ def _execute(plan: _Plan, placements: list[Any]) -> Any:
                     value[at] = _read(
                         checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype
                     )
-        new_leaves[leaf_index] = _place(value, leaf, sharding)
-        del value  # before the next tensor is read
+        placer.place(leaf_index, value, leaf, sharding)
+        del value
+    placer.flush()
     return jtu.tree_unflatten(view.treedef, new_leaves)
 
 
-def _place(value: Any, leaf: Any, sharding: Any) -> Any:
-    """The loaded value as the leaf it replaces is: a NumPy array stays one (dtypes such
-    as float64 intact), anything else becomes a JAX array on the leaf's devices."""
-    if sharding is None and isinstance(leaf, np.ndarray):
-        return np.asarray(value)
-    placed = jax.device_put(value, sharding)
-    # Wait for the copy, so that the host buffer is released before the next tensor is read.
-    return jax.block_until_ready(placed)
+class _Placer:
+    """Puts loaded values where the leaves they replace are: a NumPy array stays one (dtypes
+    such as float64 intact), anything else becomes a JAX array on the leaf's devices.
+
+    Small tensors go to the devices in batches of up to `BATCH_BYTES`: one `device_put`
+    of many small tensors costs little more than one of a single tensor. A larger tensor
+    goes alone, at once. Waiting for each put bounds the host memory held beyond the model
+    to one tensor, or one batch of small ones."""
+
+    BATCH_BYTES = 8 * 2**20
+    SMALL_BYTES = 2**20
+
+    def __init__(self, out: list[Any]):
+        self.out = out
+        self.pending: list[tuple[int, Any, Any]] = []
+        self.bytes = 0
+
+    def place(self, index: int, value: Any, leaf: Any, sharding: Any) -> None:
+        if sharding is None and isinstance(leaf, np.ndarray):
+            self.out[index] = np.asarray(value)
+            return
+        size = np.asarray(value).nbytes
+        if size >= self.SMALL_BYTES:
+            self.flush()
+        self.pending.append((index, value, sharding))
+        self.bytes += size
+        if size >= self.SMALL_BYTES or self.bytes >= self.BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        indices, values, shardings = zip(*self.pending, strict=True)
+        placed = jax.device_put(list(values), list(shardings))
+        # Wait for the copies, so that the host buffers are released before more are read.
+        for index, array in zip(indices, jax.block_until_ready(placed), strict=True):
+            self.out[index] = array
+        self.pending, self.bytes = [], 0
 
 
 def _read(
