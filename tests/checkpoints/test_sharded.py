@@ -168,3 +168,27 @@ def test_a_tensor_in_two_shards_and_a_list_of_other_files_are_refused(tmp_path):
         tg.load_plan(weights, [str(tmp_path / SHARDS[0]), "weights.npz"])
     with pytest.raises(tg.SourceError, match=r"missing\.safetensors: no such file \(a shard of"):
         tg.load_plan(weights, [tmp_path / SHARDS[0], tmp_path / "missing.safetensors"])
+
+
+def test_save_writes_hugging_face_shards_above_a_size_and_they_load_back_bit_for_bit(tmp_path):
+    model = eqx.nn.MLP(64, 8, 64, 2, key=jax.random.key(0))  # two 16 KiB weights, one of 2 KiB
+    names = tg.save(tmp_path / "model.safetensors", model, max_shard_size=20_000)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert list(index["weight_map"]) == names
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in params_of(model).values())
+    loaded, _ = tg.load(eqx.nn.MLP(64, 8, 64, 2, key=jax.random.key(1)), tmp_path)
+    for name, array in params_of(loaded).items():
+        np.testing.assert_array_equal(array, params_of(model)[name])
+    # everything fits: one file, as before
+    tg.save(tmp_path / "small.safetensors", {"w": np.zeros(2)}, max_shard_size=20_000)
+    assert (tmp_path / "small.safetensors").is_file() and not (
+        tmp_path / "small.safetensors.index.json"
+    ).exists()
+    with pytest.raises(ValueError, match=r"save\(max_shard_size=20000\): shards are \.safetensors files"):
+        tg.save(tmp_path / "m.npz", {"w": np.zeros(2)}, max_shard_size=20_000)

@@ -12,18 +12,19 @@ flat dict, so the missing and unused checks of a load span every shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from .._core.errors import SourceError
-from .base import Checkpoint
-from .safetensors import SafetensorsCheckpoint, TensorInfo
+from .base import Checkpoint, written_beside
+from .safetensors import SafetensorsCheckpoint, TensorInfo, write
 
-__all__ = ["INDEX_SUFFIX", "ShardedCheckpoint", "holds_shards", "open_files", "open_index"]
+__all__ = ["INDEX_SUFFIX", "ShardedCheckpoint", "holds_shards", "open_files", "open_index", "write_sharded"]
 
 #: How a Hugging Face index file's name ends (`model.safetensors.index.json`).
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -129,3 +130,42 @@ def open_directory(directory: pathlib.Path) -> ShardedCheckpoint:
     if indexes:
         return open_index(indexes[0])
     return open_files(sorted(directory.glob("*.safetensors")), str(directory))
+
+
+def write_sharded(
+    path: pathlib.Path,
+    tensors: list[tuple[str, tuple[int, ...], Any]],
+    read: Callable[[int], np.ndarray],
+    max_shard_size: int,
+) -> list[pathlib.Path]:
+    """Write `tensors` as Hugging Face does above `max_shard_size` bytes: for `model.safetensors`,
+    `model-00001-of-0000N.safetensors` files of at most that size each (a larger tensor
+    alone in its file), then `model.safetensors.index.json`; a single file where all fit.
+    The index is written last, so a reader never sees one that names a missing shard.
+    Returns the files written."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for k, (_, shape, dtype) in enumerate(tensors):
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    if len(shards) == 1:
+        write(path, tensors, read)
+        return [path]
+    stem = path.name.removesuffix(".safetensors")
+    files, weight_map = [], {}
+    for number, members in enumerate(shards, 1):
+        file = path.with_name(f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors")
+        write(file, [tensors[k] for k in members], lambda j, members=members: read(members[j]))
+        weight_map |= dict.fromkeys((tensors[k][0] for k in members), file.name)
+        files.append(file)
+    total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
+    index = path.with_name(path.name + ".index.json")
+    with written_beside(index) as partial:
+        partial.write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    return [*files, index]

@@ -32,6 +32,7 @@ from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
+from .sharded import write_sharded
 from .transforms import Impossible, cast_after, combines, output_meta, parse_transforms, transform_name
 
 __all__ = ["load", "load_plan", "save"]
@@ -602,6 +603,7 @@ def save(
     select: Any = None,
     stacked: Any = None,
     strict: bool = True,
+    max_shard_size: int | None = None,
 ) -> list[str]:
     """Write a model's arrays (or a selection of them) to a `.safetensors` or `.npz` file.
 
@@ -619,6 +621,10 @@ def save(
         select: a selector (or pattern) of the leaves to write; all by default.
         stacked: `{path: axes}` for stacked layers, as everywhere.
         strict: a `select` that matches nothing raises `NoMatchError`.
+        max_shard_size: for a `.safetensors` path, the most bytes per file: a
+            larger model is written as Hugging Face shards it
+            (`model-00001-of-0000N.safetensors` files beside
+            `model.safetensors.index.json`, which `treeglob.load` reads back).
 
     Returns:
         The names written, in file order.
@@ -656,5 +662,13 @@ def save(
 
     tensors = [(view.paths[r], view.shapes[r] or (), view.dtypes[r]) for r in rows]
     assert file_format.write is not None
-    file_format.write(path, tensors, read)
+    if max_shard_size is not None:
+        if file_format.name != "safetensors" or not (isinstance(max_shard_size, int) and max_shard_size > 0):
+            raise ValueError(
+                f"save(max_shard_size={max_shard_size!r}): shards are .safetensors files of a positive "
+                f"number of bytes; write to a .safetensors path, e.g. max_shard_size=5 * 2**30."
+            )
+        write_sharded(target, tensors, read, max_shard_size)
+    else:
+        file_format.write(path, tensors, read)
     return [name for name, _, _ in tensors]
