@@ -842,3 +842,15 @@ def test_the_dtype_policy_casts_floating_tensors_to_the_model_dtype_on_request(t
         == 0
     )
     assert "cast from bfloat16 after transpose" in capsys.readouterr().out
+
+
+def test_an_npz_object_array_is_a_mismatch_in_the_plan_not_numpys_error_in_the_load(tmp_path):
+    np.savez(tmp_path / "obj.npz", w=np.array([1, "a"], dtype=object), b=np.zeros(2, np.float32))
+    model = {"w": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    plan = tg.load_plan(model, tmp_path / "obj.npz", transform=[("**", "float32")])
+    assert {r.path: r.status for r in plan.rows} == {"b": "loaded", "w": "mismatch"} and not plan.ok
+    with pytest.raises(
+        tg.LoadError,
+        match=r"w float32\(2,\) <- w an object array: pickled Python objects, which treeglob does not load",
+    ):
+        tg.load(model, tmp_path / "obj.npz", transform=[("**", "float32")])

@@ -101,6 +101,12 @@ def _plan(
             continue
         k = int(chosen[r])
         fn = transforms[k][1] if k >= 0 else None
+        pickled = [n for n, m in zip(names, metas, strict=True) if np.dtype(m.dtype).kind == "O"]
+        if pickled:  # an .npz object array: Python objects, which load never unpickles
+            which = f" ({pickled[0]})" if len(names) > 1 else ""
+            note = f"an object array{which}: pickled Python objects, which treeglob does not load"
+            out_rows.append(LoadRow("mismatch", path, name, shape, _text(dtype), **src, note=note))
+            continue
         inputs = [(tuple(m.shape), jnp.dtype(m.dtype)) for m in metas]
         got: tuple[tuple[int, ...], Any] | str = inputs[0]
         if fn is not None:
