@@ -165,3 +165,22 @@ def test_transforms_as_data_from_a_rules_file(tmp_path):
     target = {"blocks": [{"qkv": np.zeros((4, 6), np.float32)}] * 2}
     model, _ = tg.load(target, SEPARATE, **rules._asdict())
     np.testing.assert_array_equal(model["blocks"][1]["qkv"], (np.concatenate([Q, K, V]) + 10).T)
+
+
+def test_a_function_that_fails_is_a_load_error_naming_the_leaf_the_tensor_and_the_file(tmp_path):
+    tg.save(tmp_path / "m.safetensors", {"w": np.ones((2, 6), np.float32)})
+    third = [("w", lambda w: np.split(w, 3, axis=0)[0])]
+    (row,) = tg.load_plan(
+        {"w": np.zeros((1, 6), np.float32)}, tmp_path / "m.safetensors", transform=third
+    ).rows
+    assert row.note.startswith("checked when loaded (without data: ValueError: array split does not result")
+    with pytest.raises(
+        tg.LoadError,
+        match=r"the transform <lambda> for 'w' \(from 'w' in .*m\.safetensors\) failed: ValueError: array split",
+    ):
+        tg.load({"w": np.zeros((1, 6), np.float32)}, tmp_path / "m.safetensors", transform=third)
+    # written as data, the same split is a mismatch in the plan already
+    (row,) = tg.load_plan(
+        {"w": np.zeros((1, 6), np.float32)}, tmp_path / "m.safetensors", transform=[("w", "split(3, 0)")]
+    ).rows
+    assert row.status == "mismatch"

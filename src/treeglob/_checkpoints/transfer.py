@@ -583,7 +583,9 @@ def _read(
     value = [checkpoint.read(name) for name in names] if combines(fn) else checkpoint.read(names[0])
     if fn is not None:
         source = " + ".join(map(repr, names))
-        where = f"load(): the transform {transform_name(fn)} for {path!r} (from {source})"
+        where = (
+            f"load(): the transform {transform_name(fn)} for {path!r} (from {source} in {checkpoint.where})"
+        )
         try:
             value = fn([np.asarray(v) for v in value] if isinstance(value, list) else np.asarray(value))
         except Exception as exc:
@@ -593,11 +595,12 @@ def _read(
                     f" The tensor's dtype is {np.asarray(value).dtype} (raw bytes: NumPy writes "
                     "bfloat16 so in .npz files); reinterpret it, e.g. lambda x: x.view(jnp.bfloat16)."
                 )
-            raise ValueError(f"{where} failed: {type(exc).__name__}: {exc}.{hint}") from exc
+            raise LoadError(f"{where} failed: {type(exc).__name__}: {exc}.{hint}", None) from exc
         if tuple(np.shape(value)) != shape or jnp.dtype(value.dtype) != dtype:
-            raise ValueError(
+            raise LoadError(
                 f"{where} gives {jnp.dtype(value.dtype)}{tuple(np.shape(value))}, "
-                f"which is {dtype}{shape} in the model."
+                f"which is {dtype}{shape} in the model.",
+                None,
             )
     return value
 
