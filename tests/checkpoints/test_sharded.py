@@ -192,3 +192,31 @@ def test_save_writes_hugging_face_shards_above_a_size_and_they_load_back_bit_for
     ).exists()
     with pytest.raises(ValueError, match=r"save\(max_shard_size=20000\): shards are \.safetensors files"):
         tg.save(tmp_path / "m.npz", {"w": np.zeros(2)}, max_shard_size=20_000)
+
+
+def test_a_new_save_removes_the_index_and_shards_of_an_earlier_one(tmp_path):
+    big = eqx.nn.MLP(64, 8, 64, 2, key=jax.random.key(0))
+    tg.save(tmp_path / "model.safetensors", big, max_shard_size=20_000)
+    small = {"w": np.full(2, 10.0, np.float32)}
+    tg.save(tmp_path / "model.safetensors", small)  # one file now: the old shards would shadow it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    loaded, _ = tg.load({"w": np.zeros(2, np.float32)}, tmp_path)
+    np.testing.assert_array_equal(loaded["w"], small["w"])
+    tg.save(tmp_path / "model.safetensors", big, max_shard_size=20_000)
+    tg.save(tmp_path / "model.safetensors", big, max_shard_size=10_000)  # more, smaller shards
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(set(index["weight_map"].values()))
+
+
+def test_shards_named_alike_in_two_directories_and_a_file_named_twice_are_told_apart(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write(
+            tmp_path / sub / "model.safetensors", [(sub, (2,), np.float32)], lambda k: np.ones(2, np.float32)
+        )
+    both = open_checkpoint([tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"])
+    assert sorted(both.meta) == ["a", "b"]
+    again = open_checkpoint(
+        [tmp_path / "a" / "model.safetensors", tmp_path / "a" / ".." / "a" / "model.safetensors"]
+    )
+    assert sorted(again.meta) == ["a"]

@@ -184,3 +184,50 @@ def test_a_function_that_fails_is_a_load_error_naming_the_leaf_the_tensor_and_th
         {"w": np.zeros((1, 6), np.float32)}, tmp_path / "m.safetensors", transform=[("w", "split(3, 0)")]
     ).rows
     assert row.status == "mismatch"
+
+
+def test_edge_cases_of_transforms_written_as_data(tmp_path, capsys):
+    from treeglob._cli.main import main as cli
+
+    # a scalar has no axis 0
+    ((_, squeeze),) = parse_transforms([("w", "squeeze(0)")])
+    assert output_meta(squeeze, (), np.float32) == "squeeze(0): axis 0 is out of range for 0 dimensions"
+    # concat promotes as the plan predicts (JAX's rules): int32 + float32 is float32
+    mixed = {"a": np.ones(2, np.int32), "b": np.ones(2, np.float32)}
+    model, _ = tg.load(
+        {"w": np.zeros(4, np.float32)}, mixed, rename=[("a", "w"), ("b", "w")], transform=[("w", "concat(0)")]
+    )
+    assert model["w"].dtype == np.float32
+    # the dtype policy after a combining chain
+    halves = {"a": np.ones(2, np.float16), "b": np.ones(2, np.float16)}
+    model, _ = tg.load(
+        {"w": np.zeros(4, np.float32)},
+        halves,
+        rename=[("a", "w"), ("b", "w")],
+        transform=[("w", ("concat(0)",))],
+        cast=True,
+    )
+    assert model["w"].dtype == np.float32
+    with pytest.raises(
+        ValueError,
+        match=r"transform\[0\]: concat and stack take the tensors renamed onto a leaf, so they come first",
+    ):
+        parse_transforms([("w", ("transpose", "stack(0)"))])
+    with pytest.raises(ValueError, match=r"unknown transform 'O'"):
+        parse_transforms([("w", "O")])
+    # on the command line, a transform's own "=" (axis=1) is not the pattern's
+    tg.save(tmp_path / "m.safetensors", {"w": np.ones((2, 6), np.float32)})
+    np.savez(tmp_path / "model.npz", w=np.zeros((2, 2), np.float32))
+    assert (
+        cli(
+            [
+                "load-plan",
+                str(tmp_path / "model.npz"),
+                str(tmp_path / "m.safetensors"),
+                "--transform",
+                "w=split(3, 0, axis=1)",
+            ]
+        )
+        == 0
+    )
+    assert "via split(3, 0, axis=1)" in capsys.readouterr().out

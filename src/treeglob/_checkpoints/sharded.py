@@ -24,7 +24,15 @@ from .._core.errors import SourceError
 from .base import Checkpoint, written_beside
 from .safetensors import SafetensorsCheckpoint, TensorInfo, write
 
-__all__ = ["INDEX_SUFFIX", "ShardedCheckpoint", "holds_shards", "open_files", "open_index", "write_sharded"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "ShardedCheckpoint",
+    "holds_shards",
+    "open_files",
+    "open_index",
+    "remove_stale",
+    "write_sharded",
+]
 
 #: How a Hugging Face index file's name ends (`model.safetensors.index.json`).
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -62,7 +70,7 @@ class ShardedCheckpoint(Checkpoint):
 
 def open_files(files: Sequence[str | os.PathLike[str]], where: str | None = None) -> ShardedCheckpoint:
     """The `.safetensors` files `files` as one checkpoint."""
-    paths = [pathlib.Path(f) for f in files]
+    paths = list(dict.fromkeys(pathlib.Path(f).resolve() for f in files))  # each file once
     if not paths:
         raise SourceError(f"{where or 'the list of files'}: no .safetensors files to read.")
     for path in paths:
@@ -100,7 +108,8 @@ def open_index(index: pathlib.Path) -> ShardedCheckpoint:
         )
     checkpoint = open_files([index.parent / f for f in files], where)
     for name, file in weight_map.items():
-        shard = next((s for s in checkpoint.shards if s.path.name == pathlib.Path(file).name), None)
+        at = (index.parent / file).resolve()
+        shard = next((s for s in checkpoint.shards if s.path == at), None)
         if shard is None or name not in shard.tree:
             raise SourceError(
                 f"{where}: its weight_map puts the tensor {name!r} in {file}, which does not hold it."
@@ -152,8 +161,11 @@ def write_sharded(
             size = 0
         shards[-1].append(k)
         size += nbytes
+    index = path.with_name(path.name + INDEX_SUFFIX.removeprefix(".safetensors"))
+    stale = _listed(index)
     if len(shards) == 1:
         write(path, tensors, read)
+        _remove(stale, index, keep=[path])
         return [path]
     stem = path.name.removesuffix(".safetensors")
     files, weight_map = [], {}
@@ -163,9 +175,34 @@ def write_sharded(
         weight_map |= dict.fromkeys((tensors[k][0] for k in members), file.name)
         files.append(file)
     total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
-    index = path.with_name(path.name + ".index.json")
     with written_beside(index) as partial:
         partial.write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
+    _remove([*stale, path], None, keep=files)  # what an earlier save left at `path`
     return [*files, index]
+
+
+def _listed(index: pathlib.Path) -> list[pathlib.Path]:
+    """The shards an existing index file names (none where there is no readable index)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({index.parent / file for file in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def remove_stale(path: pathlib.Path) -> None:
+    """After a single `.safetensors` file is written at `path`: the index and shards of an
+    earlier sharded save there would be read instead of it (a directory is read by its
+    index), so they go: the index first, so that no reader sees it name a removed shard."""
+    index = path.with_name(path.name + INDEX_SUFFIX.removeprefix(".safetensors"))
+    _remove(_listed(index), index, keep=[path])
+
+
+def _remove(shards: list[pathlib.Path], index: pathlib.Path | None, keep: list[pathlib.Path]) -> None:
+    if index is not None:
+        index.unlink(missing_ok=True)
+    for shard in shards:
+        if shard not in keep:
+            shard.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
-from .sharded import write_sharded
+from .sharded import remove_stale, write_sharded
 from .transforms import Impossible, cast_after, combines, output_meta, parse_transforms, transform_name
 
 __all__ = ["load", "load_plan", "save"]
@@ -551,7 +551,7 @@ class _Placer:
         if sharding is None and isinstance(leaf, np.ndarray):
             self.out[index] = np.asarray(value)
             return
-        size = np.asarray(value).nbytes
+        size = value.nbytes  # a NumPy or JAX array's: never a copy to measure it
         if size >= self.SMALL_BYTES:
             self.flush()
         self.pending.append((index, value, sharding))
@@ -680,4 +680,6 @@ def save(
         write_sharded(target, tensors, read, max_shard_size)
     else:
         file_format.write(path, tensors, read)
+        if file_format.name == "safetensors":
+            remove_stale(target)
     return [name for name, _, _ in tensors]

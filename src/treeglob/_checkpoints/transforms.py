@@ -51,9 +51,9 @@ class _Named:
 
 
 def _axis(axis: int, ndim: int, name: str) -> int:
-    if not -ndim <= axis < max(ndim, 1):
+    if not -ndim <= axis < ndim:
         raise ValueError(f"{name}: axis {axis} is out of range for {ndim} dimensions")
-    return axis % max(ndim, 1)
+    return axis % ndim
 
 
 def _transpose(*axes: int) -> _Named:
@@ -120,6 +120,8 @@ def _expand(axis: int) -> _Named:
 
 def _astype(dtype: Any) -> _Named:
     kind = jnp.dtype(dtype)
+    if not (kind.kind in "biufc" or jnp.issubdtype(kind, jnp.floating)):  # numbers (bfloat16 too)
+        raise TypeError(f"{kind} is not a dtype of numbers")
     return _Named(f"astype({kind})", lambda x: np.asarray(x).astype(kind), lambda shape, _: (shape, kind))
 
 
@@ -131,7 +133,12 @@ def _combine(how: str, axis: int = 0) -> _Named:
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:  # for one tensor; see `combined_meta`
         return combined_meta(how, axis, [(shape, dtype)], name)
 
-    return _Named(name, lambda xs: join(list(xs), axis=axis), output, combines=(how, axis))
+    def apply(xs: Any) -> Any:
+        # JAX's promotion, which `combined_meta` predicts, not NumPy's (int32 + float32 is float32)
+        dtype = jnp.result_type(*(x.dtype for x in xs))
+        return join([np.asarray(x, dtype) for x in xs], axis=axis)
+
+    return _Named(name, apply, output, combines=(how, axis))
 
 
 def combined_meta(how: str, axis: int, inputs: list[tuple[Shape, Any]], name: str) -> tuple[Shape, Any]:
@@ -188,7 +195,7 @@ def _named_transform(text: str, where: str) -> _Named:
             if not all(type(v) is int for v in [*args, *kwargs.values()]):
                 raise TypeError("takes integers")
             return NAMED[call.func.id](*args, **kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, SyntaxError) as exc:
             raise ValueError(
                 f"{where}: the transform {text!r} is malformed ({exc}); write one of {_USAGE}."
             ) from None
@@ -224,7 +231,13 @@ def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
     if isinstance(fn, tuple | list):
         if not fn:
             raise ValueError(f"{where}: an empty tuple of transforms; give at least one.")
-        return _Chain(tuple(_transform(step, f"{where}[{k}]") for k, step in enumerate(fn)))
+        steps = tuple(_transform(step, f"{where}[{k}]") for k, step in enumerate(fn))
+        if any(combines(step) for step in steps[1:]):
+            raise ValueError(
+                f"{where}: concat and stack take the tensors renamed onto a leaf, so they come first "
+                "in a tuple of transforms."
+            )
+        return _Chain(steps)
     if not callable(fn):
         raise TypeError(
             f"{where}: {fn!r} is not callable; give a function of the array, 'transpose', a dtype "
@@ -236,7 +249,8 @@ def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
 def cast_after(fn: Callable[[Any], Any] | None, dtype: Any) -> Callable[[Any], Any]:
     """`fn` (or nothing), then a cast to `dtype`: the dtype policy's own transform."""
     cast = _astype(dtype)
-    return cast if fn is None else _Chain((fn, cast))
+    steps = fn.steps if isinstance(fn, _Chain) else () if fn is None else (fn,)
+    return _Chain((*steps, cast)) if steps else cast
 
 
 def transform_name(fn: Callable[[Any], Any]) -> str:

@@ -231,7 +231,14 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, tg.RuleConfig | None, t
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
-        pattern, sep, value = item.rpartition("=")  # a pattern may hold "=" ("re:(?=...)")
+        # The last "=" outside parentheses: a pattern may hold one ("re:(?=...)"), and so may
+        # a transform's arguments ("split(3, 0, axis=1)").
+        depth, cut = 0, -1
+        for i, c in enumerate(item):
+            depth += (c == "(") - (c == ")")
+            if c == "=" and depth == 0:
+                cut = i
+        pattern, sep, value = item[: max(cut, 0)], "=" if cut >= 0 else "", item[cut + 1 :]
         if not sep or not pattern or not value:
             raise _BadInput(f"{option} {item!r}: write {example}.")
         out.append((pattern, value))

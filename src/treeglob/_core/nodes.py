@@ -52,8 +52,8 @@ __all__ = [
 
 #: Which of nested matches a selection keeps, by the `nested=` value.
 NESTED = {
-    "outermost": "a match inside another match is left out (the enclosing module is replaced whole)",
-    "innermost": "a match that holds another match is left out (the innermost modules are replaced)",
+    "outermost": "a match inside another match is left out (the enclosing one is kept)",
+    "innermost": "a match that holds another match is left out (the innermost are kept)",
 }
 
 
@@ -66,7 +66,6 @@ class _Real:
     positions: tuple[int, ...]  # the index of each of those keys among its node's children
     segments: tuple[str, ...]  # its path's segments (as the leaves below it print them)
     parent: int  # the index of the enclosing real node, -1 for the root
-    first_leaf: int
     num_leaves: int
 
 
@@ -96,7 +95,7 @@ def _real_nodes(tree: Any, leaf_segments: list[tuple[str, ...]]) -> list[_Real]:
         obj, keys, positions, segments, parent, first = stack.pop()
         num_leaves = jtu.tree_structure(obj).num_leaves
         here = len(out)
-        out.append(_Real(obj, keys, positions, segments, parent, first, num_leaves))
+        out.append(_Real(obj, keys, positions, segments, parent, num_leaves))
         pending = []
         for position, ((key,), child) in enumerate(one_level(obj)[0]):
             n = jtu.tree_structure(child).num_leaves
@@ -348,7 +347,8 @@ def modules(
     A node is selected the way a leaf at its path would be, except that a glob
     must match up to the node itself (as if it ended in `$`): `"attn"`
     selects modules named `attn`, not the projections inside them, and a
-    class selects its instances. `ndim`, `shape`, `dtype` and `size` are
+    class selects its instances and what lies inside them (outermost: the
+    instances). `ndim`, `shape`, `dtype` and `size` are
     refused (a node is not an array); `where(fn)` calls `fn(path, node)`.
     Every inner node that holds a leaf is a candidate (the root too, with the
     path `""`), except wrappers of one leaf (an NNX Variable).

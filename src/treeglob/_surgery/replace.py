@@ -78,7 +78,7 @@ def replace_modules(
         real = view.real[row]
         one = ("layers", real) if view.layers[row] is not None else id(view.reals[real].obj)
         groups.setdefault(one, []).append(row)
-    keys = [None] * len(groups) if key is None else list(_split(key, len(groups)))
+    keys = [None] * len(groups) if key is None else list(_split_key(key, len(groups)))
     new: dict[int, Any] = {}
     for rows, k in zip(groups.values(), keys, strict=True):
         real = view.real[rows[0]]
@@ -103,7 +103,7 @@ def replace_modules(
     return tree
 
 
-def _split(key: Any, n: int) -> Any:
+def _split_key(key: Any, n: int) -> Any:
     """`n` keys from the user's `key`, which must be a JAX PRNG key."""
     try:
         return jax.random.split(key, n)
