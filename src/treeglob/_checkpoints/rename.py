@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._core.errors import NoMatchError, suggest
-from .._core.keys import quote, runs, split_path
+from .._core.errors import NoMatchError, suggest_path
+from .._core.keys import quote, split_path
 from .._core.pattern import compile_glob, compile_regex
 from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
 
@@ -278,10 +278,7 @@ def apply_renames(
             seen = [out for outs in current.values() for out, _ in outs]
             text = rule.pattern if isinstance(rule.pattern, str) else rule.pattern.pattern
             literal = _CAPTURE.sub("0", text.removeprefix("re:")).strip("^$")
-            # Whole names first, then runs of as many segments (a pattern matches anywhere).
-            close = suggest(literal, seen) or suggest(
-                literal, runs([split_path(name) for name in seen], literal.count(".") + 1)
-            )
+            close = suggest_path(literal, seen, [split_path(name) for name in seen])
             hint = f" Close matches: {', '.join(close)}." if close else ""
             raise NoMatchError(
                 f"{caller}(): {rule.describe()} matches no checkpoint name ({len(seen)} names, "

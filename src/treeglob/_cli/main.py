@@ -228,18 +228,23 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, tg.RuleConfig | None, t
     return _declared(source.stacked, stacked), config, selector, source.tree
 
 
+def _outside_parentheses(text: str, char: str) -> list[int]:
+    """Where `char` stands in `text` outside parentheses: a pattern may hold "=" ("re:(?=...)"),
+    and so may a transform's arguments ("split(3, 0, axis=1)"), which also hold commas."""
+    found, depth = [], 0
+    for i, c in enumerate(text):
+        depth += (c == "(") - (c == ")")
+        if c == char and depth == 0:
+            found.append(i)
+    return found
+
+
 def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
-        # The last "=" outside parentheses: a pattern may hold one ("re:(?=...)"), and so may
-        # a transform's arguments ("split(3, 0, axis=1)").
-        depth, cut = 0, -1
-        for i, c in enumerate(item):
-            depth += (c == "(") - (c == ")")
-            if c == "=" and depth == 0:
-                cut = i
-        pattern, sep, value = item[: max(cut, 0)], "=" if cut >= 0 else "", item[cut + 1 :]
-        if not sep or not pattern or not value:
+        cut = max(_outside_parentheses(item, "="), default=-1)  # the last "=" outside parentheses
+        pattern, value = item[: max(cut, 0)], item[cut + 1 :]
+        if cut < 0 or not pattern or not value:
             raise _BadInput(f"{option} {item!r}: write {example}.")
         out.append((pattern, value))
     return out
@@ -248,13 +253,8 @@ def _pairs(items: list[str], option: str, example: str) -> list[tuple[str, str]]
 def _in_order(text: str) -> str | tuple[str, ...]:
     """`transpose,float32`: transforms applied in order, split at the commas outside
     parentheses (`split(3, 0, axis=1)` is one)."""
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(text):
-        depth += (c == "(") - (c == ")")
-        if c == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
+    bounds = [-1, *_outside_parentheses(text, ","), len(text)]
+    parts = [text[a + 1 : b].strip() for a, b in zip(bounds, bounds[1:], strict=False)]
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 

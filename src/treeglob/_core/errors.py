@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from .keys import runs
+
 __all__ = [
     "LoadError",
     "NoMatchError",
@@ -15,6 +17,7 @@ __all__ = [
     "SourceError",
     "pattern_error",
     "suggest",
+    "suggest_path",
     "user_stacklevel",
 ]
 
@@ -68,6 +71,20 @@ def pattern_error(pattern: str, pos: int, problem: str, fix: str) -> ValueError:
 def suggest(query: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Close matches for `query` among `candidates`, best first."""
     return difflib.get_close_matches(query, list(dict.fromkeys(candidates)), n=n, cutoff=0.6)
+
+
+def suggest_path(
+    literal: str, paths: list[str], segments: list[tuple[str, ...]], *, ending: bool = False
+) -> list[str]:
+    """Close matches for a pattern's literal text among paths (with their `segments`).
+
+    A pattern of k segments matches a run of k segments of a path (anywhere; with
+    `ending`, the run that ends it, as for a node). One segment is compared with those;
+    more, with whole paths first (the pattern's wildcards are left out of its literal
+    text, so its own segment count is not known), then with the runs.
+    """
+    k = literal.count(".") + 1
+    return (suggest(literal, paths) if k > 1 else []) or suggest(literal, runs(segments, k, ending=ending))
 
 
 #: The packages whose frames lie between a user's line and treeglob (optax calls a

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import NoMatchError, suggest
-from .keys import runs
+from .errors import NoMatchError, suggest_path
 from .tree import TreeView
 
 if TYPE_CHECKING:
@@ -151,18 +150,11 @@ class Context:
         return NoMatchError("\n".join(lines))
 
     def suggestions(self, selector: Selector) -> list[str]:
-        """Segments (or whole paths, for a literal spanning segments) close to the selector's text."""
+        """Close matches for the literal texts of the selector's patterns (`suggest_path`)."""
         out: list[str] = []
         for literal in selector._literals():
             literal = literal.replace("/", ".")
-            # A pattern of k segments matches a run of k segments of a leaf's path (anywhere)
-            # or of a node's (ending at the node). One segment is compared with those; more,
-            # with whole paths first (the pattern's wildcards are left out of its literal
-            # text, so its own segment count is not known), then with the runs.
-            k = literal.count(".") + 1
-            close = (suggest(literal, self.view.paths) if k > 1 else []) or suggest(
-                literal, runs(self.view.segments, k, ending=self.view.of_nodes)
-            )
+            close = suggest_path(literal, self.view.paths, self.view.segments, ending=self.view.of_nodes)
             out += [c for c in close if c not in out]
         return out
 
