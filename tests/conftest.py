@@ -21,6 +21,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def load_plan_command(model, checkpoint, *options):
+    """`treeglob load-plan MODEL CHECKPOINT OPTIONS...` run in this process: its exit status."""
+    from treeglob._cli.main import main
+
+    return main(["load-plan", str(model), str(checkpoint), *options])
+
+
 class Block(eqx.Module):
     ln1: eqx.nn.LayerNorm
     attn: eqx.nn.MultiheadAttention

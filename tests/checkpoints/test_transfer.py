@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import treeglob as tg
-from conftest import ROOT
+from conftest import ROOT, load_plan_command
 from treeglob._checkpoints.rename import apply_renames, parse_renames
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -436,8 +436,6 @@ def test_transforms(tmp_path):
 
 
 def test_named_transforms_compose_in_order_from_python_a_rules_file_and_the_command_line(tmp_path, capsys):
-    from treeglob._cli.main import main as cli
-
     weights = {"w": np.arange(6, dtype=np.float16).reshape(2, 3)}
     tg.save(tmp_path / "m.safetensors", weights)
     target = {"w": np.zeros((3, 2), np.float32)}
@@ -449,25 +447,13 @@ def test_named_transforms_compose_in_order_from_python_a_rules_file_and_the_comm
     assert rules.transform == [("w", ("transpose", "float32"))]
     assert tg.load_plan(target, tmp_path / "m.safetensors", **rules._asdict()).ok
     np.savez(tmp_path / "target.npz", w=np.zeros((3, 2), np.float32))
-    status = cli(
-        [
-            "load-plan",
-            str(tmp_path / "target.npz"),
-            str(tmp_path / "m.safetensors"),
-            "--transform",
-            "w=transpose,float32",
-        ]
+    status = load_plan_command(
+        tmp_path / "target.npz", tmp_path / "m.safetensors", "--transform", "w=transpose,float32"
     )
     assert status == 0 and "via transpose then astype(float32)" in capsys.readouterr().out
     np.savez(tmp_path / "half.npz", w=np.zeros((1, 3), np.float32))
-    status = cli(
-        [
-            "load-plan",
-            str(tmp_path / "half.npz"),
-            str(tmp_path / "m.safetensors"),
-            "--transform",
-            "w=split(2, 0),float32",
-        ]
+    status = load_plan_command(
+        tmp_path / "half.npz", tmp_path / "m.safetensors", "--transform", "w=split(2, 0),float32"
     )
     assert status == 0 and "via split(2, 0, axis=0) then astype(float32)" in capsys.readouterr().out
     with pytest.raises(
@@ -805,8 +791,6 @@ except ValueError as exc:
 
 
 def test_the_dtype_policy_casts_floating_tensors_to_the_model_dtype_on_request(tmp_path, capsys):
-    from treeglob._cli.main import main as cli
-
     weights = {
         "w": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3),
         "b": jnp.ones(3, jnp.bfloat16),
@@ -830,15 +814,8 @@ def test_the_dtype_policy_casts_floating_tensors_to_the_model_dtype_on_request(t
     assert [r.path for r in plan.rows if r.status == "mismatch"] == ["i"]  # other kinds must agree
     np.savez(tmp_path / "model.npz", **model)
     assert (
-        cli(
-            [
-                "load-plan",
-                str(tmp_path / "model.npz"),
-                str(tmp_path / "m.safetensors"),
-                "--transform",
-                "w=transpose",
-                "--cast",
-            ]
+        load_plan_command(
+            tmp_path / "model.npz", tmp_path / "m.safetensors", "--transform", "w=transpose", "--cast"
         )
         == 0
     )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import treeglob as tg
+from conftest import load_plan_command
 from treeglob._checkpoints.transforms import Impossible, output_meta, parse_transforms
 
 X = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
@@ -187,8 +188,6 @@ def test_a_function_that_fails_is_a_load_error_naming_the_leaf_the_tensor_and_th
 
 
 def test_edge_cases_of_transforms_written_as_data(tmp_path, capsys):
-    from treeglob._cli.main import main as cli
-
     # a scalar has no axis 0
     ((_, squeeze),) = parse_transforms([("w", "squeeze(0)")])
     assert output_meta(squeeze, (), np.float32) == "squeeze(0): axis 0 is out of range for 0 dimensions"
@@ -219,14 +218,8 @@ def test_edge_cases_of_transforms_written_as_data(tmp_path, capsys):
     tg.save(tmp_path / "m.safetensors", {"w": np.ones((2, 6), np.float32)})
     np.savez(tmp_path / "model.npz", w=np.zeros((2, 2), np.float32))
     assert (
-        cli(
-            [
-                "load-plan",
-                str(tmp_path / "model.npz"),
-                str(tmp_path / "m.safetensors"),
-                "--transform",
-                "w=split(3, 0, axis=1)",
-            ]
+        load_plan_command(
+            tmp_path / "model.npz", tmp_path / "m.safetensors", "--transform", "w=split(3, 0, axis=1)"
         )
         == 0
     )
