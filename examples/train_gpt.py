@@ -35,7 +35,9 @@ class Block(eqx.Module):
     def __init__(self, dim: int, heads: int, *, key: jax.Array):
         k1, k2, k3 = jax.random.split(key, 3)
         self.ln1 = eqx.nn.LayerNorm(dim)
-        self.attn = eqx.nn.MultiheadAttention(heads, dim, use_query_bias=True, use_output_bias=True, key=k1)
+        self.attn = eqx.nn.MultiheadAttention(
+            heads, dim, use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True, key=k1
+        )
         self.ln2 = eqx.nn.LayerNorm(dim)
         self.fc = eqx.nn.Linear(dim, 4 * dim, key=k2)
         self.proj = eqx.nn.Linear(4 * dim, dim, key=k3)

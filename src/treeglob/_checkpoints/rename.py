@@ -21,6 +21,7 @@ is a capture here, not a brace group (which needs two alternatives anyway).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ from .._core.keys import quote, split_path
 from .._core.pattern import compile_glob, compile_regex
 from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
 
-__all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames"]
+__all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames", "undo_renames"]
 
 _CAPTURE = re.compile(r"(?<!\\)\{([A-Za-z_]\w*)\}")
 _FIELD = re.compile(r"\{(\w+)\}")
+_WILDCARDS = re.compile(r"[*?\[\]{}\\]")  # in a glob, once its captures are taken out
 # Private-use characters stand in for captures while the glob compiles: they are
 # literal text to the glob, found again in its parsed segments.
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -179,6 +181,90 @@ class RenameRule:
         if m is None:
             return None
         return [name[: m.start()] + _fill(r, m.groupdict(), m) + name[m.end() :] for r in self.replacements]
+
+    @functools.cached_property
+    def inverse(self) -> tuple[tuple[_SegmentGlob, ...], str] | str:
+        """What undoes the rule (for export), or why it cannot be undone."""
+        try:
+            return _inverse(self)
+        except ValueError as exc:
+            return str(exc)
+
+
+def _inverse(rule: RenameRule) -> tuple[tuple[_SegmentGlob, ...], str]:
+    """What undoes a glob rule: a glob per replacement that finds what the rule wrote, and
+    the pattern as a template that writes back what it matched.
+
+    Raises:
+        ValueError: why the rule cannot be undone.
+    """
+    if rule.glob is None:
+        raise ValueError("a regex rule cannot be undone; write it as a glob with {name} captures")
+    pattern = rule.pattern
+    assert isinstance(pattern, str)
+    body = pattern.removeprefix("^")
+    body = body[:-1] if rule.glob.anchored_end else body
+    captured = sorted(_CAPTURE.findall(body))
+    for text, what in [(body, "pattern"), *((r, "replacement") for r in rule.replacements)]:
+        if _WILDCARDS.search(_CAPTURE.sub("", text)):
+            raise ValueError(
+                f"its {what} {text!r} has wildcards, braces or escapes, so the names it stands for are "
+                "not known; write the segments out, capturing what varies with {name}"
+            )
+        if what == "replacement" and sorted(_CAPTURE.findall(text)) != captured:
+            raise ValueError(
+                f"the replacement {text!r} does not use each capture of the pattern exactly once, so "
+                "what it matched cannot be written back"
+            )
+    anchors = ("^" if rule.glob.anchored_start else "", "$" if rule.glob.anchored_end else "")
+    globs = tuple(_compile_glob(anchors[0] + r + anchors[1])[0] for r in rule.replacements)
+    return globs, body
+
+
+def undo_renames(path: str, rules: list[RenameRule]) -> list[tuple[str, tuple[int, ...]]]:
+    """The checkpoint names that `rules` rename into `path`, each with the rules that renamed it:
+    of every name the rules would rename into `path`, those renamed by the most rules (a
+    name that a rule would rename is written as the rule's source, not left as it is).
+
+    Raises:
+        ValueError: a rule that could have written `path` but cannot be undone, naming it.
+    """
+    found: dict[str, tuple[int, ...]] = {path: ()}
+    for rule in reversed(rules):
+        before: dict[str, tuple[int, ...]] = {}
+        for name, history in found.items():
+            if rule.apply(name) is None:  # the rule leaves this name as it is
+                before.setdefault(name, history)
+            for source in _undo(rule, name):
+                before.setdefault(source, (rule.index, *history))
+        found = before
+    histories = {name: set(history) for name, history in found.items()}
+    return [
+        (name, found[name])
+        for name, history in histories.items()
+        if not any(history < other for other in histories.values())
+    ]
+
+
+def _undo(rule: RenameRule, name: str) -> list[str]:
+    """The names `rule` renames into `name` (each checked by renaming it)."""
+    inverse = rule.inverse
+    if isinstance(inverse, str):
+        raise ValueError(f"{rule.describe()} cannot be undone: {inverse}.")
+    globs, template = inverse
+    segments = split_path(name)
+    out = []
+    for glob in globs:
+        for start in [0] if glob.anchored_start else range(len(segments) + 1):
+            for tokens in glob.alternatives:
+                found = _match_at(tokens, segments, start, glob.anchored_end)
+                if found is None:
+                    continue
+                end, captures = found
+                source = ".".join(map(quote, (*segments[:start], *_filled(template, captures), *segments[end:])))
+                if name in (rule.apply(source) or ()) and source not in out:
+                    out.append(source)
+    return out
 
 
 def _filled(template: str, captures: dict[str, str]) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from .._core.frameworks import parameters_elsewhere
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
 from .base import Checkpoint
+from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
 from .rename import apply_renames, parse_renames
@@ -613,6 +614,10 @@ def save(
     stacked: Any = None,
     strict: bool = True,
     max_shard_size: int | None = None,
+    rename: Any = None,
+    transform: Any = None,
+    skip: Any = None,
+    ignore: Any = None,
 ) -> list[str]:
     """Write a model's arrays (or a selection of them) to a `.safetensors` or `.npz` file.
 
@@ -622,6 +627,18 @@ def save(
     (`blocks.0.attn.weight`, `blocks.1.attn.weight`, ...): the checkpoint of
     the same model built with a list of blocks. Non-array leaves are left out.
 
+    With `rename` and `transform`, the model is exported under another
+    checkpoint's names: these are the rules `treeglob.load` reads that
+    checkpoint with, undone. A rename rule is undone (`("^transformer.h",
+    "blocks")` writes `blocks.0...` as `transformer.h.0...`), a transform
+    too (`transpose` transposes back, a cast writes the model's dtype), the
+    leaves a `split` took from one tensor are joined into it, and a leaf
+    `concat(axis, sizes=...)` or `stack` built is split into its tensors.
+    One rule set serves both directions; a rule that cannot be undone (a
+    regex, a wildcard, a Python function, a reshape) is a `ValueError`
+    naming it. Before writing, the export is planned back in the load
+    direction: the file loads into the model exactly, or nothing is written.
+
     Args:
         path: the file to write, in the format its suffix names
             (`.safetensors`, or `.npz`, which has no bfloat16); written beside
@@ -629,11 +646,17 @@ def save(
         tree: any PyTree of arrays.
         select: a selector (or pattern) of the leaves to write; all by default.
         stacked: `{path: axes}` for stacked layers, as everywhere.
-        strict: a `select` that matches nothing raises `NoMatchError`.
+        strict: a `select`, `skip`, rename or transform rule that matches
+            nothing raises `NoMatchError`.
         max_shard_size: for a `.safetensors` path, the most bytes per file: a
             larger model is written as Hugging Face shards it
             (`model-00001-of-0000N.safetensors` files beside
             `model.safetensors.index.json`, which `treeglob.load` reads back).
+        rename, transform: the load rules of the checkpoint to write, as
+            `treeglob.load` takes them.
+        skip: leaves the checkpoint does not hold (a new head): not written.
+        ignore: as `load` takes it; tensors it names are never written, and
+            the export must not need them.
 
     Returns:
         The names written, in file order.
@@ -646,6 +669,14 @@ def save(
         >>> model, report = treeglob.load({"blocks": [{"w": np.zeros(2)}], "head": np.ones(3)}, path)
         >>> model["blocks"][0]["w"]
         array([1., 1.])
+
+        Under the names of a checkpoint that fuses `q` and `k` into `qk`:
+
+        >>> rules = dict(rename=[("qk", ("q", "k"))], transform=[("q", "split(2, 0)"), ("k", "split(2, 1)")])
+        >>> treeglob.save(path, {"q": np.ones(2), "k": np.zeros(2)}, **rules)
+        ['qk']
+        >>> treeglob.load({"q": np.zeros(2), "k": np.ones(2)}, path, **rules)[0]
+        {'k': array([0., 0.]), 'q': array([1., 1.])}
     """
     target = pathlib.Path(path)
     file_format = format_for_writing(target, "save")
@@ -653,33 +684,92 @@ def save(
         raise FileNotFoundError(
             f"save(): the directory {str(target.parent)!r} of {str(path)!r} does not exist."
         )
+    if max_shard_size is not None and (
+        file_format.name != "safetensors" or not (isinstance(max_shard_size, int) and max_shard_size > 0)
+    ):
+        raise ValueError(
+            f"save(max_shard_size={max_shard_size!r}): shards are .safetensors files of a positive "
+            f"number of bytes; write to a .safetensors path, e.g. max_shard_size=5 * 2**30."
+        )
+    rename_rules = parse_renames(rename or [])
+    transforms = parse_transforms(transform or [])
     with paused_gc():
         view = view_of(tree, "save", stacked)
         _check_arrays(view, "save")
         chosen = np.ones(len(view), dtype=bool)
         if select is not None:
             chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
+        if skip_rules := [(p, True) for p in as_patterns(skip)]:
+            chosen &= ~_resolve_rows(view, skip_rules, "save", strict, "the skip list given to save()")
         rows = [r for r in view.data_rows if chosen[r]]
-    origin = view.origin.tolist() if view.origin is not None else None
-    layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
+        origin = view.origin.tolist() if view.origin is not None else None
+        layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 
-    def read(k: int) -> np.ndarray:
-        row = rows[k]
-        leaf_index = row if origin is None else origin[row]
-        leaf, stack = view.leaves[leaf_index], view.leaf_stacks[leaf_index]
-        return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
+        def value(row: int) -> np.ndarray:
+            leaf_index = row if origin is None else origin[row]
+            leaf, stack = view.leaves[leaf_index], view.leaf_stacks[leaf_index]
+            return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
 
-    tensors = [(view.paths[r], view.shapes[r] or (), view.dtypes[r]) for r in rows]
+        tensors, expected = plan_export(
+            view, rows, rename_rules, transforms, _choose_transforms(view, transforms, "save", strict), value
+        )
+        if rename_rules or transforms:
+            _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
+    listed = [(t.name, t.shape, t.dtype) for t in tensors]
     assert file_format.write is not None
     if max_shard_size is not None:
-        if file_format.name != "safetensors" or not (isinstance(max_shard_size, int) and max_shard_size > 0):
-            raise ValueError(
-                f"save(max_shard_size={max_shard_size!r}): shards are .safetensors files of a positive "
-                f"number of bytes; write to a .safetensors path, e.g. max_shard_size=5 * 2**30."
-            )
-        write_sharded(target, tensors, read, max_shard_size)
+        write_sharded(target, listed, lambda k: tensors[k].make(), max_shard_size)
     else:
-        file_format.write(path, tensors, read)
+        file_format.write(path, listed, lambda k: tensors[k].make())
         if file_format.name == "safetensors":
             remove_stale(target)
-    return [name for name, _, _ in tensors]
+    return [t.name for t in tensors]
+
+
+def _check_export(
+    tree: Any,
+    tensors: list[Tensor],
+    expected: dict[int, tuple[str, ...]],
+    rename: Any,
+    transform: Any,
+    skip: Any,
+    ignore: Any,
+    stacked: Any,
+) -> None:
+    """Plan the load of an export before it is written: each row must come back from the
+    tensors it was written to, and every tensor must be used."""
+    source = {t.name: jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tensors}
+    plan = _plan(
+        tree,
+        source,
+        caller="save",
+        rename=rename,
+        skip=skip,
+        ignore=ignore,
+        transform=transform,
+        stacked=stacked,
+        strict=False,
+        allow_missing=True,
+        allow_unused=True,
+    )
+    rows = {row.path: row for row in plan.report.rows if row.path is not None}
+    problems = []
+    for r, names in expected.items():
+        read = plan.reads[r]
+        if read is None or tuple(read[0]) != names:
+            path = plan.view.paths[r]
+            back = rows[path]
+            got = f"{back.status} from {back.source}" if back.source else back.status
+            note = f" ({back.note})" if back.note else ""
+            problems.append(f"{path}: written as {' + '.join(names)}, but the rules load it {got}{note}")
+    problems += [
+        f"{row.source}: written, but the rules load it into nothing"
+        for row in plan.report.rows
+        if row.status in ("unused", "ignored")
+    ]
+    if problems:
+        listed = "\n".join(f"    {p}" for p in problems[:_MAX_LISTED])
+        raise ValueError(
+            f"save(): the rules would not load the export back into the model:\n{listed}\n"
+            "Nothing was written. Check the rules in the load direction with treeglob.load_plan."
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,8 @@ __all__ = [
     "output_meta",
     "parse_transforms",
     "transform_name",
+    "undo",
+    "Undo",
 ]
 
 
@@ -40,7 +42,11 @@ class _Named:
     label: str
     apply: Callable[[Any], Any]
     output: Callable[[Shape, Any], tuple[Shape, Any]]
-    combines: tuple[str, int] | None = None  # ("concat" | "stack", axis) for a combining one
+    # What undoes it on export: a function giving the inverse (None: nothing to undo, as
+    # for a cast, whose export writes the model's dtype), or why it cannot be undone.
+    inverse: Callable[[], _Named | None] | str = "it has no inverse"
+    combines: tuple[str, int, tuple[int, ...] | None] | None = None  # (how, axis, sizes)
+    splits: tuple[int, int, int] | None = None  # (parts, take, axis) for `split`
 
     @property
     def __name__(self) -> str:  # type: ignore[override]
@@ -64,7 +70,8 @@ def _transpose(*axes: int) -> _Named:
             raise ValueError(f"{name}: the axes are not a permutation of the {len(shape)} dimensions")
         return tuple(shape[a] for a in axes) if axes else shape[::-1], dtype
 
-    return _Named(name, lambda x: np.transpose(x, axes or None), output)
+    inverse = lambda: _transpose(*np.argsort(axes).tolist()) if axes else _transpose()  # noqa: E731
+    return _Named(name, lambda x: np.transpose(x, axes or None), output, inverse)
 
 
 def _reshape(*dims: int) -> _Named:
@@ -77,7 +84,12 @@ def _reshape(*dims: int) -> _Named:
             raise ValueError(f"{name}: {size} elements do not fit the shape {dims}")
         return tuple(size // known if d == -1 else d for d in dims), dtype
 
-    return _Named(name, lambda x: np.reshape(x, dims), output)
+    return _Named(
+        name,
+        lambda x: np.reshape(x, dims),
+        output,
+        "the checkpoint tensor's shape before the reshape is not known on export",
+    )
 
 
 def _split(parts: int, take: int, axis: int = 0) -> _Named:
@@ -93,7 +105,8 @@ def _split(parts: int, take: int, axis: int = 0) -> _Named:
             )
         return (*shape[:a], shape[a] // parts, *shape[a + 1 :]), dtype
 
-    return _Named(name, lambda x: np.split(x, parts, axis=axis)[take], output)
+    # Undone on export by joining the parts that the other leaves of the same tensor hold.
+    return _Named(name, lambda x: np.split(x, parts, axis=axis)[take], output, splits=(parts, take, axis))
 
 
 def _squeeze(axis: int) -> _Named:
@@ -105,7 +118,7 @@ def _squeeze(axis: int) -> _Named:
             raise ValueError(f"{name}: axis {axis} has size {shape[a]}, not 1")
         return (*shape[:a], *shape[a + 1 :]), dtype
 
-    return _Named(name, lambda x: np.squeeze(x, axis), output)
+    return _Named(name, lambda x: np.squeeze(x, axis), output, lambda: _expand(axis))
 
 
 def _expand(axis: int) -> _Named:
@@ -115,33 +128,41 @@ def _expand(axis: int) -> _Named:
         a = _axis(axis, len(shape) + 1, name)
         return (*shape[:a], 1, *shape[a:]), dtype
 
-    return _Named(name, lambda x: np.expand_dims(x, axis), output)
+    return _Named(name, lambda x: np.expand_dims(x, axis), output, lambda: _squeeze(axis))
 
 
 def _astype(dtype: Any) -> _Named:
     kind = jnp.dtype(dtype)
     if not (kind.kind in "biufc" or jnp.issubdtype(kind, jnp.floating)):  # numbers (bfloat16 too)
         raise TypeError(f"{kind} is not a dtype of numbers")
-    return _Named(f"astype({kind})", lambda x: np.asarray(x).astype(kind), lambda shape, _: (shape, kind))
+    return _Named(
+        f"astype({kind})", lambda x: np.asarray(x).astype(kind), lambda shape, _: (shape, kind), lambda: None
+    )
 
 
-def _combine(how: str, axis: int = 0) -> _Named:
-    """`concat` / `stack`: the tensors renamed onto one leaf, in the order of their rename rules."""
-    name = f"{how}(axis={axis})"
+def _combine(how: str, axis: int = 0, sizes: tuple[int, ...] | None = None) -> _Named:
+    """`concat` / `stack`: the tensors renamed onto one leaf, in the order of their rename rules.
+    `sizes` (concat only) are the tensors' sizes along `axis`: checked on load, and how export
+    splits the leaf again."""
+    name = f"{how}(axis={axis}" + (f", sizes={sizes})" if sizes is not None else ")")
     join = np.concatenate if how == "concat" else np.stack
+    if sizes is not None and (how != "concat" or not sizes or min(sizes) < 1):
+        raise ValueError(f"{name}: sizes are for concat, one positive size per tensor")
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:  # for one tensor; see `combined_meta`
-        return combined_meta(how, axis, [(shape, dtype)], name)
+        return combined_meta(how, axis, [(shape, dtype)], name, sizes)
 
     def apply(xs: Any) -> Any:
         # JAX's promotion, which `combined_meta` predicts, not NumPy's (int32 + float32 is float32)
         dtype = jnp.result_type(*(x.dtype for x in xs))
         return join([np.asarray(x, dtype) for x in xs], axis=axis)
 
-    return _Named(name, apply, output, combines=(how, axis))
+    return _Named(name, apply, output, combines=(how, axis, sizes))
 
 
-def combined_meta(how: str, axis: int, inputs: list[tuple[Shape, Any]], name: str) -> tuple[Shape, Any]:
+def combined_meta(
+    how: str, axis: int, inputs: list[tuple[Shape, Any]], name: str, sizes: tuple[int, ...] | None = None
+) -> tuple[Shape, Any]:
     """The shape and dtype `concat`/`stack` give for tensors of these shapes and dtypes."""
     shapes = [s for s, _ in inputs]
     dtype = jnp.result_type(*(d for _, d in inputs))
@@ -154,6 +175,8 @@ def combined_meta(how: str, axis: int, inputs: list[tuple[Shape, Any]], name: st
     a = _axis(axis, len(first), name)
     if any(len(s) != len(first) or s[:a] + s[a + 1 :] != first[:a] + first[a + 1 :] for s in shapes):
         raise ValueError(f"{name}: the tensors' shapes {shapes} differ off axis {axis}")
+    if sizes is not None and tuple(s[a] for s in shapes) != sizes:
+        raise ValueError(f"{name}: the tensors' sizes along axis {axis} are {tuple(s[a] for s in shapes)}")
     return (*first[:a], sum(s[a] for s in shapes), *first[a + 1 :]), dtype
 
 
@@ -165,15 +188,20 @@ NAMED: dict[str, Callable[..., _Named]] = {
     "squeeze": _squeeze,
     "expand": _expand,
     "astype": _astype,
-    "concat": lambda axis=0: _combine("concat", axis),
+    "concat": lambda axis=0, sizes=None: _combine("concat", axis, sizes),
     "stack": lambda axis=0: _combine("stack", axis),
 }
 
 _USAGE = (
     "transpose, transpose(1, 0, 2), reshape(4, -1), split(parts, take, axis=0), squeeze(axis), "
     "expand(axis), astype(float32) or a dtype name, and for several tensors onto one leaf "
-    "concat(axis=0), stack(axis=0)"
+    "concat(axis=0) (with sizes=(...) to export it), stack(axis=0)"
 )
+
+
+def _integers(value: Any) -> bool:
+    """An int, or a tuple of them (concat's sizes)."""
+    return type(value) is int or (isinstance(value, tuple) and all(type(v) is int for v in value))
 
 
 def _named_transform(text: str, where: str) -> _Named:
@@ -192,7 +220,7 @@ def _named_transform(text: str, where: str) -> _Named:
                 return _astype(ast.unparse(arg).strip("'\""))
             args = [ast.literal_eval(a) for a in call.args]
             kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
-            if not all(type(v) is int for v in [*args, *kwargs.values()]):
+            if not all(_integers(v) for v in [*args, *kwargs.values()]):
                 raise TypeError("takes integers")
             return NAMED[call.func.id](*args, **kwargs)
         except (TypeError, ValueError, SyntaxError) as exc:
@@ -268,6 +296,51 @@ def parse_transforms(transform: Any) -> list[tuple[Any, Callable[[Any], Any]]]:
     return out
 
 
+class Undo(NamedTuple):
+    """How export undoes a leaf's transform. `steps` (inverses, in order) take the leaf's value
+    back to where the transform split or combined (`joint`): there the part a `split` took
+    is joined with the parts the tensor's other leaves hold, then `rest` is applied; or the
+    value a `concat`/`stack` built is split into its tensors. Without a joint, `steps` undo
+    it all."""
+
+    steps: tuple[_Named, ...] = ()
+    joint: _Named | None = None
+    rest: tuple[_Named, ...] = ()
+
+
+def undo(fn: Callable[[Any], Any] | None) -> Undo:
+    """How export undoes `fn` (a rule's transform, or None).
+
+    Raises:
+        ValueError: why it cannot be undone (a Python function, a reshape, two splits).
+    """
+    steps = fn.steps if isinstance(fn, _Chain) else () if fn is None else (fn,)
+    for step in steps:
+        if not isinstance(step, _Named):
+            raise ValueError(
+                f"the function {transform_name(step)} has no inverse; write the transform as data "
+                "(transpose, split, squeeze, expand, a dtype name, ...)"
+            )
+    named: tuple[_Named, ...] = steps  # type: ignore[assignment]
+    joints = [k for k, step in enumerate(named) if step.splits or step.combines]
+    if len(joints) > 1:
+        raise ValueError("it splits or combines twice, and only one of them can be undone")
+
+    def inverses(part: tuple[_Named, ...]) -> tuple[_Named, ...]:
+        out = []
+        for step in reversed(part):
+            if isinstance(step.inverse, str):
+                raise ValueError(f"{step.label} cannot be undone: {step.inverse}")
+            if (inverse := step.inverse()) is not None:
+                out.append(inverse)
+        return tuple(out)
+
+    if not joints:
+        return Undo(inverses(named))
+    j = joints[0]
+    return Undo(inverses(named[j + 1 :]), named[j], inverses(named[:j]))
+
+
 def combines(fn: Callable[[Any], Any] | None) -> bool:
     """Whether `fn` takes the list of tensors renamed onto one leaf (`concat`, `stack`, or a
     tuple of transforms that starts with one)."""
@@ -295,7 +368,8 @@ def output_meta(
         try:
             if fn.combines is not None:
                 shapes, dtypes = (shape, dtype) if isinstance(shape, list) else ([shape], [dtype])
-                return combined_meta(*fn.combines, list(zip(shapes, dtypes, strict=True)), fn.__name__)
+                how, axis, sizes = fn.combines
+                return combined_meta(how, axis, list(zip(shapes, dtypes, strict=True)), fn.__name__, sizes)
             if isinstance(shape, list):
                 return Impossible(f"{fn.__name__} takes one tensor, not {len(shape)}")
             return fn.output(shape, dtype)

@@ -1,0 +1,234 @@
+"""Writing a model under a checkpoint's names: the rules that load that checkpoint, undone.
+
+`save(path, model, rename=..., transform=...)` takes the rules `load` reads the
+checkpoint with and writes the tensors that `load` turns back into the model:
+each rename rule undone (a model path becomes the checkpoint name the rules
+rename into it), each transform undone (a transpose transposed back, a cast
+written in the model's dtype), the leaves that `split` took from one tensor
+joined into it again, and a leaf that `concat`/`stack` built split into its
+tensors. Where a rule cannot be undone (a regex, a wildcard, a Python
+function, a reshape), the error says which and why. `save` then plans the
+load of what it is about to write, so the file loads back into the model
+exactly, or nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._core.tree import TreeView
+from .rename import RenameRule, undo_renames
+from .transforms import Undo, _Named, transform_name, undo
+
+__all__ = ["Tensor", "plan_export"]
+
+Shape = tuple[int, ...]
+
+
+class Tensor(NamedTuple):
+    """One tensor an export writes: its name, shape, dtype, and how to make its data."""
+
+    name: str
+    shape: Shape
+    dtype: Any
+    make: Callable[[], np.ndarray]
+    rows: tuple[int, ...]  # the model rows it comes from
+
+
+def _through(steps: tuple[_Named, ...], shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+    for step in steps:
+        shape, dtype = step.output(shape, dtype)
+    return shape, dtype
+
+
+def _apply(steps: tuple[_Named, ...], value: np.ndarray) -> np.ndarray:
+    for step in steps:
+        value = step(value)
+    return value
+
+
+class _Claim(NamedTuple):
+    row: int
+    undo: Undo
+
+
+def plan_export(
+    view: TreeView,
+    rows: list[int],
+    rules: list[RenameRule],
+    transforms: list[tuple[Any, Callable[[Any], Any]]],
+    chosen: np.ndarray,
+    value: Callable[[int], np.ndarray],
+) -> tuple[list[Tensor], dict[int, tuple[str, ...]]]:
+    """The tensors that write `rows` under the checkpoint names `rules` rename into them, and
+    per row the names `load` is expected to read it from.
+
+    Raises:
+        ValueError: every row whose rules cannot be undone, with the rule and the reason.
+    """
+    problems: list[str] = []
+    claims: dict[str, list[_Claim]] = {}
+    tensors: list[Tensor] = []
+    expected: dict[int, tuple[str, ...]] = {}
+    for r in rows:
+        path, k = view.paths[r], int(chosen[r])
+        fn = transforms[k][1] if k >= 0 else None
+        try:
+            how = undo(fn)
+        except ValueError as exc:
+            problems.append(f"{path}: transform[{k}] ({transform_name(fn)}) cannot be undone: {exc}")  # type: ignore[arg-type]
+            continue
+        try:
+            names = [name for name, _ in sorted(undo_renames(path, rules), key=lambda found: found[1])]
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        if how.joint is not None and how.joint.combines is not None:
+            try:
+                tensors += _pieces(view, r, how, names, value)
+            except ValueError as exc:
+                problems.append(f"{path}: {exc}")
+                continue
+            expected[r] = tuple(names)
+        elif len(names) > 1:
+            problems.append(
+                f"{path}: the rename rules turn each of {', '.join(map(repr, names))} into it, so its "
+                "name in the checkpoint is not known; make the rules tell them apart"
+            )
+        else:
+            claims.setdefault(names[0], []).append(_Claim(r, how))
+            expected[r] = (names[0],)
+    for name, members in claims.items():
+        try:
+            tensors.append(_joined(view, name, members, value))
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    seen: dict[str, Tensor] = {}
+    for tensor in tensors:
+        if tensor.name in seen:
+            paths = [view.paths[r] for r in (*seen[tensor.name].rows, *tensor.rows)]
+            problems.append(f"{tensor.name}: written from both {', '.join(paths)}")
+        seen[tensor.name] = tensor
+    if problems:
+        listed = "\n".join(f"    {p}" for p in problems[:20])
+        more = f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"save(): the load rules cannot be undone for {len(problems)} "
+            f"{'tensors' if len(problems) > 1 else 'tensor'}:\n{listed}{more}\n"
+            "Export with rules that can be undone (globs without wildcards, transforms written as "
+            "data), or build the checkpoint's {name: array} dict yourself and save that."
+        )
+    return tensors, expected
+
+
+def _pieces(
+    view: TreeView, row: int, how: Undo, names: list[str], value: Callable[[int], np.ndarray]
+) -> list[Tensor]:
+    """A leaf that `concat`/`stack` built from several tensors, split into them again."""
+    assert how.joint is not None and how.joint.combines is not None
+    kind, axis, sizes = how.joint.combines
+    shape, dtype = _through(how.steps, view.shapes[row] or (), view.dtypes[row])
+    a = axis % len(shape)  # the combined value's axis: stack's new one, or concat's
+    if kind == "stack":
+        if shape[a] != len(names):
+            raise ValueError(
+                f"{how.joint.label} stacks {shape[a]} tensors, but the rules rename {len(names)} into it"
+            )
+        shapes = [(*shape[:a], *shape[a + 1 :])] * len(names)
+    else:
+        if sizes is None:
+            raise ValueError(
+                f"{how.joint.label} cannot be split back without the sizes of its tensors: write "
+                f"concat(axis={axis}, sizes=(...)) with their sizes along axis {axis}, in order"
+            )
+        if len(sizes) != len(names) or sum(sizes) != shape[a]:
+            raise ValueError(
+                f"{how.joint.label}: {len(sizes)} sizes adding up to {sum(sizes)}, but the rules rename "
+                f"{len(names)} tensors into it and its axis {axis} has size {shape[a]}"
+            )
+        shapes = [(*shape[:a], size, *shape[a + 1 :]) for size in sizes]
+    last: dict[str, list[np.ndarray]] = {}  # the leaf's parts, made once for all its tensors
+
+    def piece(i: int) -> np.ndarray:
+        if i == 0 or "parts" not in last:
+            whole = _apply(how.steps, value(row))
+            if kind == "stack":
+                last["parts"] = [np.take(whole, j, axis=a) for j in range(len(names))]
+            else:
+                last["parts"] = np.split(whole, np.cumsum(sizes)[:-1].tolist(), axis=a)  # type: ignore[arg-type]
+        part = last["parts"][i]
+        if i == len(names) - 1:
+            last.clear()
+        return part
+
+    return [
+        Tensor(name, s, dtype, lambda i=i: piece(i), (row,))
+        for i, (name, s) in enumerate(zip(names, shapes, strict=True))
+    ]
+
+
+def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[int], np.ndarray]) -> Tensor:
+    """The tensor that the leaves `members` came from: one leaf's, the parts that `split`
+    took joined again, or one value that several leaves hold (tied)."""
+    metas = [_through(m.undo.steps, view.shapes[m.row] or (), view.dtypes[m.row]) for m in members]
+    rows = tuple(m.row for m in members)
+    splits = [m.undo.joint.splits if m.undo.joint is not None else None for m in members]
+    if all(s is None for s in splits):
+        if len({(s, np.dtype(d)) for s, d in metas}) > 1:
+            raise ValueError(
+                "the rules load it into "
+                + ", ".join(f"{view.paths[m.row]} ({np.dtype(d)}{s})" for m, (s, d) in zip(members, metas))
+                + ", which differ"
+            )
+        first = members[0]
+
+        def tied() -> np.ndarray:
+            out = _apply(first.undo.steps, value(first.row))
+            for m in members[1:]:
+                if not np.array_equal(_apply(m.undo.steps, value(m.row)), out):
+                    raise ValueError(
+                        f"save(): {view.paths[first.row]} and {view.paths[m.row]} are both written as "
+                        f"{name!r}, but their values differ: the rules load one tensor into both."
+                    )
+            return out
+
+        return Tensor(name, metas[0][0], metas[0][1], tied, rows)
+    parts_of = {(s[0], s[2]) for s in splits if s is not None}
+    rests = {tuple(step.label for step in m.undo.rest) for m in members}
+    if None in splits or len(parts_of) > 1 or len(rests) > 1:
+        raise ValueError(
+            "the rules load it into "
+            + ", ".join(f"{view.paths[m.row]} ({transform_name(m.undo.joint) if m.undo.joint else 'whole'})" for m in members)
+            + ", which do not split it the same way"
+        )
+    ((parts, axis),) = parts_of
+    by_part: dict[int, list[_Claim]] = {}
+    for m, s in zip(members, splits, strict=True):
+        assert s is not None
+        by_part.setdefault(s[1], []).append(m)
+    missing = [p for p in range(parts) if p not in by_part]
+    doubled = [p for p, ms in by_part.items() if len(ms) > 1]
+    if missing or doubled:
+        held = ", ".join(f"part {p}: {view.paths[ms[0].row]}" for p, ms in sorted(by_part.items()))
+        why = (
+            f"parts {', '.join(map(str, missing))} of its split into {parts} come from no leaf of the model"
+            if missing
+            else f"part {doubled[0]} comes from several leaves"
+        )
+        raise ValueError(f"{why} ({held}); export the model with every part, or the parts yourself")
+    order = [by_part[p][0] for p in range(parts)]
+    shape, dtype = metas[members.index(order[0])]
+    if any(metas[members.index(m)] != (shape, dtype) for m in order):
+        raise ValueError("its parts come from leaves of different shapes or dtypes")
+    a = axis % len(shape)
+    joined = (*shape[:a], shape[a] * parts, *shape[a + 1 :])
+    rest = order[0].undo.rest
+    out_shape, out_dtype = _through(rest, joined, dtype)
+
+    def join() -> np.ndarray:
+        return _apply(rest, np.concatenate([_apply(m.undo.steps, value(m.row)) for m in order], axis=a))
+
+    return Tensor(name, out_shape, out_dtype, join, tuple(m.row for m in order))
