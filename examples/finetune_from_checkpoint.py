@@ -1,19 +1,26 @@
-"""Fine-tune from a checkpoint whose names are another framework's, loaded by rules.
+"""Fine-tune from a checkpoint in another framework's names, and export back to them, by rules.
+
+The rules are data, in `gpt2_rules.toml`: GPT-2's names (`transformer.h.N...`),
+its fused `attn.c_attn` split into query, key and value, and PyTorch `Conv1D`
+weights stored (in, out). One rule set serves both directions.
 
 1. Pretrain the Quick start GPT (a list of blocks) briefly.
-2. Save it as a Hugging Face GPT-2-style `.safetensors` file: `transformer.h.N...`
-   names, query, key and value fused into one `attn.c_attn`, PyTorch `Conv1D`
-   weights stored (in, out), and the causal-mask buffers old GPT-2 files carry.
-3. Load it into a *scanned* GPT (the blocks stacked on a leading axis, run with
-   `lax.scan`) that has a new head, through rename / transform / skip / ignore
-   rules, and print the report of what was loaded.
+2. Export it under GPT-2's names as a sharded Hugging Face checkpoint (files of
+   at most 200 kB and `model.safetensors.index.json`).
+3. Load that into a *scanned* GPT (the blocks stacked on a leading axis, run
+   with `lax.scan`) that has a new head, through the rules and a skip for the
+   new head, and print the report of what was loaded.
 4. Fine-tune on the language-modelling loss plus the new head's task: the
    language-modelling loss starts where pretraining ended.
+5. Export the fine-tuned model back under GPT-2's names, sharded.
 
-The rules that are data (renames, skips, "transpose") can also be dry-run from
-the command line on a checkpoint's header, `treeglob load-plan
-examples/finetune_from_checkpoint.py:build_model CKPT --stacked blocks=1 ...`;
-splitting the fused `c_attn` takes the Python functions below.
+    python examples/finetune_from_checkpoint.py --out /tmp/gpt2
+
+keeps both checkpoints (`/tmp/gpt2/pretrained`, `/tmp/gpt2/finetuned`); the
+load plan can then be read from the command line, from headers only:
+
+    treeglob load-plan examples/finetune_from_checkpoint.py:build_model /tmp/gpt2/pretrained \\
+        --rules examples/gpt2_rules.toml --skip space_head --stacked blocks=1
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import tempfile
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import train_gpt
 from scanned_gpt import STACKED, ScannedGPT
@@ -57,70 +63,14 @@ def build_model(seed: int = 1) -> TwoHeadGPT:
     return TwoHeadGPT(len(chars), key=jax.random.key(seed))
 
 
-def to_hugging_face(params) -> dict[str, np.ndarray]:
-    """The Quick start GPT's arrays under GPT-2's names and layouts, as an exporter writes them."""
-    out = {"transformer.wte.weight": params.embed.weight, "transformer.wpe.weight": params.pos_embed}
-    for i, b in enumerate(params.blocks):
-        h, a = f"transformer.h.{i}", b.attn
-        zeros = jnp.zeros_like(a.query_proj.bias)  # the model's key/value projections have no bias
-        out |= {
-            f"{h}.ln_1.weight": b.ln1.weight,
-            f"{h}.ln_1.bias": b.ln1.bias,
-            f"{h}.attn.c_attn.weight": jnp.concatenate(
-                [a.query_proj.weight.T, a.key_proj.weight.T, a.value_proj.weight.T], 1
-            ),
-            f"{h}.attn.c_attn.bias": jnp.concatenate([a.query_proj.bias, zeros, zeros]),
-            f"{h}.attn.c_proj.weight": a.output_proj.weight.T,
-            f"{h}.attn.c_proj.bias": a.output_proj.bias,
-            f"{h}.attn.bias": jnp.tril(jnp.ones((64, 64))),  # a causal-mask buffer, not a parameter
-            f"{h}.ln_2.weight": b.ln2.weight,
-            f"{h}.ln_2.bias": b.ln2.bias,
-            f"{h}.mlp.c_fc.weight": b.fc.weight.T,
-            f"{h}.mlp.c_fc.bias": b.fc.bias,
-            f"{h}.mlp.c_proj.weight": b.proj.weight.T,
-            f"{h}.mlp.c_proj.bias": b.proj.bias,
-        }
-    out |= {
-        "transformer.ln_f.weight": params.ln_f.weight,
-        "transformer.ln_f.bias": params.ln_f.bias,
-        "lm_head.weight": params.head.weight,
-        "lm_head.bias": params.head.bias,
-    }
-    return {name: np.asarray(value) for name, value in out.items()}
-
-
-def third(k: int):
-    """The k-th of query, key, value from a fused `c_attn` tensor, in Equinox's (out, in) layout."""
-
-    def take(w: np.ndarray) -> np.ndarray:
-        return np.split(w, 3, axis=-1)[k].T
-
-    take.__name__ = f"third({k})"
-    return take
-
-
-#: GPT-2's names -> this model's paths, in order (each rule sees the previous ones' output).
-RENAME = [
-    ("^transformer.h", "blocks"),
-    ("^transformer.wte", "embed"),
-    ("^transformer.wpe.weight", "pos_embed"),
-    ("^transformer.ln_f", "ln_f"),
-    ("^lm_head", "head"),
-    ("blocks.{i}.ln_{n}", "blocks.{i}.ln{n}"),
-    ("mlp.c_fc", "fc"),
-    ("mlp.c_proj", "proj"),
-    ("attn.c_proj", "attn.output_proj"),
-    ("attn.c_attn", ("attn.query_proj", "attn.key_proj", "attn.value_proj")),
-]
-#: By model path: split the fused tensor, turn (in, out) weights into (out, in).
-TRANSFORM = [
-    ("attn.query_proj", third(0)),
-    ("attn.key_proj", third(1)),
-    ("attn.value_proj", third(2)),
-    ("{fc,proj,attn.output_proj}.weight", "transpose"),
-]
-SKIP = ["space_head"]  # new: kept as initialised
-IGNORE = ["*.attn.bias$"]  # the mask buffers
+#: GPT-2's names and layouts -> this model's, as data: renames (with the fused `c_attn`
+#: feeding query, key and value) and transforms (its thirds, Conv1D's (in, out) weights
+#: transposed). `load` reads GPT-2 names with them; `save` writes GPT-2 names with them.
+RULES = tg.load_transfer(pathlib.Path(__file__).with_name("gpt2_rules.toml"))
+#: The two-head model's rules: the new head is kept as initialised on load, and is not
+#: GPT-2's on export.
+TWO_HEAD_RULES = RULES._replace(skip=["space_head"])._asdict()
+SHARD = 200_000  # bytes per file: a small model written as a sharded checkpoint
 
 
 def two_head_loss(params, static, x, y, is_space):
@@ -132,7 +82,12 @@ def two_head_loss(params, static, x, y, is_space):
     return lm + optax.sigmoid_binary_cross_entropy(space, is_space).mean(), lm
 
 
-def main(pretrain_steps: int = 300, steps: int = 100, seed: int = 0) -> tuple[float, float]:
+def main(
+    pretrain_steps: int = 300, steps: int = 100, seed: int = 0, out_dir: str | None = None
+) -> tuple[float, float, TwoHeadGPT]:
+    """Returns the pretrained and the loaded held-out loss, and the fine-tuned model, which
+    `out_dir/finetuned` holds under GPT-2's names (in a temporary directory, removed at the
+    end, without `out_dir`)."""
     data, chars = corpus()
     space = chars.index(" ")
     train = batches(data, 16, 64, seed)
@@ -147,21 +102,17 @@ def main(pretrain_steps: int = 300, steps: int = 100, seed: int = 0) -> tuple[fl
     pretrained_loss = float(loss_fn(params, static, *held_out))
     print(f"pretrained {pretrain_steps} steps: held-out loss {pretrained_loss:.4f}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # 2. Export under GPT-2's names.
-        path = pathlib.Path(tmp) / "gpt2-style.safetensors"
-        tg.save(path, to_hugging_face(params))
+    scratch = None if out_dir else tempfile.TemporaryDirectory()
+    out = pathlib.Path(out_dir or scratch.name)  # type: ignore[union-attr]
+    for name in ("pretrained", "finetuned"):
+        (out / name).mkdir(parents=True, exist_ok=True)
 
-        # 3. Load into the scanned two-head model.
-        model, report = tg.load(
-            build_model(seed + 1),
-            path,
-            rename=RENAME,
-            transform=TRANSFORM,
-            skip=SKIP,
-            ignore=IGNORE,
-            stacked=STACKED,
-        )
+    # 2. Export under GPT-2's names, sharded.
+    tg.save(out / "pretrained" / "model.safetensors", params, max_shard_size=SHARD, **RULES._asdict())
+    print(f"exported: {', '.join(sorted(p.name for p in (out / 'pretrained').iterdir()))}")
+
+    # 3. Load into the scanned two-head model: the directory is one source.
+    model, report = tg.load(build_model(seed + 1), out / "pretrained", stacked=STACKED, **TWO_HEAD_RULES)
     print(report)
     print()
 
@@ -185,7 +136,20 @@ def main(pretrain_steps: int = 300, steps: int = 100, seed: int = 0) -> tuple[fl
         params, opt_state, lm = finetune_step(params, opt_state, x, y)
         if i == 1 or i % 25 == 0 or i == steps:
             print(f"fine-tune step {i:4d}  LM loss {float(lm):.3f}")
-    return pretrained_loss, float(loaded_loss)
+
+    # 5. Export back under GPT-2's names: the new head is not GPT-2's.
+    model = eqx.combine(params, static)
+    tg.save(
+        out / "finetuned" / "model.safetensors",
+        model,
+        stacked=STACKED,
+        max_shard_size=SHARD,
+        **TWO_HEAD_RULES,
+    )
+    print(f"exported the fine-tuned model to {out / 'finetuned'}")
+    if scratch is not None:
+        scratch.cleanup()
+    return pretrained_loss, float(loaded_loss), model
 
 
 if __name__ == "__main__":
@@ -195,4 +159,5 @@ if __name__ == "__main__":
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    main(**{k.replace("-", "_"): v for k, v in vars(parser.parse_args()).items()})
+    parser.add_argument("--out", dest="out_dir", help="keep the checkpoints in this directory")
+    main(**vars(parser.parse_args()))

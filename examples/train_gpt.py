@@ -36,7 +36,13 @@ class Block(eqx.Module):
         k1, k2, k3 = jax.random.split(key, 3)
         self.ln1 = eqx.nn.LayerNorm(dim)
         self.attn = eqx.nn.MultiheadAttention(
-            heads, dim, use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True, key=k1
+            heads,
+            dim,
+            use_query_bias=True,
+            use_key_bias=True,
+            use_value_bias=True,
+            use_output_bias=True,
+            key=k1,
         )
         self.ln2 = eqx.nn.LayerNorm(dim)
         self.fc = eqx.nn.Linear(dim, 4 * dim, key=k2)

@@ -112,9 +112,13 @@ def test_finetune_from_checkpoint_continues_from_the_pretrained_loss():
     loaded = float(re.search(r"held-out LM loss ([\d.]+)", out).group(1))
     assert abs(pretrained - loaded) < 1e-3, out
     assert re.search(
-        r"^blocks.1.attn.value_proj.weight +loaded +<- transformer.h.1.attn.c_attn.weight .*via third\(2\)$",
+        r"^blocks.1.attn.value_proj.weight +loaded +<- transformer.h.1.attn.c_attn.weight .*"
+        r"via split\(3, 2, axis=-1\) then transpose$",
         out,
         re.M,
     ), out
     assert re.search(r"^space_head.weight +skipped", out, re.M), out
-    assert re.search(r"^ignored +2 tensors", out, re.M), out
+    assert re.search(
+        r"^exported: model-00001-of-0000\d.safetensors, .*model.safetensors.index.json$", out, re.M
+    )
+    assert "exported the fine-tuned model to" in out

@@ -12,13 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import treeglob as tg
 from conftest import ROOT, load_plan_command
 from treeglob._checkpoints.rename import apply_renames, parse_renames
 
 sys.path.insert(0, str(ROOT / "examples"))
-from finetune_from_checkpoint import IGNORE, RENAME, TRANSFORM, to_hugging_face  # noqa: E402
+import finetune_from_checkpoint  # noqa: E402
+from finetune_from_checkpoint import RULES, TWO_HEAD_RULES  # noqa: E402
 from scanned_gpt import ScannedGPT  # noqa: E402
 from train_gpt import GPT  # noqa: E402
 
@@ -230,11 +232,11 @@ def test_skipped_layers_of_a_stacked_leaf_keep_their_values(tmp_path):
     model, report = tg.load(init, tmp_path / "list.safetensors", stacked=STACKED, skip=["blocks.0"])
     np.testing.assert_array_equal(model.blocks.fc.weight[0], init.blocks.fc.weight[0])
     np.testing.assert_array_equal(model.blocks.fc.weight[1], gpt(0, depth=3).blocks[1].fc.weight)
-    assert report.counts["skipped"]["leaves"] == 14  # one block's leaves
+    assert report.counts["skipped"]["leaves"] == 16  # one block's leaves
     abstract = eqx.filter_eval_shape(lambda: scanned(1, depth=3))
     with pytest.raises(
         tg.LoadError,
-        match=r"14 leaves are skipped or missing, but the model holds no values for them .*: blocks.0.ln1.weight, ",
+        match=r"16 leaves are skipped or missing, but the model holds no values for them .*: blocks.0.ln1.weight, ",
     ):
         tg.load(abstract, tmp_path / "list.safetensors", stacked=STACKED, skip=["blocks.0"])
 
@@ -275,7 +277,39 @@ def test_orbax_checkpoint_directory(tmp_path):
 # Rules: rename, skip, ignore, transform
 
 
-HF_RULES = dict(rename=RENAME, transform=TRANSFORM, ignore=IGNORE, skip=["head.bias"])
+def to_hugging_face(params) -> dict[str, np.ndarray]:
+    """The reference: the Quick start GPT under GPT-2's names and layouts, written out by hand
+    as a converter would, with the causal-mask buffers old GPT-2 files carry."""
+    out = {"transformer.wte.weight": params.embed.weight, "transformer.wpe.weight": params.pos_embed}
+    for i, b in enumerate(params.blocks):
+        h, a = f"transformer.h.{i}", b.attn
+        out |= {
+            f"{h}.ln_1.weight": b.ln1.weight,
+            f"{h}.ln_1.bias": b.ln1.bias,
+            f"{h}.attn.c_attn.weight": jnp.concatenate(
+                [a.query_proj.weight.T, a.key_proj.weight.T, a.value_proj.weight.T], 1
+            ),
+            f"{h}.attn.c_attn.bias": jnp.concatenate([a.query_proj.bias, a.key_proj.bias, a.value_proj.bias]),
+            f"{h}.attn.c_proj.weight": a.output_proj.weight.T,
+            f"{h}.attn.c_proj.bias": a.output_proj.bias,
+            f"{h}.attn.bias": jnp.tril(jnp.ones((8, 8))),  # a causal-mask buffer, not a parameter
+            f"{h}.ln_2.weight": b.ln2.weight,
+            f"{h}.ln_2.bias": b.ln2.bias,
+            f"{h}.mlp.c_fc.weight": b.fc.weight.T,
+            f"{h}.mlp.c_fc.bias": b.fc.bias,
+            f"{h}.mlp.c_proj.weight": b.proj.weight.T,
+            f"{h}.mlp.c_proj.bias": b.proj.bias,
+        }
+    out |= {
+        "transformer.ln_f.weight": params.ln_f.weight,
+        "transformer.ln_f.bias": params.ln_f.bias,
+        "lm_head.weight": params.head.weight,
+        "lm_head.bias": params.head.bias,
+    }
+    return {name: np.asarray(value) for name, value in out.items()}
+
+
+HF_RULES = dict(RULES._asdict(), ignore=["*.attn.bias$"], skip=["head.bias"])
 
 
 def test_hugging_face_names_load_into_a_scanned_model(tmp_path):
@@ -283,32 +317,68 @@ def test_hugging_face_names_load_into_a_scanned_model(tmp_path):
     tg.save(tmp_path / "hf.safetensors", to_hugging_face(source))
     init = scanned(1, depth=3)
     model, report = tg.load(init, tmp_path / "hf.safetensors", stacked=STACKED, **HF_RULES)
-    # key_proj has no bias in the model: the fused bias's middle third is unused by design.
     source_arrays = eqx.filter(source, eqx.is_array)
     for k in range(3):
         for get in (
             lambda b: b.attn.query_proj.weight,
             lambda b: b.attn.value_proj.weight,
+            lambda b: b.attn.key_proj.bias,
             lambda b: b.fc.weight,
         ):
             np.testing.assert_array_equal(get(model.blocks)[k], get(source_arrays.blocks[k]))
     np.testing.assert_array_equal(model.head.bias, init.head.bias)  # skipped
     np.testing.assert_array_equal(model.head.weight, source.head.weight)
     counts = {s: c["leaves"] for s, c in report.counts.items()}
-    # 14 leaves per block, all loaded; the fused bias feeds query_proj.bias (the model's
-    # key and value projections have none).
+    # 16 leaves per block, all loaded, 9 of them transformed (3 weights and 3 biases split
+    # from c_attn, 3 weights transposed).
     assert counts == {
-        "loaded": 3 * 14 + 5,
+        "loaded": 3 * 16 + 5,
         "skipped": 1,
         "missing": 0,
         "mismatch": 0,
         "unused": 0,
         "ignored": 3,
-        "transformed": 3 * 7,
+        "transformed": 3 * 9,
     }
     tokens = jnp.arange(8) % 40
     want = jax.jit(source.__call__)(tokens) - source.head.bias + init.head.bias
     np.testing.assert_allclose(jax.jit(model.__call__)(tokens), want, atol=1e-5)
+
+
+def test_the_export_under_gpt2_names_is_the_hand_written_converter_s_bit_for_bit(tmp_path):
+    source = gpt(0, depth=3)
+    names = tg.save(tmp_path / "hf.safetensors", source, **RULES._asdict())
+    written = load_file(tmp_path / "hf.safetensors")
+    reference = {k: v for k, v in to_hugging_face(source).items() if not k.endswith(".attn.bias")}
+    assert sorted(names) == sorted(reference) == sorted(written)
+    for name, value in reference.items():
+        assert written[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    # The scanned model, under `stacked`, writes the same file.
+    stacked_model, _ = tg.load(
+        scanned(5, depth=3), tmp_path / "hf.safetensors", stacked=STACKED, **RULES._asdict()
+    )
+    tg.save(tmp_path / "again.safetensors", stacked_model, stacked=STACKED, **RULES._asdict())
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "hf.safetensors").read_bytes()
+
+
+def test_the_example_fine_tunes_from_gpt2_names_and_exports_back_sharded_bit_for_bit(tmp_path):
+    _, _, finetuned = finetune_from_checkpoint.main(pretrain_steps=2, steps=2, out_dir=str(tmp_path))
+    for name in ("pretrained", "finetuned"):
+        files = sorted(p.name for p in (tmp_path / name).iterdir())
+        assert files[-1] == "model.safetensors.index.json" and len(files) > 2, files
+    fresh = finetune_from_checkpoint.build_model(seed=7)
+    loaded, report = tg.load(fresh, tmp_path / "finetuned", stacked=STACKED, **TWO_HEAD_RULES)
+    assert report.ok
+    finetuned, loaded, fresh = (eqx.filter(m, eqx.is_array) for m in (finetuned, loaded, fresh))
+    np.testing.assert_array_equal(loaded.space_head.weight, fresh.space_head.weight)  # not GPT-2's
+    for got, want in zip(
+        arrays(eqx.tree_at(lambda m: m.space_head, loaded, None)),
+        arrays(eqx.tree_at(lambda m: m.space_head, finetuned, None)),
+        strict=True,
+    ):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
 
 
 def test_the_plan_is_what_load_does(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._core.errors import NoMatchError
 from .._core.tree import TreeView
 from .rename import RenameRule, undo_renames
 from .transforms import Undo, _Named, transform_name, undo
@@ -62,14 +63,17 @@ def plan_export(
     transforms: list[tuple[Any, Callable[[Any], Any]]],
     chosen: np.ndarray,
     value: Callable[[int], np.ndarray],
+    strict: bool,
 ) -> tuple[list[Tensor], dict[int, tuple[str, ...]]]:
     """The tensors that write `rows` under the checkpoint names `rules` rename into them, and
     per row the names `load` is expected to read it from.
 
     Raises:
         ValueError: every row whose rules cannot be undone, with the rule and the reason.
+        NoMatchError: with `strict`, a rename rule that writes none of the rows.
     """
     problems: list[str] = []
+    used: set[int] = set()
     claims: dict[str, list[_Claim]] = {}
     tensors: list[Tensor] = []
     expected: dict[int, tuple[str, ...]] = {}
@@ -82,10 +86,12 @@ def plan_export(
             problems.append(f"{path}: transform[{k}] ({transform_name(fn)}) cannot be undone: {exc}")  # type: ignore[arg-type]
             continue
         try:
-            names = [name for name, _ in sorted(undo_renames(path, rules), key=lambda found: found[1])]
+            found = sorted(undo_renames(path, rules), key=lambda found: found[1])
         except ValueError as exc:
             problems.append(f"{path}: {exc}")
             continue
+        names = [name for name, _ in found]
+        used.update(k for _, history in found for k in history)
         if how.joint is not None and how.joint.combines is not None:
             try:
                 tensors += _pieces(view, r, how, names, value)
@@ -112,6 +118,13 @@ def plan_export(
             paths = [view.paths[r] for r in (*seen[tensor.name].rows, *tensor.rows)]
             problems.append(f"{tensor.name}: written from both {', '.join(paths)}")
         seen[tensor.name] = tensor
+    unused = [rule for rule in rules if rule.index not in used]
+    if strict and unused and not problems:
+        raise NoMatchError(
+            f"save(): {unused[0].describe()} writes none of the {len(rows)} model paths saved (its "
+            "replacement matches none of them). Remove the rule, or fix it; pass strict=False to "
+            "allow rules that match nothing."
+        )
     if problems:
         listed = "\n".join(f"    {p}" for p in problems[:20])
         more = f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -180,7 +193,10 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
         if len({(s, np.dtype(d)) for s, d in metas}) > 1:
             raise ValueError(
                 "the rules load it into "
-                + ", ".join(f"{view.paths[m.row]} ({np.dtype(d)}{s})" for m, (s, d) in zip(members, metas))
+                + ", ".join(
+                    f"{view.paths[m.row]} ({np.dtype(d)}{s})"
+                    for m, (s, d) in zip(members, metas, strict=True)
+                )
                 + ", which differ"
             )
         first = members[0]
@@ -201,7 +217,10 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
     if None in splits or len(parts_of) > 1 or len(rests) > 1:
         raise ValueError(
             "the rules load it into "
-            + ", ".join(f"{view.paths[m.row]} ({transform_name(m.undo.joint) if m.undo.joint else 'whole'})" for m in members)
+            + ", ".join(
+                f"{view.paths[m.row]} ({transform_name(m.undo.joint) if m.undo.joint else 'whole'})"
+                for m in members
+            )
             + ", which do not split it the same way"
         )
     ((parts, axis),) = parts_of

@@ -87,7 +87,7 @@ def _match_at(
         else:
             matcher = token.matcher
             reach.append({p + 1 for p in before if p < len(segments) and matcher.match(segments[p])})
-    ends = [e for e in reach[-1] if e > start and (not to_end or e == len(segments))]
+    ends = [e for e in reach[-1] if (e > start or not tokens) and (not to_end or e == len(segments))]
     if not ends:
         return None
     end = position = max(ends)
@@ -217,7 +217,9 @@ def _inverse(rule: RenameRule) -> tuple[tuple[_SegmentGlob, ...], str]:
                 "what it matched cannot be written back"
             )
     anchors = ("^" if rule.glob.anchored_start else "", "$" if rule.glob.anchored_end else "")
-    globs = tuple(_compile_glob(anchors[0] + r + anchors[1])[0] for r in rule.replacements)
+    # An empty replacement wrote nothing: an empty glob, found at the anchor (or anywhere).
+    empty = _SegmentGlob(((),), rule.glob.anchored_start, rule.glob.anchored_end)
+    globs = tuple(_compile_glob(anchors[0] + r + anchors[1])[0] if r else empty for r in rule.replacements)
     return globs, body
 
 
@@ -261,7 +263,9 @@ def _undo(rule: RenameRule, name: str) -> list[str]:
                 if found is None:
                     continue
                 end, captures = found
-                source = ".".join(map(quote, (*segments[:start], *_filled(template, captures), *segments[end:])))
+                source = ".".join(
+                    map(quote, (*segments[:start], *_filled(template, captures), *segments[end:]))
+                )
                 if name in (rule.apply(source) or ()) and source not in out:
                     out.append(source)
     return out

@@ -711,7 +711,13 @@ def save(
             return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
 
         tensors, expected = plan_export(
-            view, rows, rename_rules, transforms, _choose_transforms(view, transforms, "save", strict), value
+            view,
+            rows,
+            rename_rules,
+            transforms,
+            _choose_transforms(view, transforms, "save", strict),
+            value,
+            strict,
         )
         if rename_rules or transforms:
             _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)

@@ -1,0 +1,226 @@
+"""Export under a checkpoint's names: `save` with the load rules, undone."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import treeglob as tg
+from treeglob._checkpoints.rename import parse_renames, undo_renames
+
+GPT2_RENAMES = [
+    ("^transformer.h", "blocks"),
+    ("^transformer.wte", "embed"),
+    ("blocks.{i}.ln_{n}", "blocks.{i}.ln{n}"),
+    ("mlp.c_fc", "fc"),
+    ("attn.c_attn", ("attn.q", "attn.k", "attn.v")),
+]
+
+
+@pytest.mark.parametrize(
+    "rules, path, names",
+    [
+        # Each rule undone, the last first; a name that a rule would rename is written as its source.
+        (GPT2_RENAMES, "blocks.0.ln1.weight", ["transformer.h.0.ln_1.weight"]),
+        (GPT2_RENAMES, "blocks.11.fc.bias", ["transformer.h.11.mlp.c_fc.bias"]),
+        (GPT2_RENAMES, "embed.weight", ["transformer.wte.weight"]),
+        # One of a fan-out's replacements.
+        (GPT2_RENAMES, "blocks.2.attn.k.weight", ["transformer.h.2.attn.c_attn.weight"]),
+        # No rule writes it: the path itself.
+        (GPT2_RENAMES, "head.weight", ["head.weight"]),
+        # Anchored at the start only: `^transformer.h` cannot have written a later `blocks`.
+        (GPT2_RENAMES, "x.blocks.0.w", ["x.blocks.0.w"]),
+        # An empty replacement: the dropped prefix is written back.
+        ([("^model", "")], "layers.0.w", ["model.layers.0.w"]),
+        # A capture inside a segment.
+        ([("layer{n}", "blocks.{n}")], "enc.blocks.3.w", ["enc.layer3.w"]),
+        # Several rules onto one path (concat/stack's tensors), each undone.
+        (
+            [("q_proj", "qkv"), ("k_proj", "qkv")],
+            "h.0.qkv",
+            ["h.0.q_proj", "h.0.k_proj"],
+        ),
+        # A quoted segment stays one segment.
+        ([("^a", "b")], 'b."c.d"', ['a."c.d"']),
+    ],
+)
+def test_rename_rules_undone(rules, path, names):
+    assert [name for name, _ in undo_renames(path, parse_renames(rules))] == names
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (("re:^h\\.", "blocks."), "a regex rule cannot be undone; write it as a glob with {name} captures"),
+        (("h.*.ln", "norm"), "its pattern 'h.\\*.ln' has wildcards"),
+        (("h.{0..3}", "early"), "has wildcards, braces or escapes"),
+        (("h.{i}.w", "w"), "the replacement 'w' does not use each capture of the pattern exactly once"),
+    ],
+)
+def test_a_rule_that_cannot_be_undone_says_why(tmp_path, rule, message):
+    tree = {"blocks": [{"w": np.ones(2)}], "early": np.ones(1), "norm": np.ones(1), "w": np.ones(1)}
+    with pytest.raises(ValueError, match=r"cannot be undone[\s\S]*" + message):
+        tg.save(tmp_path / "x.safetensors", tree, rename=[rule], strict=False)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_fused_projections_are_joined_and_transposed_back(tmp_path):
+    q, k, v = (np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * i for i in range(3))
+    model = {"attn": {"q": q, "k": k, "v": v}}
+    rules = dict(
+        rename=[("c_attn", ("attn.q", "attn.k", "attn.v"))],
+        transform=[(f"attn.{n}", (f"split(3, {i}, axis=-1)", "transpose")) for i, n in enumerate("qkv")],
+    )
+    assert tg.save(tmp_path / "x.safetensors", model, **rules) == ["c_attn"]
+    np.testing.assert_array_equal(
+        load_file(tmp_path / "x.safetensors")["c_attn"], np.concatenate([q.T, k.T, v.T], 1)
+    )
+    back, report = tg.load(
+        {"attn": {n: np.zeros((2, 3), np.float32) for n in "qkv"}}, tmp_path / "x.safetensors", **rules
+    )
+    for n, want in zip("qkv", (q, k, v), strict=True):
+        np.testing.assert_array_equal(back["attn"][n], want)
+
+
+@pytest.mark.parametrize(
+    "transform, leaf, tensors",
+    [
+        # concat with its sizes: unequal parts (grouped-query attention).
+        (
+            "concat(0, sizes=(4, 2, 2))",
+            np.arange(16, dtype=np.float32).reshape(8, 2),
+            {"q": (4, 2), "k": (2, 2), "v": (2, 2)},
+        ),
+        # stack: one tensor per index of the axis.
+        (
+            "stack(1)",
+            np.arange(12, dtype=np.float32).reshape(2, 3, 2),
+            {"q": (2, 2), "k": (2, 2), "v": (2, 2)},
+        ),
+        # a combined leaf transformed after: undone before it is split.
+        (
+            ("concat(1, sizes=(1, 1, 1))", "transpose"),
+            np.arange(6, dtype=np.float32).reshape(3, 2),
+            {"q": (2, 1), "k": (2, 1), "v": (2, 1)},
+        ),
+    ],
+)
+def test_a_combined_leaf_is_split_into_its_tensors(tmp_path, transform, leaf, tensors):
+    rename = [(f"{n}_proj", "qkv") for n in "qkv"]
+    rules = dict(rename=rename, transform=[("qkv", transform)])
+    names = tg.save(tmp_path / "x.safetensors", {"qkv": leaf}, **rules)
+    written = load_file(tmp_path / "x.safetensors")
+    assert names == [f"{n}_proj" for n in "qkv"]
+    assert {n[0]: a.shape for n, a in written.items()} == tensors
+    back, _ = tg.load({"qkv": np.zeros_like(leaf)}, written, **rules)
+    np.testing.assert_array_equal(back["qkv"], leaf)
+
+
+def test_squeeze_expand_and_casts_are_undone(tmp_path):
+    model = {"a": np.ones((3,), np.float32), "b": np.ones((1, 3), np.float32), "c": jnp.ones(2, jnp.float32)}
+    rules = dict(transform=[("a", "squeeze(0)"), ("b", "expand(0)"), ("c", "float32")])
+    tg.save(tmp_path / "x.safetensors", model, **rules)
+    written = load_file(tmp_path / "x.safetensors")
+    assert {n: (a.shape, a.dtype) for n, a in written.items()} == {
+        "a": ((1, 3), np.float32),
+        "b": ((3,), np.float32),
+        "c": ((2,), np.float32),  # a cast writes the model's dtype
+    }
+
+
+def test_a_split_with_a_part_missing_from_the_model_is_refused(tmp_path):
+    rules = dict(
+        rename=[("c_attn", ("q", "k", "v"))],
+        transform=[("q", "split(3, 0)"), ("k", "split(3, 1)"), ("v", "split(3, 2)")],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"c_attn: parts 1, 2 of its split into 3 come from no leaf of the model \(part 0: q\)",
+    ):
+        tg.save(tmp_path / "x.safetensors", {"q": np.ones(2)}, strict=False, **rules)
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        (
+            dict(transform=[("w", lambda x: x.T)]),
+            r"w: transform\[0\] \(<lambda>\) cannot be undone: the function <lambda> has no inverse",
+        ),
+        (
+            dict(transform=[("w", "reshape(4)")]),
+            r"reshape\(4\) cannot be undone: the checkpoint tensor's shape",
+        ),
+        (
+            dict(rename=[(f"{n}_proj", "w") for n in "ab"], transform=[("w", "concat(0)")]),
+            r"concat\(axis=0\) cannot be split back without the sizes of its tensors: write "
+            r"concat\(axis=0, sizes=\(\.\.\.\)\)",
+        ),
+        (
+            dict(rename=[(f"{n}_proj", "w") for n in "ab"], transform=[("w", "concat(0, sizes=(1, 2))")]),
+            r"2 sizes adding up to 3, but .* its axis 0 has size 2",
+        ),
+        (
+            dict(rename=[(f"{n}_proj", "w") for n in "abc"], transform=[("w", "stack(0)")]),
+            r"stack\(axis=0\) stacks 2 tensors, but the rules rename 3 into it",
+        ),
+    ],
+)
+def test_transforms_that_cannot_be_undone(tmp_path, rules, message):
+    with pytest.raises(ValueError, match=message):
+        tg.save(tmp_path / "x.safetensors", {"w": np.ones((2, 2), np.float32)}, **rules)
+
+
+def test_a_path_two_names_could_be_written_as_is_refused(tmp_path):
+    # Either name renames into `w`: which the checkpoint has is not known.
+    with pytest.raises(ValueError, match=r"w: the rename rules turn each of 'a', 'b' into it"):
+        tg.save(tmp_path / "x.safetensors", {"w": np.ones(2)}, rename=[("a", "w"), ("b", "w")])
+
+
+def test_tied_leaves_are_one_tensor_if_they_hold_the_same_values(tmp_path):
+    rules = dict(rename=[("wte", ("embed", "head"))])
+    same = {"embed": np.ones(2), "head": np.ones(2)}
+    assert tg.save(tmp_path / "x.safetensors", same, **rules) == ["wte"]
+    with pytest.raises(
+        ValueError, match=r"embed and head are both written as 'wte', but their values differ"
+    ):
+        tg.save(tmp_path / "y.safetensors", {"embed": np.ones(2), "head": np.zeros(2)}, **rules)
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_skip_leaves_new_leaves_out_and_select_writes_a_part(tmp_path):
+    model = {"blocks": [{"w": np.ones(2)}], "new_head": np.ones(3)}
+    rules = dict(rename=[("^h", "blocks")], skip=["new_head"])
+    assert tg.save(tmp_path / "x.safetensors", model, **rules) == ["h.0.w"]
+    with pytest.raises(tg.NoMatchError, match=r"skip list given to save\(\)"):
+        tg.save(tmp_path / "x.safetensors", model, skip=["new_haed"])
+    with pytest.raises(
+        tg.NoMatchError, match=r"rename rule 1 \('\^lm_head' -> 'head'\) writes none of the 2"
+    ):
+        tg.save(tmp_path / "x.safetensors", model, rename=[("^h", "blocks"), ("^lm_head", "head")])
+    assert tg.save(tmp_path / "x.safetensors", model, select="blocks", rename=[("^h", "blocks")]) == ["h.0.w"]
+
+
+def test_an_export_the_rules_would_not_load_back_is_not_written(tmp_path):
+    # `ignore` drops the tensor that `blocks.0.w` is written as: it would not load back.
+    with pytest.raises(
+        ValueError,
+        match=r"would not load the export back into the model:\n    blocks.0.w: written as h.0.w, "
+        r"but the rules load it missing\n[\s\S]*Nothing was written",
+    ):
+        tg.save(
+            tmp_path / "x.safetensors",
+            {"blocks": [{"w": np.ones(2)}]},
+            rename=[("^h", "blocks")],
+            ignore=["h.0.w"],
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stacked_model_exports_one_tensor_per_layer_under_the_checkpoint_names(tmp_path):
+    model = {"blocks": {"w": np.arange(6, dtype=np.float32).reshape(3, 2)}}
+    names = tg.save(tmp_path / "x.safetensors", model, rename=[("^h", "blocks")], stacked={"blocks": 1})
+    assert names == ["h.0.w", "h.1.w", "h.2.w"]
+    list_model = {"blocks": [{"w": np.zeros(2, np.float32)} for _ in range(3)]}
+    back, _ = tg.load(list_model, tmp_path / "x.safetensors", rename=[("^h", "blocks")])
+    np.testing.assert_array_equal(back["blocks"][2]["w"], [4, 5])
