@@ -285,9 +285,33 @@ def test_nnx_module_with_dropout_loads_directly(tmp_path):
     nnx, Net = nnx_net()
     source = Net(nnx.Rngs(0), dropout=True)
     tg.save(tmp_path / "net.safetensors", nnx.state(source, nnx.Param))
-    model, report = tg.load(Net(nnx.Rngs(1), dropout=True), tmp_path / "net.safetensors", skip=["drop.rngs"])
+    model, report = tg.load(Net(nnx.Rngs(1), dropout=True), tmp_path / "net.safetensors")
     assert report.counts["loaded"]["leaves"] == 7
     assert bits(model(TOKENS)) == bits(source(TOKENS))
+    # The RNG counter is random state, marked so by NNX (an RngCount): kept, not missing.
+    (row,) = [r for r in report.rows if r.path == "drop.rngs.count"]
+    assert (row.status, row.note) == ("skipped", "random state (RngState), kept")
+    # Where the checkpoint has it, it loads like any leaf.
+    tg.save(tmp_path / "all.safetensors", nnx.state(source, nnx.Any(nnx.Param, nnx.RngCount)))
+    _, report = tg.load(Net(nnx.Rngs(1), dropout=True), tmp_path / "all.safetensors")
+    assert report.counts["loaded"]["leaves"] == 8
+
+
+def test_a_legacy_prng_key_in_a_plain_tree_is_named_with_the_two_ways_to_mark_it():
+    # Nothing tells jax.random.PRNGKey's uint32 pair from data: it stays missing, with a note.
+    model = {"w": np.zeros(2, np.float32), "key": jax.random.PRNGKey(0)}
+    report = tg.load_plan(model, {"w": np.ones(2, np.float32)})
+    (row,) = [r for r in report.rows if r.path == "key"]
+    assert (row.status, row.note) == (
+        "missing",
+        "a jax.random.PRNGKey? skip it, or hold jax.random.key(...), which load leaves alone",
+    )
+    with pytest.raises(tg.LoadError, match=r"1 model leaf has no checkpoint tensor:\n  key uint32\(2,\)"):
+        tg.load(model, {"w": np.ones(2, np.float32)})
+    # A typed key is not a parameter: left alone.
+    typed = {"w": np.zeros(2, np.float32), "key": jax.random.key(0)}
+    loaded, report = tg.load(typed, {"w": np.ones(2, np.float32)})
+    assert report.ok and loaded["key"] is typed["key"]
 
 
 def test_nnx_module_with_dropout_loads_through_its_param_state(tmp_path):
@@ -1134,7 +1158,7 @@ def test_load_plan_with_a_checkpoint_as_the_model(files, capsys, tmp_path):
 
 
 def test_load_plan_all_variables_of_an_nnx_model_with_dropout(files, capsys):
-    args = ["--rules", "nnx_net.toml", "--variables", "all", "--allow-missing"]
+    args = ["--rules", "nnx_net.toml", "--variables", "all"]
     status, out, err = cli(capsys, "load-plan", "nets.py:nnx_dropout", "torch.safetensors", *args)
     assert (status, err) == (0, "")
-    assert re.search(r"drop\.rngs\.count +missing", out)
+    assert re.search(r"drop\.rngs\.count +skipped +- +\(\) +uint32 +random state \(RngState\), kept", out)

@@ -318,7 +318,7 @@ def test_installed_script_explains_the_quick_start_model():
     )
     assert result.returncode == 0, result.stderr
     assert "blocks.1.attn.query_proj.weight   (64, 64)   float32   4,096  decay     1" in result.stdout
-    assert "no_decay      21    12,327  10.5%" in result.stdout
+    assert "no_decay      25    12,583  10.7%" in result.stdout
 
 
 # ----------------------------------------------------------------------------

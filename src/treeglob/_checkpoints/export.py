@@ -72,7 +72,7 @@ def plan_export(
         ValueError: every row whose rules cannot be undone, with the rule and the reason.
         NoMatchError: with `strict`, a rename rule that writes none of the rows.
     """
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}  # why -> the leaves or tensors it stops
     used: set[int] = set()
     claims: dict[str, list[_Claim]] = {}
     tensors: list[Tensor] = []
@@ -83,12 +83,13 @@ def plan_export(
         try:
             how = undo(fn)
         except ValueError as exc:
-            problems.append(f"{path}: transform[{k}] ({transform_name(fn)}) cannot be undone: {exc}")  # type: ignore[arg-type]
+            why = f"transform[{k}] ({transform_name(fn)}): {exc}"  # type: ignore[arg-type]
+            problems.setdefault(why, []).append(path)
             continue
         try:
             found = sorted(undo_renames(path, rules), key=lambda found: found[1])
         except ValueError as exc:
-            problems.append(f"{path}: {exc}")
+            problems.setdefault(str(exc), []).append(path)
             continue
         names = [name for name, _ in found]
         used.update(k for _, history in found for k in history)
@@ -96,14 +97,15 @@ def plan_export(
             try:
                 tensors += _pieces(view, r, how, names, value)
             except ValueError as exc:
-                problems.append(f"{path}: {exc}")
+                problems.setdefault(str(exc), []).append(path)
                 continue
             expected[r] = tuple(names)
         elif len(names) > 1:
-            problems.append(
-                f"{path}: the rename rules turn each of {', '.join(map(repr, names))} into it, so its "
-                "name in the checkpoint is not known; make the rules tell them apart"
+            why = (
+                f"the rename rules turn each of {', '.join(map(repr, names))} into it, so its name in the "
+                "checkpoint is not known; make the rules tell them apart"
             )
+            problems.setdefault(why, []).append(path)
         else:
             claims.setdefault(names[0], []).append(_Claim(r, how))
             expected[r] = (names[0],)
@@ -111,12 +113,12 @@ def plan_export(
         try:
             tensors.append(_joined(view, name, members, value))
         except ValueError as exc:
-            problems.append(f"{name}: {exc}")
+            problems.setdefault(str(exc), []).append(name)
     seen: dict[str, Tensor] = {}
     for tensor in tensors:
         if tensor.name in seen:
             paths = [view.paths[r] for r in (*seen[tensor.name].rows, *tensor.rows)]
-            problems.append(f"{tensor.name}: written from both {', '.join(paths)}")
+            problems.setdefault(f"written from both {', '.join(paths)}", []).append(tensor.name)
         seen[tensor.name] = tensor
     unused = [rule for rule in rules if rule.index not in used]
     if strict and unused and not problems:
@@ -126,11 +128,18 @@ def plan_export(
             "allow rules that match nothing."
         )
     if problems:
-        listed = "\n".join(f"    {p}" for p in problems[:20])
-        more = f"\n    ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        lines = [
+            f"{where[0]}: {why}"
+            if len(where) == 1
+            else f"{why} (for {len(where)}: {', '.join(where[:3])}, ...)"
+            for why, where in problems.items()
+        ]
+        listed = "\n".join(f"    {line}" for line in lines[:20])
+        more = f"\n    ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        count = sum(map(len, problems.values()))
         raise ValueError(
-            f"save(): the load rules cannot be undone for {len(problems)} "
-            f"{'tensors' if len(problems) > 1 else 'tensor'}:\n{listed}{more}\n"
+            f"save(): the load rules cannot be undone for {count} {'tensors' if count > 1 else 'tensor'}:\n"
+            f"{listed}{more}\n"
             "Export with rules that can be undone (globs without wildcards, transforms written as "
             "data), or build the checkpoint's {name: array} dict yourself and save that."
         )
@@ -232,8 +241,11 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
     doubled = [p for p, ms in by_part.items() if len(ms) > 1]
     if missing or doubled:
         held = ", ".join(f"part {p}: {view.paths[ms[0].row]}" for p, ms in sorted(by_part.items()))
+        which = (
+            f"part {missing[0]} comes" if len(missing) == 1 else f"parts {', '.join(map(str, missing))} come"
+        )
         why = (
-            f"parts {', '.join(map(str, missing))} of its split into {parts} come from no leaf of the model"
+            f"{which} from no leaf of the model, of its split into {parts}"
             if missing
             else f"part {doubled[0]} comes from several leaves"
         )

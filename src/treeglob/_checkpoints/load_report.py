@@ -129,8 +129,11 @@ class LoadReport:
             if r.path is not None and r.source is not None:
                 source = ("= " if r.source == r.path else "<- ") + r.source
             table.append((r.path or "-", r.status, source, str(shape), str(dtype), note))
-        lines = render_table(table, right=set(), long=0, width=width)
-        lines.append("")
+        return "\n".join([*render_table(table, right=set(), long=0, width=width), "", self.summary()])
+
+    def summary(self) -> str:
+        """The counts alone: leaves and elements per status, and what stops the load."""
+        lines = []
         for status, count in self.counts.items():
             if count["leaves"] or status in ("loaded", "missing", "unused"):
                 one = count["leaves"] == 1

@@ -199,7 +199,7 @@ def _inverse(rule: RenameRule) -> tuple[tuple[_SegmentGlob, ...], str]:
         ValueError: why the rule cannot be undone.
     """
     if rule.glob is None:
-        raise ValueError("a regex rule cannot be undone; write it as a glob with {name} captures")
+        raise ValueError("a regex has no inverse; write it as a glob with {name} captures")
     pattern = rule.pattern
     assert isinstance(pattern, str)
     body = pattern.removeprefix("^")
@@ -252,7 +252,7 @@ def _undo(rule: RenameRule, name: str) -> list[str]:
     """The names `rule` renames into `name` (each checked by renaming it)."""
     inverse = rule.inverse
     if isinstance(inverse, str):
-        raise ValueError(f"{rule.describe()} cannot be undone: {inverse}.")
+        raise ValueError(f"{rule.describe()} cannot be undone: {inverse}")
     globs, template = inverse
     segments = split_path(name)
     out = []

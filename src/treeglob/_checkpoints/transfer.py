@@ -11,6 +11,7 @@ does.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pathlib
 import warnings
@@ -24,13 +25,14 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._core.errors import LoadError, ShadowedRuleWarning, user_stacklevel
-from .._core.frameworks import parameters_elsewhere
+from .._core.frameworks import parameters_elsewhere, random_state
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
 from .base import Checkpoint
 from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
 from .load_report import LoadReport, LoadRow
+from .progress import progress as show_progress
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
 from .sharded import remove_stale, write_sharded
@@ -39,6 +41,9 @@ from .transforms import Impossible, cast_after, combines, output_meta, parse_tra
 __all__ = ["load", "load_plan", "save"]
 
 _MAX_LISTED = 20  # paths listed in one message
+# A uint32 (2,) or (4,) leaf is what jax.random.PRNGKey gives: nothing in a plain tree
+# tells it from data, so it is reported, with the two ways to mark it.
+_LEGACY_KEY = "a jax.random.PRNGKey? skip it, or hold jax.random.key(...), which load leaves alone"
 
 
 # ----------------------------------------------------------------------------
@@ -83,6 +88,10 @@ def _plan(
     skipped = np.zeros(len(view), dtype=bool)
     if skip_rules := [(p, True) for p in as_patterns(skip)]:
         skipped = _resolve_rows(view, skip_rules, caller, strict, f"the skip list given to {caller}()")
+    rng = np.zeros(len(view), dtype=bool)
+    kinds = random_state()
+    if view.wrapped and kinds:  # random state the framework marks (NNX Rngs)
+        rng = _resolve_rows(view, [(kinds, True)], caller, False, "")
 
     out_rows: list[LoadRow] = []
     reads: list[tuple[tuple[str, ...], Callable[[Any], Any] | None] | None] = [None] * len(view)
@@ -97,8 +106,14 @@ def _plan(
         if skipped[r]:
             out_rows.append(LoadRow("skipped", path, name, shape, _text(dtype), **src, note="skip"))
             continue
+        if names is None and rng[r]:
+            note = f"random state ({', '.join(k.__name__ for k in kinds)}), kept"
+            out_rows.append(LoadRow("skipped", path, None, shape, _text(dtype), note=note))
+            continue
         if names is None:
-            out_rows.append(LoadRow("missing", path, None, shape, _text(dtype)))
+            legacy = dtype == np.uint32 and shape in ((2,), (4,))
+            note = _LEGACY_KEY if legacy else ""
+            out_rows.append(LoadRow("missing", path, None, shape, _text(dtype), note=note))
             continue
         k = int(chosen[r])
         fn = transforms[k][1] if k >= 0 else None
@@ -344,6 +359,7 @@ def load(
     allow_missing: bool = False,
     allow_unused: bool = False,
     cast: bool = False,
+    progress: bool = False,
 ) -> tuple[Any, LoadReport]:
     """Load a checkpoint into a model by rules, reading one tensor at a time.
 
@@ -389,6 +405,9 @@ def load(
             with `cast=True` a floating tensor is cast to its leaf's
             floating dtype (after any transform), shown per row in the
             report (`cast from bfloat16`). Other kinds must still agree.
+        progress: show the load's progress (tensors, bytes, rate) on standard
+            error when it is a terminal and the load moves at least 64 MiB.
+            Needs tqdm (`pip install "treeglob[progress]"`).
 
     Returns:
         `(model, report)`: `target` with the loaded leaves replaced, and the
@@ -425,7 +444,7 @@ def load(
         )
     plan.report.check("load")
     _check_values(plan)
-    return _execute(plan, _shardings_per_leaf(plan.view, shardings)), plan.report
+    return _execute(plan, _shardings_per_leaf(plan.view, shardings), progress), plan.report
 
 
 def _check_values(plan: _Plan) -> None:
@@ -489,46 +508,58 @@ def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
     return flat
 
 
-def _execute(plan: _Plan, placements: list[Any]) -> Any:
+def _execute(plan: _Plan, placements: list[Any], progress: bool) -> Any:
+    view = plan.view
+    placer = _Placer(list(view.leaves))
+    loading = [
+        (leaf_index, rows)
+        for leaf_index, rows in enumerate(_leaf_rows(view))
+        if any(plan.reads[r] is not None for r in rows)  # else skipped, not an array, or missing
+    ]
+    sizes = [
+        math.prod(view.leaf_shapes[i] or ()) * jnp.dtype(view.leaves[i].dtype).itemsize if progress else 0
+        for i, _ in loading
+    ]
+    what = f"loading {plan.checkpoint.where}"
+    with show_progress(progress, "load", what, len(loading), sum(sizes)) as advance:
+        for (leaf_index, rows), size in zip(loading, sizes, strict=True):
+            _load_leaf(plan, placements, placer, leaf_index, rows)
+            advance(size)
+        placer.flush()
+    return jtu.tree_unflatten(view.treedef, placer.out)
+
+
+def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: int, rows: list[int]) -> None:
+    """Read one leaf (every layer of a stacked one) and place it."""
     view, checkpoint = plan.view, plan.checkpoint
-    new_leaves = list(view.leaves)
-    placer = _Placer(new_leaves)
-    for leaf_index, rows in enumerate(_leaf_rows(view)):
-        reads = [plan.reads[r] for r in rows]
-        if all(read is None for read in reads):
-            continue  # skipped, not an array, or missing and allowed
-        leaf, sharding = view.leaves[leaf_index], placements[leaf_index]
-        shape, dtype = view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
-        assert shape is not None
-        if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
-            names, fn = reads[0]  # type: ignore[misc]
-            if fn is None and sharding is not None and checkpoint.slices and len(sharding.device_set) > 1:
-                (name,) = names
-                # Each device reads its own slice; the whole tensor is never in one place. (On
-                # one device the whole tensor is read straight into its buffer instead: the
-                # callback's machinery costs more than the read for small tensors.)
-                new_leaves[leaf_index] = jax.block_until_ready(
-                    jax.make_array_from_callback(
-                        shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
-                    )
+    reads = [plan.reads[r] for r in rows]
+    leaf, sharding = view.leaves[leaf_index], placements[leaf_index]
+    shape, dtype = view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
+    assert shape is not None
+    if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
+        names, fn = reads[0]  # type: ignore[misc]
+        if fn is None and sharding is not None and checkpoint.slices and len(sharding.device_set) > 1:
+            (name,) = names
+            # Each device reads its own slice; the whole tensor is never in one place. (On
+            # one device the whole tensor is read straight into its buffer instead: the
+            # callback's machinery costs more than the read for small tensors.)
+            placer.out[leaf_index] = jax.block_until_ready(
+                jax.make_array_from_callback(
+                    shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
                 )
-                continue
-            value = _read(checkpoint, names, fn, view.paths[rows[0]], shape, dtype)
-        else:
-            stack = view.leaf_stacks[leaf_index]
-            value = np.empty(shape, dtype)
-            for layer, (row, read) in enumerate(zip(rows, reads, strict=True)):
-                at = np.unravel_index(layer, stack)
-                if read is None:  # a skipped (or allowed missing) layer keeps its values
-                    value[at] = np.asarray(leaf[at])
-                else:
-                    value[at] = _read(
-                        checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype
-                    )
-        placer.place(leaf_index, value, leaf, sharding)
-        del value
-    placer.flush()
-    return jtu.tree_unflatten(view.treedef, new_leaves)
+            )
+            return
+        value = _read(checkpoint, names, fn, view.paths[rows[0]], shape, dtype)
+    else:
+        stack = view.leaf_stacks[leaf_index]
+        value = np.empty(shape, dtype)
+        for layer, (row, read) in enumerate(zip(rows, reads, strict=True)):
+            at = np.unravel_index(layer, stack)
+            if read is None:  # a skipped (or allowed missing) layer keeps its values
+                value[at] = np.asarray(leaf[at])
+            else:
+                value[at] = _read(checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype)
+    placer.place(leaf_index, value, leaf, sharding)
 
 
 class _Placer:
@@ -618,6 +649,7 @@ def save(
     transform: Any = None,
     skip: Any = None,
     ignore: Any = None,
+    progress: bool = False,
 ) -> list[str]:
     """Write a model's arrays (or a selection of them) to a `.safetensors` or `.npz` file.
 
@@ -657,6 +689,9 @@ def save(
         skip: leaves the checkpoint does not hold (a new head): not written.
         ignore: as `load` takes it; tensors it names are never written, and
             the export must not need them.
+        progress: show the save's progress (tensors, bytes, rate) on standard
+            error when it is a terminal and the save writes at least 64 MiB.
+            Needs tqdm (`pip install "treeglob[progress]"`).
 
     Returns:
         The names written, in file order.
@@ -722,13 +757,21 @@ def save(
         if rename_rules or transforms:
             _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
     listed = [(t.name, t.shape, t.dtype) for t in tensors]
+    total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in listed)
     assert file_format.write is not None
-    if max_shard_size is not None:
-        write_sharded(target, listed, lambda k: tensors[k].make(), max_shard_size)
-    else:
-        file_format.write(path, listed, lambda k: tensors[k].make())
-        if file_format.name == "safetensors":
-            remove_stale(target)
+    with show_progress(progress, "save", f"saving {path}", len(tensors), total) as advance:
+
+        def make(k: int) -> np.ndarray:
+            value = tensors[k].make()
+            advance(value.nbytes)
+            return value
+
+        if max_shard_size is not None:
+            write_sharded(target, listed, make, max_shard_size)
+        else:
+            file_format.write(path, listed, make)
+            if file_format.name == "safetensors":
+                remove_stale(target)
     return [t.name for t in tensors]
 
 
@@ -765,9 +808,12 @@ def _check_export(
         if read is None or tuple(read[0]) != names:
             path = plan.view.paths[r]
             back = rows[path]
-            got = f"{back.status} from {back.source}" if back.source else back.status
-            note = f" ({back.note})" if back.note else ""
-            problems.append(f"{path}: written as {' + '.join(names)}, but the rules load it {got}{note}")
+            got = {
+                "missing": "find no tensor for it",
+                "skipped": "skip it",
+                "mismatch": f"give it {back.source} that does not fit ({back.note})",
+            }.get(back.status, f"load it from {back.source}")
+            problems.append(f"{path}: written as {' + '.join(names)}, but the rules {got}")
     problems += [
         f"{row.source}: written, but the rules load it into nothing"
         for row in plan.report.rows

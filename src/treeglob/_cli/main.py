@@ -3,12 +3,15 @@
     treeglob paths SOURCE [--filter PATTERN] [--json]
     treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--json]
     treeglob load-plan MODEL CHECKPOINT [--rename FROM=TO ...] [--skip PATTERN ...] [--rules FILE] [--json]
+    treeglob convert MODEL CHECKPOINT OUT [load-plan's rules] [--export-rules FILE] [--max-shard-size 5GB]
     treeglob treatment SOURCE --rules FILE [--steps 0,1000,...] [--json]
 
 SOURCE (and MODEL) is a `.safetensors` or `.npz` checkpoint or an orbax
 checkpoint directory (metadata only), or a `module:function` /
 `file.py:function` model factory (evaluated abstractly); CHECKPOINT is a
-checkpoint. `load-plan` dry-runs `treeglob.load` without reading tensor data.
+checkpoint. `load-plan` dry-runs `treeglob.load` without reading tensor data;
+`convert` loads and writes the model again (other names, other shards), with
+progress on a terminal when tqdm is installed.
 Exit status: 0 fine; 1 the rules do not fit the tree (a rule or the filter
 matches nothing, a leaf is left uncovered; for load-plan, a model leaf
 without a tensor, an unused tensor, a shape mismatch); 2 bad input (a missing or
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -97,21 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
     tr.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
-    lp = commands.add_parser(
-        "load-plan", help="dry-run loading a checkpoint into a model: what loads, what not"
-    )
-    lp.add_argument(
+    transfer = argparse.ArgumentParser(add_help=False)
+    transfer.add_argument(
         "model", metavar="MODEL", help="module:function (or a checkpoint) giving the model's leaves"
     )
-    lp.add_argument("checkpoint", metavar="CHECKPOINT", help=readable())
-    lp.add_argument(
+    transfer.add_argument("checkpoint", metavar="CHECKPOINT", help=readable())
+    transfer.add_argument(
         "--rename", metavar="FROM=TO", action="append", default=[], help="a rename rule, in order"
     )
-    lp.add_argument("--skip", metavar="PATTERN", action="append", default=[], help="keep these model leaves")
-    lp.add_argument(
+    transfer.add_argument(
+        "--skip", metavar="PATTERN", action="append", default=[], help="keep these model leaves"
+    )
+    transfer.add_argument(
         "--ignore", metavar="PATTERN", action="append", default=[], help="leave these tensors out"
     )
-    lp.add_argument(
+    transfer.add_argument(
         "--transform",
         metavar="PATTERN=NAME",
         action="append",
@@ -119,21 +124,48 @@ def _parser() -> argparse.ArgumentParser:
         help="a transform written as data (transpose, split(3, 0, axis=1), a dtype name, ...), "
         "or several applied in order: 'transpose,float32'",
     )
-    lp.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
-    lp.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
-    lp.add_argument("--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers")
-    lp.add_argument(
+    transfer.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
+    transfer.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
+    transfer.add_argument(
+        "--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers"
+    )
+    transfer.add_argument(
         "--variables", metavar="TYPES", default="Param", help="for a Flax NNX model (default: Param)"
     )
-    lp.add_argument("--allow-missing", action="store_true", help="model leaves without a tensor are fine")
-    lp.add_argument("--allow-unused", action="store_true", help="unused checkpoint tensors are fine")
-    lp.add_argument(
+    transfer.add_argument(
+        "--allow-missing", action="store_true", help="model leaves without a tensor are fine"
+    )
+    transfer.add_argument("--allow-unused", action="store_true", help="unused checkpoint tensors are fine")
+    transfer.add_argument(
         "--cast", action="store_true", help="cast floating tensors to the model's floating dtypes"
     )
-    lp.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
-    lp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    lp.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
-    lp.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    transfer.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
+    transfer.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    transfer.add_argument(
+        "--width", type=int, help="fit tables to this many columns (default: the terminal's)"
+    )
+    transfer.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    commands.add_parser(
+        "load-plan",
+        parents=[transfer],
+        help="dry-run loading a checkpoint into a model: what loads, what not",
+    )
+    cv = commands.add_parser(
+        "convert",
+        parents=[transfer],
+        help="load a checkpoint into a model by rules and write it out: other names, other shards",
+        description="Load CHECKPOINT into MODEL by the rules (as load-plan shows), then write the "
+        "model to OUT: in the model's names, or under a checkpoint's names with --export-rules "
+        "(the rules that load that checkpoint, undone). The whole model is held in memory.",
+    )
+    cv.add_argument("out", metavar="OUT", help="the .safetensors or .npz file to write")
+    cv.add_argument("--export-rules", metavar="FILE", help="write OUT under the names these load rules read")
+    cv.add_argument("--export-key", metavar="KEY", help="the dotted key of the rules table inside that FILE")
+    cv.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write Hugging Face shards of at most SIZE each (bytes, or 500MB, 5GB)",
+    )
     return parser
 
 
@@ -277,27 +309,50 @@ def _transfer_rules(args: argparse.Namespace) -> tg.TransferRules:
     return rules
 
 
-def _load_plan(args: argparse.Namespace, width: int | None) -> int:
-    try:
-        rules = _transfer_rules(args)
-        source = load_source(args.model, args.variables)
+class _Transfer(NamedTuple):
+    """What load-plan and convert read from the command line: the model, the checkpoint and
+    the arguments of `tg.load`."""
+
+    model: Any
+    checkpoint: Any
+    options: dict[str, Any]
+
+
+def _transfer(args: argparse.Namespace) -> _Transfer:
+    rules = _transfer_rules(args)
+    source = load_source(args.model, args.variables)
+    checkpoint = open_checkpoint(args.checkpoint)
+    options = dict(
+        **rules._asdict(),
         # Only what --stacked names: a transfer moves whole tensors unless asked to split
         # them by layer, whatever the model declares (tg.load_plan does the same).
-        stacked, model = _stacked(args.stacked), source.tree
-        checkpoint = open_checkpoint(args.checkpoint)
+        stacked=_stacked(args.stacked),
+        strict=not args.no_strict,
+        allow_missing=args.allow_missing,
+        allow_unused=args.allow_unused,
+        cast=args.cast,
+    )
+    return _Transfer(source.tree, checkpoint, options)
+
+
+def _size(text: str | None) -> int | None:
+    """`--max-shard-size`: bytes, or a number with kB, MB, GB, TB (powers of 1000, as Hugging Face)."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text, re.IGNORECASE)
+    size = 0 if found is None else int(float(found[1]) * 1000 ** " kmgt".index(found[2].lower() or " "))
+    if size <= 0:
+        raise _BadInput(f"--max-shard-size {text!r}: write a size such as 5GB, 500MB or 1000000.")
+    return size
+
+
+def _load_plan(args: argparse.Namespace, width: int | None) -> int:
+    try:
+        transfer = _transfer(args)
     except (_BadInput, ValueError, TypeError) as exc:
         return _fail(args, 2, type(exc).__name__, str(exc))
     try:
-        report = tg.load_plan(
-            model,
-            checkpoint,
-            **rules._asdict(),
-            stacked=stacked,
-            strict=not args.no_strict,
-            allow_missing=args.allow_missing,
-            allow_unused=args.allow_unused,
-            cast=args.cast,
-        )
+        report = tg.load_plan(transfer.model, transfer.checkpoint, **transfer.options)
     except (ValueError, TypeError) as exc:
         return _fail(args, 1, type(exc).__name__, str(exc))
     if args.json:
@@ -314,6 +369,37 @@ def _load_plan(args: argparse.Namespace, width: int | None) -> int:
         if not args.json:
             print(f"\ntreeglob load-plan: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        transfer = _transfer(args)
+        shard = _size(args.max_shard_size)
+        if args.export_key and not args.export_rules:
+            raise _BadInput("--export-key needs --export-rules FILE.")
+        export = tg.load_transfer(args.export_rules, key=args.export_key) if args.export_rules else None
+    except (_BadInput, ValueError, TypeError) as exc:
+        return _fail(args, 2, type(exc).__name__, str(exc))
+    show = importlib.util.find_spec("tqdm") is not None  # a bar on a terminal, for anything large
+    try:
+        model, report = tg.load(transfer.model, transfer.checkpoint, **transfer.options, progress=show)
+        names = tg.save(
+            args.out,
+            model,
+            stacked=transfer.options["stacked"],
+            strict=transfer.options["strict"],
+            max_shard_size=shard,
+            progress=show,
+            **(export._asdict() if export else {}),
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        return _fail(args, 1, type(exc).__name__, str(exc))
+    if args.json:
+        print(_json({"source": args.checkpoint, "out": args.out, "counts": report.counts, "written": names}))
+    else:
+        print(report.summary())
+        print(f"\nwrote {len(names)} tensors to {args.out}")
     return 0
 
 
@@ -370,6 +456,8 @@ def _main(argv: list[str] | None) -> int:
     color = args.color == "always" or (args.color == "auto" and tty and "NO_COLOR" not in os.environ)
     if args.command == "load-plan":
         return _load_plan(args, width)
+    if args.command == "convert":
+        return _convert(args)
     if args.command == "treatment":
         return _treatment(args, width, color)
     try:

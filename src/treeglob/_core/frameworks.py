@@ -112,6 +112,11 @@ class Adapter:
         (they live in objects of the framework's), or ""."""
         return ""
 
+    def random_state(self) -> tuple[type, ...]:
+        """The wrapper types by which the framework marks random state (PRNG keys and their
+        counters), which a checkpoint of parameters need not hold."""
+        return ()
+
     def in_place(self, tree: Any) -> bool:
         """Whether a module of `tree` is replaced by assigning to its parent, not by rebuilding."""
         return False
@@ -164,6 +169,10 @@ class _FlaxNNX(Adapter):
 
     def stored_wrapper(self, node: Any) -> bool:
         return isinstance(node, dict) and len(node) == 1 and hasattr(node.get("value"), "shape")
+
+    def random_state(self) -> tuple[type, ...]:
+        nnx = sys.modules.get("flax.nnx")
+        return () if nnx is None else (nnx.RngState,)  # RngKey, RngCount
 
     def type_hint(self, tree_types: set[type]) -> str:
         return _NNX_STATE_HINT if any(_defined_in(t, "flax.nnx", ("State",)) for t in tree_types) else ""
@@ -391,6 +400,11 @@ def stack_mark(
 def parameters_elsewhere(leaf_types: set[type]) -> str:
     """Why a tree holds no parameter arrays to save or load, or "" (see `Adapter.parameters_elsewhere`)."""
     return "\n".join(m for a in ADAPTERS if (m := a.parameters_elsewhere(leaf_types)))
+
+
+def random_state() -> tuple[type, ...]:
+    """The wrapper types that mark random state, in the frameworks imported so far."""
+    return tuple(kind for adapter in ADAPTERS for kind in adapter.random_state())
 
 
 def in_place(tree: Any) -> Adapter | None:
