@@ -534,24 +534,39 @@ def test_named_transforms_compose_in_order_from_python_a_rules_file_and_the_comm
         tg.load_plan(target, tmp_path / "m.safetensors", transform=[("w", ())])
 
 
-def test_a_transform_whose_shape_cannot_be_known_ahead_is_checked_when_loaded(tmp_path):
+def test_a_function_that_fails_without_data_is_a_mismatch_in_the_plan(tmp_path):
     tg.save(tmp_path / "m.safetensors", {"w": np.ones((2, 3), np.float32)})
 
     def opaque(w):
         if not isinstance(w, np.ndarray) or w.strides[0] == 0:
             raise TypeError("wants real data")
-        return w[:1]
+        return w
 
     report = tg.load_plan({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", opaque)])
-    assert (
-        report.ok and report.rows[0].note == "checked when loaded (without data: TypeError: wants real data)"
+    assert not report.ok and (report.rows[0].status, report.rows[0].note) == (
+        "mismatch",
+        "fails without data (TypeError: wants real data): it runs on a read-only stand-in of the tensor; "
+        "make it work there, or write it as data",
     )
     with pytest.raises(
-        tg.LoadError,
-        match=r"the transform opaque for 'w' \(from 'w' in .*m\.safetensors\) gives float32\(1, 3\), which is "
-        r"float32\(2, 3\)",
+        tg.LoadError, match=r"1 tensor does not fit its model leaf:\n  w float32\(2, 3\) <- w fails"
     ):
         tg.load({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", opaque)])
+
+
+def test_a_function_that_gives_another_shape_on_data_is_checked_when_loaded(tmp_path):
+    tg.save(tmp_path / "m.safetensors", {"w": np.ones((2, 3), np.float32)})
+
+    def two_faced(w):
+        return w if w.strides[0] == 0 else w[:1]  # the stand-in's shape is right, the data's is not
+
+    assert tg.load_plan({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", two_faced)]).ok
+    with pytest.raises(
+        tg.LoadError,
+        match=r"the transform two_faced for 'w' \(from 'w' in .*m\.safetensors\) gives float32\(1, 3\), "
+        r"which is float32\(2, 3\)",
+    ):
+        tg.load({"w": jnp.zeros((2, 3))}, tmp_path / "m.safetensors", transform=[("w", two_faced)])
 
 
 # ----------------------------------------------------------------------------

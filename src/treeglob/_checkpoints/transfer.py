@@ -138,9 +138,14 @@ def _plan(
         if isinstance(got, Impossible):  # a transform written as data that cannot apply: certain
             out_rows.append(replace(row, status="mismatch", note=str(got)))  # names the failing step
             continue
-        if isinstance(got, str):
-            row = replace(row, note=f"checked when loaded (without data: {got[:80]})")
-        elif cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
+        if isinstance(got, str):  # a function that fails on the stand-in and when traced
+            note = (
+                f"fails without data ({got[:80]}): it runs on a read-only stand-in of the "
+                "tensor; make it work there, or write it as data"
+            )
+            out_rows.append(replace(row, status="mismatch", note=note))
+            continue
+        if cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
             # The dtype policy: a floating tensor is cast to its leaf's floating dtype.
             fn = cast_after(fn, dtype)
             cast_note = f"cast from {got[1]}" + (f" after {label}" if label else "")
