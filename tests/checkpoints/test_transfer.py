@@ -917,3 +917,27 @@ def test_an_npz_object_array_is_a_mismatch_in_the_plan_not_numpys_error_in_the_l
         match=r"w float32\(2,\) <- w an object array: pickled Python objects, which treeglob does not load",
     ):
         tg.load(model, tmp_path / "obj.npz", transform=[("**", "float32")])
+
+
+def test_an_error_while_reading_is_a_load_error_naming_the_leaf_the_tensor_and_the_file(
+    tmp_path, monkeypatch
+):
+    from treeglob._checkpoints import safetensors as safetensors_format
+
+    tg.save(tmp_path / "m.safetensors", {"blocks": [{"w": np.ones(3, np.float32)}]})
+
+    def disk_error(self, info, name):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(safetensors_format.SafetensorsCheckpoint, "read_tensor", disk_error)
+    with pytest.raises(
+        tg.LoadError,
+        match=r"load\(\): loading 'layers.0.w' \(from 'blocks.0.w'\) from .*m\.safetensors failed: "
+        r"OSError: \[Errno 5\] Input/output error",
+    ) as caught:
+        tg.load(
+            {"layers": [{"w": np.zeros(3, np.float32)}]},
+            tmp_path / "m.safetensors",
+            rename=[("blocks", "layers")],
+        )
+    assert caught.value.report.ok  # the plan was fine: the failure is the read's

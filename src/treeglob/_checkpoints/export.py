@@ -87,12 +87,12 @@ def plan_export(
             problems.setdefault(why, []).append(path)
             continue
         try:
-            found = sorted(undo_renames(path, rules), key=lambda found: found[1])
+            found = sorted(undo_renames(path, rules), key=lambda candidate: candidate[1])  # load's order
         except ValueError as exc:
             problems.setdefault(str(exc), []).append(path)
             continue
         names = [name for name, _ in found]
-        used.update(k for _, history in found for k in history)
+        used.update(index for _, history in found for index in history)
         if how.joint is not None and how.joint.combines is not None:
             try:
                 tensors += _pieces(view, r, how, names, value)

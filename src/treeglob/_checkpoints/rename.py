@@ -17,6 +17,12 @@ with `**` and captures taking as much as they can; a regex its first match,
 found with `re.search` (anchor it with `^` to match from the start), unlike
 selector regexes, which match whole paths. `{name}` with an identifier inside
 is a capture here, not a brace group (which needs two alternatives anyway).
+
+Export runs the rules backwards (`undo_renames`): each glob rule whose
+pattern and replacements are written out segment by segment (captures aside)
+is undone, the last first, and every name found is checked by renaming it
+forward again. A regex, or a glob with wildcards, has no inverse: the names
+it stands for are not known.
 """
 
 from __future__ import annotations

@@ -227,10 +227,15 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_tensor(self, info: TensorInfo, name: str) -> np.ndarray:
         """The tensor `info` describes (`name` for messages)."""
-        out = _aligned_empty(info.shape, info.dtype)
+        size = info.end - info.begin
+        out = (
+            _aligned_empty(info.shape, info.dtype)
+            if size >= _ALIGNED_FROM
+            else np.empty(info.shape, info.dtype)
+        )
         with open(self.path, "rb") as f:
             f.seek(self.data_start + info.begin)
-            if f.readinto(out.reshape(-1).view(np.uint8).data) != info.end - info.begin:
+            if f.readinto(out.reshape(-1).view(np.uint8).data) != size:
                 raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
         return out
 
@@ -250,8 +255,9 @@ class SafetensorsCheckpoint(Checkpoint):
         return np.memmap(self.path, np.uint8, "r", self.data_start)
 
 
-#: XLA's CPU client takes a host buffer aligned to this many bytes as it is, without a copy.
-_ALIGNMENT = 64
+#: XLA's CPU client takes a host buffer aligned to this many bytes as it is, without a copy:
+#: worth it from a size on (below, a copy costs less than the aliasing's bookkeeping).
+_ALIGNMENT, _ALIGNED_FROM = 64, 2**20
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:

@@ -10,12 +10,13 @@ does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .._core.errors import LoadError, ShadowedRuleWarning, user_stacklevel
+from .._core.errors import LoadError, ShadowedRuleWarning, SourceError, user_stacklevel
 from .._core.frameworks import parameters_elsewhere, random_state
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
@@ -528,10 +529,34 @@ def _execute(plan: _Plan, placements: list[Any], progress: bool) -> Any:
     what = f"loading {plan.checkpoint.where}"
     with show_progress(progress, "load", what, len(loading), sum(sizes)) as advance:
         for (leaf_index, rows), size in zip(loading, sizes, strict=True):
-            _load_leaf(plan, placements, placer, leaf_index, rows)
+            with _named_failure(plan, rows):
+                _load_leaf(plan, placements, placer, leaf_index, rows)
             advance(size)
-        placer.flush()
+        with _named_failure(plan, []):
+            placer.flush()
     return jtu.tree_unflatten(view.treedef, placer.out)
+
+
+@contextlib.contextmanager
+def _named_failure(plan: _Plan, rows: list[int]) -> Iterator[None]:
+    """Turn an error NumPy, JAX or the file system raises while a leaf is read and placed
+    (a file changed since it was planned, a device out of memory) into a `LoadError` that
+    names the leaf, its tensors and the file; treeglob's own errors pass as they are."""
+    try:
+        yield
+    except (LoadError, SourceError):
+        raise
+    except Exception as exc:
+        reads = [(plan.view.paths[r], read[0]) for r in rows if (read := plan.reads[r]) is not None]
+        what = (
+            ", ".join(f"{path!r} (from {' + '.join(map(repr, names))})" for path, names in reads[:3])
+            if reads
+            else "the last tensors read"
+        )
+        raise LoadError(
+            f"load(): loading {what} from {plan.checkpoint.where} failed: {type(exc).__name__}: {exc}",
+            plan.report,
+        ) from exc
 
 
 def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: int, rows: list[int]) -> None:

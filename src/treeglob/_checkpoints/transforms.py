@@ -1,4 +1,5 @@
-"""Transforms of checkpoint tensors on their way into a model, and their output without data."""
+"""Transforms of checkpoint tensors on their way into a model, their output without data, and
+what undoes them on the way out (export)."""
 
 from __future__ import annotations
 
