@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import treeglob as tg
-from treeglob._checkpoints.rename import parse_renames, undo_renames
+from treeglob._checkpoints.rename import most_renamed, parse_renames, undo_renames
 
 GPT2_RENAMES = [
     ("^transformer.h", "blocks"),
@@ -45,7 +45,7 @@ GPT2_RENAMES = [
     ],
 )
 def test_rename_rules_undone(rules, path, names):
-    assert [name for name, _ in undo_renames(path, parse_renames(rules))] == names
+    assert list(most_renamed(undo_renames(path, parse_renames(rules)))) == names
 
 
 @pytest.mark.parametrize(
@@ -182,10 +182,33 @@ def test_tied_leaves_are_one_tensor_if_they_hold_the_same_values(tmp_path):
     same = {"embed": np.ones(2), "head": np.ones(2)}
     assert tg.save(tmp_path / "x.safetensors", same, **rules) == ["wte"]
     with pytest.raises(
-        ValueError, match=r"embed and head are both written as 'wte', but their values differ"
+        ValueError, match=r"wte: embed and head are both written as it, but their values differ"
     ):
         tg.save(tmp_path / "y.safetensors", {"embed": np.ones(2), "head": np.zeros(2)}, **rules)
     assert not (tmp_path / "y.safetensors").exists()
+    # NaN is equal to NaN here: the same array tied twice.
+    nan = np.array([np.nan, 1.0])
+    assert tg.save(tmp_path / "z.safetensors", {"embed": nan, "head": nan}, **rules) == ["wte"]
+    # Compared before any shard is written: an earlier export stays whole.
+    big = dict(a=np.zeros(100, np.float32), embed=np.ones(100, np.float32), head=np.ones(100, np.float32))
+    (tmp_path / "s").mkdir()
+    tg.save(tmp_path / "s" / "model.safetensors", big, max_shard_size=400, **rules)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    changed = dict(big, a=np.full(100, 7, np.float32), head=np.full(100, 3, np.float32))
+    with pytest.raises(ValueError, match="their values differ"):
+        tg.save(tmp_path / "s" / "model.safetensors", changed, max_shard_size=400, **rules)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+
+
+def test_a_path_the_rules_rename_away_is_named_with_the_fix(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"b: no checkpoint name becomes it: the rules rename the path itself; skip"
+    ):
+        tg.save(tmp_path / "x.safetensors", {"a": np.ones(2), "b": np.ones(2)}, rename=[("b", "a")])
+    # a split on a scalar is an error naming the axis, not a ZeroDivisionError
+    rules = dict(rename=[("qk", ("q", "k"))], transform=[("q", "split(2, 0)"), ("k", "split(2, 1)")])
+    with pytest.raises(ValueError, match=r"axis 0 is out of range for 0 dimensions"):
+        tg.save(tmp_path / "x.safetensors", {"q": np.float32(1), "k": np.float32(2)}, strict=False, **rules)
 
 
 def test_skip_leaves_new_leaves_out_and_select_writes_a_part(tmp_path):
@@ -224,3 +247,73 @@ def test_a_stacked_model_exports_one_tensor_per_layer_under_the_checkpoint_names
     list_model = {"blocks": [{"w": np.zeros(2, np.float32)} for _ in range(3)]}
     back, _ = tg.load(list_model, tmp_path / "x.safetensors", rename=[("^h", "blocks")])
     np.testing.assert_array_equal(back["blocks"][2]["w"], [4, 5])
+
+
+def test_like_writes_the_names_and_layouts_of_the_checkpoint_it_names(tmp_path):
+    # ("gamma", "weight") is Hugging Face's BERT key fix: a norm's gamma is the model's weight,
+    # but a dense layer's weight was "weight" all along. The rules alone cannot tell them apart.
+    ckpt = {
+        "enc.LayerNorm.gamma": np.ones(2, np.float32),
+        "enc.dense.weight": np.ones((2, 2), np.float32),
+    }
+    rules = dict(rename=[("gamma", "weight")])
+    model, _ = tg.load(
+        {
+            "enc": {
+                "LayerNorm": {"weight": np.zeros(2, np.float32)},
+                "dense": {"weight": np.zeros((2, 2), np.float32)},
+            }
+        },
+        ckpt,
+        **rules,
+    )
+    assert tg.save(tmp_path / "x.safetensors", model, **rules) == ["enc.LayerNorm.gamma", "enc.dense.gamma"]
+    assert tg.save(tmp_path / "x.safetensors", model, like=ckpt, **rules) == [
+        "enc.LayerNorm.gamma",
+        "enc.dense.weight",
+    ]
+    wrong = dict(ckpt, **{"enc.dense.weight": np.ones((2, 3), np.float32)})
+    with pytest.raises(
+        ValueError,
+        match=r"enc.dense.weight: written as float32\(2, 2\), which the source tree holds as float32\(2, 3\)",
+    ):
+        tg.save(tmp_path / "x.safetensors", model, like=wrong, **rules)
+    with pytest.raises(
+        ValueError,
+        match=r"enc.dense.weight: none of the names the rules turn into it \(enc.dense.gamma, enc.dense.weight\) is in",
+    ):
+        tg.save(
+            tmp_path / "x.safetensors", model, like={"enc.LayerNorm.gamma": np.ones(2, np.float32)}, **rules
+        )
+
+
+def test_a_rule_that_cannot_be_undone_stops_only_the_paths_it_could_have_written(tmp_path):
+    model = {"w": np.ones(2), "head": np.ones(2)}
+    # The regex writes "head": "w" passes it by; "head" is skipped.
+    assert tg.save(tmp_path / "x.safetensors", model, rename=[("re:^lm_head$", "head")], skip=["head"]) == [
+        "w"
+    ]
+    with pytest.raises(ValueError, match=r"head: rename rule 0 .* cannot be undone: a regex has no inverse"):
+        tg.save(tmp_path / "x.safetensors", model, rename=[("re:^lm_head$", "head")])
+
+
+def test_rules_for_leaves_left_out_are_not_typos(tmp_path):
+    # The fine-tuning case: the checkpoint's head is renamed onto a new head that is skipped.
+    rules = dict(rename=[("^h", "blocks"), ("^lm_head", "head")], skip=["head"])
+    model = {"blocks": [{"w": np.ones(2)}], "head": np.ones(5)}
+    assert tg.save(tmp_path / "x.safetensors", model, **rules) == ["h.0.w"]
+    assert tg.save(tmp_path / "x.safetensors", model, select="blocks", rename=rules["rename"]) == ["h.0.w"]
+
+
+def test_ignore_alone_refuses_to_write_what_the_rules_would_drop(tmp_path):
+    with pytest.raises(ValueError, match=r"head: written, but the rules load it into nothing"):
+        tg.save(tmp_path / "x.safetensors", {"w": np.ones(2), "head": np.ones(3)}, ignore=["head"])
+
+
+def test_nested_tuples_of_transforms_are_undone_step_by_step(tmp_path):
+    rules = dict(transform=[("w", (("transpose", "float32"), "expand(0)"))])
+    model = {"w": np.arange(6, dtype=np.float32).reshape(1, 3, 2)}
+    tg.save(tmp_path / "x.safetensors", model, **rules)
+    assert load_file(tmp_path / "x.safetensors")["w"].shape == (2, 3)
+    back, _ = tg.load({"w": np.zeros((1, 3, 2), np.float32)}, tmp_path / "x.safetensors", **rules)
+    np.testing.assert_array_equal(back["w"], model["w"])

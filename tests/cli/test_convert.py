@@ -110,25 +110,31 @@ def test_convert_shows_progress_on_a_terminal(capsys, files, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "options, status, message",
+    "out, options, status, message",
     [
-        (["--max-shard-size", "5 gigs"], 2, "--max-shard-size '5 gigs': write a size such as 5GB"),
-        (["--export-key", "x"], 2, "--export-key needs --export-rules FILE"),
-        (["--export-rules", "missing.toml"], 2, "missing.toml"),
-        # Without the rules nothing loads: the load's error, exit 1.
-        ([], 1, r"5 model leaves have no checkpoint tensor"),
+        (
+            "out.safetensors",
+            ["--max-shard-size", "5 gigs"],
+            2,
+            "--max-shard-size '5 gigs': write a size such as 5GB",
+        ),
+        ("out.npz", ["--max-shard-size", "1GiB"], 2, "--max-shard-size writes .safetensors shards"),
+        ("nowhere/out.safetensors", [], 2, "nowhere' does not exist"),
+        ("out.pt", [], 2, "does not end in .safetensors or .npz"),
+        ("out.safetensors", ["--export-key", "x"], 2, "--export-key needs --export-rules FILE"),
+        ("out.safetensors", ["--export-rules", "missing.toml"], 2, "missing.toml"),
         # An export whose rules cannot be undone.
-        (["--export-rules", "regex.toml"], 1, "a regex has no inverse"),
+        ("out.safetensors", ["--export-rules", "regex.toml"], 1, "a regex has no inverse"),
     ],
 )
-def test_convert_errors(capsys, files, options, status, message):
+def test_convert_errors(capsys, files, out, options, status, message):
     (files / "regex.toml").write_text('[rename]\n"re:^h" = "blocks"\n"lm_head" = "head"\n')
-    if options == []:
-        got, _, err = convert(capsys, files, files / "out.safetensors")
-    else:
-        opts = [str(files / o) if o.endswith(".toml") else o for o in options]
-        got, _, err = convert(
-            capsys, files, files / "out.safetensors", "--rules", files / "rules.toml", *opts
-        )
+    options = [str(files / o) if o.endswith(".toml") else o for o in options]
+    got, _, err = convert(capsys, files, files / out, "--rules", files / "rules.toml", *options)
     assert got == status and message in err, err
-    assert not (files / "out.safetensors").exists()
+    assert not (files / out).exists()
+
+
+def test_convert_without_the_rules_reports_what_does_not_load(capsys, files):
+    status, _, err = convert(capsys, files, files / "out.safetensors")
+    assert status == 1 and "5 model leaves have no checkpoint tensor" in err

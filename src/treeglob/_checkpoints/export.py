@@ -14,15 +14,17 @@ exactly, or nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._core.errors import NoMatchError
+from .._core.errors import NoMatchError, listing
 from .._core.tree import TreeView
-from .rename import RenameRule, undo_renames
-from .transforms import Undo, _Named, transform_name, undo
+from .base import Checkpoint
+from .rename import RenameRule, most_renamed, undo_renames
+from .transforms import Undo, _axis, _Named, transform_name, undo
 
 __all__ = ["Tensor", "plan_export"]
 
@@ -64,13 +66,18 @@ def plan_export(
     chosen: np.ndarray,
     value: Callable[[int], np.ndarray],
     strict: bool,
+    left_out: list[int],
+    like: Checkpoint | None,
 ) -> tuple[list[Tensor], dict[int, tuple[str, ...]]]:
     """The tensors that write `rows` under the checkpoint names `rules` rename into them, and
-    per row the names `load` is expected to read it from.
+    per row the names `load` is expected to read it from. Where several names become a path,
+    the one in `like` (a checkpoint whose names and layouts the export must have), else the
+    one renamed by the most rules (see `most_renamed`).
 
     Raises:
         ValueError: every row whose rules cannot be undone, with the rule and the reason.
-        NoMatchError: with `strict`, a rename rule that writes none of the rows.
+        NoMatchError: with `strict`, a rename rule that writes none of the rows, nor of the
+            rows `left_out` (skipped or not selected).
     """
     problems: dict[str, list[str]] = {}  # why -> the leaves or tensors it stops
     used: set[int] = set()
@@ -87,13 +94,22 @@ def plan_export(
             problems.setdefault(why, []).append(path)
             continue
         try:
-            found = sorted(undo_renames(path, rules), key=lambda candidate: candidate[1])  # load's order
+            found = undo_renames(path, rules)
         except ValueError as exc:
             problems.setdefault(str(exc), []).append(path)
             continue
-        names = [name for name, _ in found]
-        used.update(index for _, history in found for index in history)
-        if how.joint is not None and how.joint.combines is not None:
+        picked = most_renamed(found) if like is None else {n: h for n, h in found.items() if n in like.meta}
+        names = sorted(picked, key=lambda name: picked[name])  # the load's order, for concat/stack
+        used.update(index for history in picked.values() for index in history)
+        if not names:
+            why = (
+                f"none of the names the rules turn into it ({', '.join(sorted(found)[:3])}) is in {like.where}"
+                if like is not None and found
+                else "no checkpoint name becomes it: the rules rename the path itself; skip=[...] it, or "
+                "fix the rules"
+            )
+            problems.setdefault(why, []).append(path)
+        elif how.joint is not None and how.joint.combines is not None:
             try:
                 tensors += _pieces(view, r, how, names, value)
             except ValueError as exc:
@@ -120,7 +136,23 @@ def plan_export(
             paths = [view.paths[r] for r in (*seen[tensor.name].rows, *tensor.rows)]
             problems.setdefault(f"written from both {', '.join(paths)}", []).append(tensor.name)
         seen[tensor.name] = tensor
-    unused = [rule for rule in rules if rule.index not in used]
+    for r in left_out:  # a rule for a skipped new head, or a part not selected, is not a typo
+        with contextlib.suppress(ValueError):
+            used.update(index for history in undo_renames(view.paths[r], rules).values() for index in history)
+    if like is not None:
+        for tensor in tensors:
+            meta = like.meta.get(tensor.name)
+            if meta is not None and (tuple(meta.shape), np.dtype(meta.dtype)) != (
+                tensor.shape,
+                np.dtype(tensor.dtype),
+            ):
+                why = (
+                    f"written as {np.dtype(tensor.dtype)}{tensor.shape}, which {like.where} holds as "
+                    f"{np.dtype(meta.dtype)}{tuple(meta.shape)}"
+                )
+                problems.setdefault(why, []).append(tensor.name)
+    # A rule that cannot be undone (a regex) is not found by undoing: its use is not known.
+    unused = [rule for rule in rules if rule.index not in used and not isinstance(rule.inverse, str)]
     if strict and unused and not problems:
         raise NoMatchError(
             f"save(): {unused[0].describe()} writes none of the {len(rows)} model paths saved (its "
@@ -131,15 +163,13 @@ def plan_export(
         lines = [
             f"{where[0]}: {why}"
             if len(where) == 1
-            else f"{why} (for {len(where)}: {', '.join(where[:3])}, ...)"
+            else f"{why} (for {len(where)}: {', '.join(where[:3])}{', ...' if len(where) > 3 else ''})"
             for why, where in problems.items()
         ]
-        listed = "\n".join(f"    {line}" for line in lines[:20])
-        more = f"\n    ... and {len(lines) - 20} more" if len(lines) > 20 else ""
         count = sum(map(len, problems.values()))
         raise ValueError(
             f"save(): the load rules cannot be undone for {count} {'tensors' if count > 1 else 'tensor'}:\n"
-            f"{listed}{more}\n"
+            f"{listing(lines)}\n"
             "Export with rules that can be undone (globs without wildcards, transforms written as "
             "data), or build the checkpoint's {name: array} dict yourself and save that."
         )
@@ -153,7 +183,7 @@ def _pieces(
     assert how.joint is not None and how.joint.combines is not None
     kind, axis, sizes = how.joint.combines
     shape, dtype = _through(how.steps, view.shapes[row] or (), view.dtypes[row])
-    a = axis % len(shape)  # the combined value's axis: stack's new one, or concat's
+    a = _axis(axis, len(shape), how.joint.label)  # the combined value's axis: stack's new one, or concat's
     if kind == "stack":
         if shape[a] != len(names):
             raise ValueError(
@@ -209,18 +239,18 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
                 + ", which differ"
             )
         first = members[0]
-
-        def tied() -> np.ndarray:
+        if len(members) > 1:  # tied: compared now, before any file is written
             out = _apply(first.undo.steps, value(first.row))
+            nan = bool(np.issubdtype(out.dtype, np.inexact))
             for m in members[1:]:
-                if not np.array_equal(_apply(m.undo.steps, value(m.row)), out):
+                if not np.array_equal(_apply(m.undo.steps, value(m.row)), out, equal_nan=nan):
                     raise ValueError(
-                        f"save(): {view.paths[first.row]} and {view.paths[m.row]} are both written as "
-                        f"{name!r}, but their values differ: the rules load one tensor into both."
+                        f"{view.paths[first.row]} and {view.paths[m.row]} are both written as it, but "
+                        "their values differ: the rules load one tensor into both"
                     )
-            return out
-
-        return Tensor(name, metas[0][0], metas[0][1], tied, rows)
+        return Tensor(
+            name, metas[0][0], metas[0][1], lambda: _apply(first.undo.steps, value(first.row)), rows
+        )
     parts_of = {(s[0], s[2]) for s in splits if s is not None}
     rests = {tuple(step.label for step in m.undo.rest) for m in members}
     if None in splits or len(parts_of) > 1 or len(rests) > 1:
@@ -254,7 +284,7 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
     shape, dtype = metas[members.index(order[0])]
     if any(metas[members.index(m)] != (shape, dtype) for m in order):
         raise ValueError("its parts come from leaves of different shapes or dtypes")
-    a = axis % len(shape)
+    a = _axis(axis, len(shape), transform_name(order[0].undo.joint))  # type: ignore[arg-type]
     joined = (*shape[:a], shape[a] * parts, *shape[a + 1 :])
     rest = order[0].undo.rest
     out_shape, out_dtype = _through(rest, joined, dtype)

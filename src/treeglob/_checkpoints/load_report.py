@@ -9,13 +9,16 @@ from typing import Any
 from .._core.errors import LoadError, suggest
 from .._core.table import render_table
 
-__all__ = ["LoadReport", "LoadRow"]
+__all__ = ["UNCHECKED", "LoadReport", "LoadRow"]
 
 _MAX_LISTED = 20
 #: The statuses of the report, in the order it lists them.
 STATUSES = ("loaded", "skipped", "missing", "mismatch", "unused", "ignored")
 #: The statuses that stop a load (unless allowed per call).
 PROBLEMS = ("missing", "mismatch", "unused")
+#: The note of a loaded row whose function transform failed without data: only the load
+#: itself can check it (a function that writes into its input, or needs real values).
+UNCHECKED = "unchecked:"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class LoadReport:
             "leaves": sum(1 for r in self.rows if r.transform and r.status == "loaded"),
             "elements": sum(r.size for r in self.rows if r.transform and r.status == "loaded"),
         }
+        unchecked = [r for r in self.rows if r.status == "loaded" and r.note.startswith(UNCHECKED)]
+        if unchecked:
+            counts["unchecked"] = {"leaves": len(unchecked), "elements": sum(r.size for r in unchecked)}
         object.__setattr__(self, "counts", counts)
 
     def problems(self) -> list[str]:
@@ -143,6 +149,8 @@ class LoadReport:
                     else ("leaf" if one else "leaves")
                 )
                 flag = "  <- stops the load" if status in self.problems() else ""
+                if status == "unchecked":
+                    flag = "  <- their transform failed without data: checked when loaded"
                 elements = "element" if count["elements"] == 1 else "elements"
                 lines.append(
                     f"{status:<12}{count['leaves']:>7,} {what:<8}{count['elements']:>16,} {elements}{flag}"
@@ -157,4 +165,5 @@ def _problem_line(row: LoadRow, unused: list[LoadRow]) -> str:
         renamed = f" (renamed {row.note})" if row.note else ""
         return f"{row.source}{renamed} {row.source_dtype}{row.source_shape}"
     close = suggest(row.path or "", [r.note or r.source or "" for r in unused])
-    return f"{row.path} {row.dtype}{row.shape}" + (f"  (close: {', '.join(close)})" if close else "")
+    hint = f"  (close: {', '.join(close)})" if close else f"  ({row.note})" if row.note else ""
+    return f"{row.path} {row.dtype}{row.shape}{hint}"

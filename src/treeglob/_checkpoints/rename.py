@@ -38,7 +38,7 @@ from .._core.keys import quote, split_path
 from .._core.pattern import compile_glob, compile_regex
 from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
 
-__all__ = ["RenameRule", "apply_renames", "pairs", "parse_renames", "undo_renames"]
+__all__ = ["RenameRule", "apply_renames", "most_renamed", "pairs", "parse_renames", "undo_renames"]
 
 _CAPTURE = re.compile(r"(?<!\\)\{([A-Za-z_]\w*)\}")
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -229,10 +229,8 @@ def _inverse(rule: RenameRule) -> tuple[tuple[_SegmentGlob, ...], str]:
     return globs, body
 
 
-def undo_renames(path: str, rules: list[RenameRule]) -> list[tuple[str, tuple[int, ...]]]:
-    """The checkpoint names that `rules` rename into `path`, each with the rules that renamed it:
-    of every name the rules would rename into `path`, those renamed by the most rules (a
-    name that a rule would rename is written as the rule's source, not left as it is).
+def undo_renames(path: str, rules: list[RenameRule]) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint name that `rules` rename into `path`, with the rules that renamed it.
 
     Raises:
         ValueError: a rule that could have written `path` but cannot be undone, naming it.
@@ -246,18 +244,27 @@ def undo_renames(path: str, rules: list[RenameRule]) -> list[tuple[str, tuple[in
             for source in _undo(rule, name):
                 before.setdefault(source, (rule.index, *history))
         found = before
+    return found
+
+
+def most_renamed(found: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Of the names `undo_renames` found, those renamed by the most rules: no other name went
+    through every rule it went through and more. A name a rule would rename is taken to be
+    the rule's source, not a name the checkpoint held as it is."""
     histories = {name: set(history) for name, history in found.items()}
-    return [
-        (name, found[name])
+    return {
+        name: found[name]
         for name, history in histories.items()
         if not any(history < other for other in histories.values())
-    ]
+    }
 
 
 def _undo(rule: RenameRule, name: str) -> list[str]:
     """The names `rule` renames into `name` (each checked by renaming it)."""
     inverse = rule.inverse
     if isinstance(inverse, str):
+        if not _could_have_written(rule, name):
+            return []
         raise ValueError(f"{rule.describe()} cannot be undone: {inverse}")
     globs, template = inverse
     segments = split_path(name)
@@ -275,6 +282,13 @@ def _undo(rule: RenameRule, name: str) -> list[str]:
                 if name in (rule.apply(source) or ()) and source not in out:
                     out.append(source)
     return out
+
+
+def _could_have_written(rule: RenameRule, name: str) -> bool:
+    """Whether a replacement of `rule` could be part of `name`: each of its literal pieces (the
+    text around its `{fields}`) is. A rule that cannot be undone stops an export only where
+    it could have written the name."""
+    return any(all(piece in name for piece in _FIELD.split(r)[::2]) for r in rule.replacements)
 
 
 def _filled(template: str, captures: dict[str, str]) -> tuple[str, ...]:

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .._core.errors import LoadError, ShadowedRuleWarning, SourceError, user_stacklevel
+from .._core.errors import LoadError, ShadowedRuleWarning, SourceError, listing, user_stacklevel
 from .._core.frameworks import parameters_elsewhere, random_state
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
 from .base import Checkpoint
 from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
-from .load_report import LoadReport, LoadRow
+from .load_report import UNCHECKED, LoadReport, LoadRow
 from .progress import progress as show_progress
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
@@ -140,13 +140,8 @@ def _plan(
             out_rows.append(replace(row, status="mismatch", note=str(got)))  # names the failing step
             continue
         if isinstance(got, str):  # a function that fails on the stand-in and when traced
-            note = (
-                f"fails without data ({got[:80]}): it runs on a read-only stand-in of the "
-                "tensor; make it work there, or write it as data"
-            )
-            out_rows.append(replace(row, status="mismatch", note=note))
-            continue
-        if cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
+            row = replace(row, note=f"{UNCHECKED} fails without data ({got[:80]})")
+        elif cast and got[0] == shape and got[1] != dtype and _floating(got[1]) and _floating(dtype):
             # The dtype policy: a floating tensor is cast to its leaf's floating dtype.
             fn = cast_after(fn, dtype)
             cast_note = f"cast from {got[1]}" + (f" after {label}" if label else "")
@@ -224,12 +219,9 @@ def _match_tensors(
         ),
     ):
         if found:
-            listed = "\n".join(
-                f"    {path} <- {', '.join(map(repr, names))}" for path, names in list(found.items())[:20]
-            )
-            more = f"\n    ... and {len(found) - 20} more" if len(found) > 20 else ""
+            listed = listing([f"{path} <- {', '.join(map(repr, names))}" for path, names in found.items()])
             count = f"{len(found)} model {'paths would each' if len(found) > 1 else 'path would'}"
-            raise LoadError(f"{caller}(): {count} {what}:\n{listed}{more}\n{fix}", None)
+            raise LoadError(f"{caller}(): {count} {what}:\n{listed}\n{fix}", None)
     return ignored, renamed, taken
 
 
@@ -679,6 +671,7 @@ def save(
     transform: Any = None,
     skip: Any = None,
     ignore: Any = None,
+    like: Any = None,
     progress: bool = False,
 ) -> list[str]:
     """Write a model's arrays (or a selection of them) to a `.safetensors` or `.npz` file.
@@ -719,6 +712,12 @@ def save(
         skip: leaves the checkpoint does not hold (a new head): not written.
         ignore: as `load` takes it; tensors it names are never written, and
             the export must not need them.
+        like: the checkpoint the export must match (any source `load` reads;
+            only its headers are read): where the rules turn several names
+            into a path (`("gamma", "weight")` turns `weight` back into
+            `gamma`, though a dense layer's `weight` was `weight`), the name
+            it holds is written, and each tensor must have its shape and
+            dtype. Without it, the name renamed by the most rules is written.
         progress: show the save's progress (tensors, bytes, rate) on standard
             error when it is a terminal and the save writes at least 64 MiB.
             Needs tqdm (`pip install "treeglob[progress]"`).
@@ -767,6 +766,8 @@ def save(
         if skip_rules := [(p, True) for p in as_patterns(skip)]:
             chosen &= ~_resolve_rows(view, skip_rules, "save", strict, "the skip list given to save()")
         rows = [r for r in view.data_rows if chosen[r]]
+        left_out = [r for r in view.data_rows if not chosen[r]]
+        reference = None if like is None else open_checkpoint(like)
         origin = view.origin.tolist() if view.origin is not None else None
         layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 
@@ -783,8 +784,10 @@ def save(
             _choose_transforms(view, transforms, "save", strict),
             value,
             strict,
+            left_out,
+            reference,
         )
-        if rename_rules or transforms:
+        if rename_rules or transforms or ignore:
             _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
     listed = [(t.name, t.shape, t.dtype) for t in tensors]
     total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in listed)
@@ -850,8 +853,7 @@ def _check_export(
         if row.status in ("unused", "ignored")
     ]
     if problems:
-        listed = "\n".join(f"    {p}" for p in problems[:_MAX_LISTED])
         raise ValueError(
-            f"save(): the rules would not load the export back into the model:\n{listed}\n"
+            f"save(): the rules would not load the export back into the model:\n{listing(problems)}\n"
             "Nothing was written. Check the rules in the load direction with treeglob.load_plan."
         )

@@ -189,7 +189,7 @@ NAMED: dict[str, Callable[..., _Named]] = {
     "squeeze": _squeeze,
     "expand": _expand,
     "astype": _astype,
-    "concat": lambda axis=0, sizes=None: _combine("concat", axis, sizes),
+    "concat": lambda axis=0, sizes=None: _combine("concat", axis, None if sizes is None else tuple(sizes)),
     "stack": lambda axis=0: _combine("stack", axis),
 }
 
@@ -202,7 +202,7 @@ _USAGE = (
 
 def _integers(value: Any) -> bool:
     """An int, or a tuple of them (concat's sizes)."""
-    return type(value) is int or (isinstance(value, tuple) and all(type(v) is int for v in value))
+    return type(value) is int or (isinstance(value, tuple | list) and all(type(v) is int for v in value))
 
 
 def _named_transform(text: str, where: str) -> _Named:
@@ -275,10 +275,17 @@ def _transform(fn: Any, where: str) -> Callable[[Any], Any]:
     return fn
 
 
+def _steps(fn: Callable[[Any], Any] | None) -> tuple[Callable[[Any], Any], ...]:
+    """The single steps of `fn`, chains within chains flattened."""
+    if fn is None:
+        return ()
+    return tuple(s for step in fn.steps for s in _steps(step)) if isinstance(fn, _Chain) else (fn,)
+
+
 def cast_after(fn: Callable[[Any], Any] | None, dtype: Any) -> Callable[[Any], Any]:
     """`fn` (or nothing), then a cast to `dtype`: the dtype policy's own transform."""
     cast = _astype(dtype)
-    steps = fn.steps if isinstance(fn, _Chain) else () if fn is None else (fn,)
+    steps = _steps(fn)
     return _Chain((*steps, cast)) if steps else cast
 
 
@@ -315,7 +322,7 @@ def undo(fn: Callable[[Any], Any] | None) -> Undo:
     Raises:
         ValueError: why it cannot be undone (a Python function, a reshape, two splits).
     """
-    steps = fn.steps if isinstance(fn, _Chain) else () if fn is None else (fn,)
+    steps = _steps(fn)
     for step in steps:
         if not isinstance(step, _Named):
             raise ValueError(

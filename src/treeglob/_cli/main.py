@@ -26,6 +26,7 @@ import gc
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 
 import treeglob as tg
 
-from .._checkpoints.formats import open_checkpoint, readable
+from .._checkpoints.formats import format_for_writing, open_checkpoint, readable
 from .._checkpoints.rules import check_rules
 from .._checkpoints.sources import load_source
 from .._core.table import painter, render_table
@@ -156,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
         help="load a checkpoint into a model by rules and write it out: other names, other shards",
         description="Load CHECKPOINT into MODEL by the rules (as load-plan shows), then write the "
         "model to OUT: in the model's names, or under a checkpoint's names with --export-rules "
-        "(the rules that load that checkpoint, undone). The whole model is held in memory.",
+        "(the rules that load that checkpoint, undone). The whole model is held in memory. MODEL is "
+        "built abstractly, so every leaf must load: --skip and --allow-missing leave no values to keep.",
     )
     cv.add_argument("out", metavar="OUT", help="the .safetensors or .npz file to write")
     cv.add_argument("--export-rules", metavar="FILE", help="write OUT under the names these load rules read")
@@ -164,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument(
         "--max-shard-size",
         metavar="SIZE",
-        help="write Hugging Face shards of at most SIZE each (bytes, or 500MB, 5GB)",
+        help="write Hugging Face shards of at most SIZE each (bytes, or 500MB, 5GB, 4GiB)",
     )
     return parser
 
@@ -336,11 +338,15 @@ def _transfer(args: argparse.Namespace) -> _Transfer:
 
 
 def _size(text: str | None) -> int | None:
-    """`--max-shard-size`: bytes, or a number with kB, MB, GB, TB (powers of 1000, as Hugging Face)."""
+    """`--max-shard-size`: bytes, or a number with kB, MB, GB, TB (powers of 1000, as Hugging
+    Face writes them) or KiB, MiB, GiB, TiB."""
     if text is None:
         return None
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text, re.IGNORECASE)
-    size = 0 if found is None else int(float(found[1]) * 1000 ** " kmgt".index(found[2].lower() or " "))
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text, re.IGNORECASE)
+    size = 0
+    if found is not None:
+        unit = (1024 if found[3] else 1000) ** " kmgt".index(found[2].lower() or " ")
+        size = int(float(found[1]) * unit)
     if size <= 0:
         raise _BadInput(f"--max-shard-size {text!r}: write a size such as 5GB, 500MB or 1000000.")
     return size
@@ -376,6 +382,12 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         transfer = _transfer(args)
         shard = _size(args.max_shard_size)
+        # What only the write would find, found before anything is loaded.
+        out = pathlib.Path(args.out)
+        if format_for_writing(out, "convert").name != "safetensors" and shard is not None:
+            raise _BadInput(f"--max-shard-size writes .safetensors shards; {args.out} is not one.")
+        if not out.parent.is_dir():
+            raise _BadInput(f"{args.out}: the directory {str(out.parent)!r} does not exist.")
         if args.export_key and not args.export_rules:
             raise _BadInput("--export-key needs --export-rules FILE.")
         export = tg.load_transfer(args.export_rules, key=args.export_key) if args.export_rules else None

@@ -15,6 +15,7 @@ __all__ = [
     "RulesFileError",
     "ShadowedRuleWarning",
     "SourceError",
+    "listing",
     "pattern_error",
     "suggest",
     "suggest_path",
@@ -90,6 +91,12 @@ def suggest_path(
 #: The packages whose frames lie between a user's line and treeglob (optax calls a
 #: mask function of treeglob's from inside `init` / `update`, jax while tracing).
 _LIBRARIES = frozenset({"treeglob", "optax", "jax", "jaxlib", "equinox", "flax", "chex"})
+
+
+def listing(lines: list[str], limit: int = 20) -> str:
+    """`lines` as an indented block of a message, the first `limit` of them and a count of the rest."""
+    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n".join(f"    {line}" for line in [*lines[:limit], *more])
 
 
 def user_stacklevel() -> int:
