@@ -19,6 +19,7 @@ from ._core.errors import (
     LoadError as LoadError,
     NoMatchError as NoMatchError,
     RulesFileError as RulesFileError,
+    SaveError as SaveError,
     ShadowedRuleWarning as ShadowedRuleWarning,
     SourceError as SourceError,
 )
@@ -140,6 +141,7 @@ __all__ = [
     "RuleConfig",
     "RuleRow",
     "RulesFileError",
+    "SaveError",
     "Selector",
     "ShadowedRuleWarning",
     "SourceError",

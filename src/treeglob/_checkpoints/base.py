@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import functools
 import os
 import pathlib
+import re
+import secrets
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
+from .._core.errors import SaveError
 from .._core.tree import TreeView
 
-__all__ = ["Checkpoint", "TreeCheckpoint", "tensor_to_write", "written_beside"]
+__all__ = ["Checkpoint", "TreeCheckpoint", "remove_abandoned", "tensor_to_write", "written_beside"]
 
 
 class Checkpoint(abc.ABC):
@@ -87,15 +92,64 @@ class TreeCheckpoint(Checkpoint):
 
 @contextlib.contextmanager
 def written_beside(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
-    """A file beside `path` to write, renamed to `path` when the block ends: a reader
-    never sees half a file, and a failed write leaves nothing behind."""
+    """A file beside `path` to write, renamed to `path` when the block ends: a reader never
+    sees half a file, and a failed write leaves nothing behind (the previous file, if any,
+    stays whole).
+
+    The file's name is `path`'s, then the writer's process id, a random token and host,
+    then `.partial`: two processes saving the same path never share one, and the next
+    save removes what a writer killed on this host left.
+
+    Raises:
+        SaveError: (an `OSError`) the write failed: the file, the cause, what to do.
+    """
     target = pathlib.Path(path)
-    partial = target.with_name(target.name + ".partial")
+    remove_abandoned(target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{_HOST}.partial")
     try:
         yield partial
         os.replace(partial, target)
+    except OSError as exc:
+        raise SaveError(
+            f"save(): writing {str(target)!r} failed: {exc.strerror or exc} "
+            f"({errno.errorcode.get(exc.errno or 0, 'no errno')}). {_fix(exc.errno)} "
+            "The file there before, if any, is unchanged.",
+            exc.errno,
+        ) from exc
     finally:
         partial.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname()
+
+
+def _fix(code: int | None) -> str:
+    if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return "The disk, the quota or the file-size limit is full: free space, or save elsewhere."
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "The directory is not writable: save elsewhere, or change its permissions."
+    return "Check the directory and the disk."
+
+
+def remove_abandoned(target: pathlib.Path) -> None:
+    """Remove the `.partial` files of saves to `target` whose writer, a process on this host,
+    is gone (killed mid-save): a live writer's, or another host's, are left alone."""
+    pattern = re.compile(re.escape(target.name) + r"\.(\d+)-[0-9a-f]+\.(.+)\.partial")
+    with contextlib.suppress(OSError):
+        for leftover in target.parent.iterdir():
+            found = pattern.fullmatch(leftover.name)
+            if found and found[2] == _HOST and not _alive(int(found[1])):
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def tensor_to_write(

@@ -725,6 +725,11 @@ def save(
     Returns:
         The names written, in file order.
 
+    Raises:
+        SaveError: (an `OSError`) the disk, or the directory, refused the write; the
+            file there before is unchanged, and no part of the new one is left.
+        ValueError: rules that cannot be undone, or would not load the export back.
+
     Examples:
         >>> import os, tempfile, numpy as np, treeglob
         >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")

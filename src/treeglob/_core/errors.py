@@ -13,6 +13,7 @@ __all__ = [
     "LoadError",
     "NoMatchError",
     "RulesFileError",
+    "SaveError",
     "ShadowedRuleWarning",
     "SourceError",
     "listing",
@@ -50,12 +51,22 @@ class LoadError(ValueError):
         self.report = report
 
 
+class SaveError(OSError):
+    """A checkpoint that could not be written (a full disk, a directory that is not
+    writable): names the file, the cause and the fix. The file there before is unchanged.
+    An `OSError`, with the cause's `errno`."""
+
+    def __init__(self, message: str, code: int | None):
+        super().__init__(message)
+        self.errno = code
+
+
 class SourceError(ValueError):
     """A checkpoint (or, on the command line, a model factory) that cannot be read:
     names the file and the problem."""
 
 
-for _cls in (LoadError, NoMatchError, ShadowedRuleWarning, RulesFileError, SourceError):
+for _cls in (LoadError, NoMatchError, ShadowedRuleWarning, RulesFileError, SaveError, SourceError):
     _cls.__module__ = "treeglob"
 
 

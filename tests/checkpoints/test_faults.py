@@ -1,0 +1,159 @@
+"""Faults while saving: a process killed mid-save, a full disk, a directory that cannot be
+written, two processes saving one path. After each, the path holds the previous file or the
+new one, whole, never a part; what a killed writer left is recognised and removed by the
+next save; the error is treeglob's, naming the file and the cause."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import treeglob as tg
+from treeglob._checkpoints import base
+
+pytestmark = pytest.mark.slow  # subprocesses
+
+N = 1_000_000  # a 4 MB tensor: long enough to be caught mid-write
+
+
+def run(code, *args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def whole_value(path):
+    """The one value every element of the file holds: it was written whole."""
+    model, report = tg.load({"w": np.zeros(N, np.float32)}, path)
+    values = np.unique(model["w"])
+    assert report.ok and len(values) == 1, values
+    return float(values[0])
+
+
+def partials(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+
+
+SAVE_FOREVER = """
+import sys, numpy as np, treeglob as tg
+path = sys.argv[1]
+k = 0
+while True:
+    k += 1
+    tg.save(path, {"w": np.full(1_000_000, k, np.float32)})
+    print(k, flush=True)
+"""
+
+
+def test_a_save_killed_at_random_points_leaves_a_whole_file_and_the_next_save_cleans_up(tmp_path):
+    path = tmp_path / "m.safetensors"
+    rng = random.Random(0)
+    caught_mid_write = 0
+    for _ in range(8):
+        with subprocess.Popen(
+            [sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True
+        ) as child:
+            assert child.stdout.readline().strip()  # one save done: there is a previous file
+            time.sleep(rng.uniform(0.0, 0.3))
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        assert whole_value(path) >= 1  # the previous file or the new one, whole
+        for leftover in partials(tmp_path):  # named so that it is recognised: the dead writer's pid
+            assert leftover.startswith(f"m.safetensors.{child.pid}-") and leftover.endswith(".partial")
+            caught_mid_write += 1
+    assert caught_mid_write  # the kills did land mid-write
+    tg.save(path, {"w": np.full(N, -1.0, np.float32)})
+    assert partials(tmp_path) == [] and whole_value(path) == -1.0
+
+
+def test_two_processes_saving_one_path_at_once_never_collide(tmp_path):
+    path = tmp_path / "m.safetensors"
+    code = """
+    import sys, numpy as np, treeglob as tg
+    for _ in range(15):
+        tg.save(sys.argv[1], {"w": np.full(1_000_000, float(sys.argv[2]), np.float32)})
+    """
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(path), str(v)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in (1, 2)
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+    assert whole_value(path) in (1.0, 2.0) and partials(tmp_path) == []
+
+
+def test_a_full_disk_is_a_save_error_naming_the_file_and_the_previous_file_stays(tmp_path):
+    path = tmp_path / "m.safetensors"
+    code = """
+    import resource, signal, sys, numpy as np, treeglob as tg
+    tg.save(sys.argv[1], {"w": np.full(1_000_000, 1.0, np.float32)})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+    try:
+        tg.save(sys.argv[1], {"w": np.full(1_000_000, 2.0, np.float32)})
+    except tg.SaveError as exc:
+        assert isinstance(exc, OSError) and exc.errno == 27, exc.errno
+        print(exc)
+    """
+    result = run(code, path)
+    assert result.returncode == 0, result.stderr
+    assert f"save(): writing '{path}' failed: File too large (EFBIG). The disk, the quota" in result.stdout
+    assert "The file there before, if any, is unchanged." in result.stdout
+    assert whole_value(path) == 1.0 and partials(tmp_path) == []
+
+
+def test_a_directory_that_cannot_be_written_is_a_save_error_and_the_previous_file_stays(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "m.safetensors"
+    tg.save(path, {"w": np.full(N, 1.0, np.float32)})
+
+    def refused(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(base.os, "replace", refused)  # as a read-only directory refuses the rename
+    with pytest.raises(
+        tg.SaveError,
+        match=rf"save\(\): writing '{path}' failed: Permission denied \(EACCES\)\. The directory is not writable",
+    ):
+        tg.save(path, {"w": np.full(N, 2.0, np.float32)})
+    monkeypatch.undo()
+    assert whole_value(path) == 1.0 and partials(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_directory(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tg.save(path, {"w": np.full(N, 1.0, np.float32)})
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(tg.SaveError, match=r"Permission denied \(EACCES\)"):
+            tg.save(path, {"w": np.full(N, 2.0, np.float32)})
+    finally:
+        tmp_path.chmod(0o755)
+    assert whole_value(path) == 1.0 and partials(tmp_path) == []
+
+
+def test_a_live_writer_s_partial_file_is_left_alone(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mine = tmp_path / f"m.safetensors.{os.getpid()}-0123abcd.{base._HOST}.partial"  # a live process
+    elsewhere = tmp_path / "m.safetensors.1-0123abcd.other-host.partial"  # another host's
+    for leftover in (mine, elsewhere):
+        leftover.write_bytes(b"half")
+    tg.save(path, {"w": np.full(N, 1.0, np.float32)})
+    assert partials(tmp_path) == sorted([mine.name, elsewhere.name])
