@@ -157,3 +157,72 @@ def test_a_live_writer_s_partial_file_is_left_alone(tmp_path):
         leftover.write_bytes(b"half")
     tg.save(path, {"w": np.full(N, 1.0, np.float32)})
     assert partials(tmp_path) == sorted([mine.name, elsewhere.name])
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def two_tensors(path, value):
+    tg.save(path, {"a": np.full(N, value, np.float32), "b": np.full(N, value, np.float32)})
+
+
+@pytest.fixture
+def during_load(monkeypatch):
+    """Run `fault()` once the first tensor of a load has been read."""
+    from treeglob._checkpoints import transfer
+
+    def install(fault):
+        read = transfer._read
+        done = []
+
+        def read_then_fault(*args, **kwargs):
+            value = read(*args, **kwargs)
+            if not done:
+                done.append(fault())
+            return value
+
+        monkeypatch.setattr(transfer, "_read", read_then_fault)
+
+    return install
+
+
+def test_a_file_replaced_while_a_load_reads_it_is_not_read(tmp_path, during_load):
+    path, other = tmp_path / "m.safetensors", tmp_path / "other.safetensors"
+    two_tensors(path, 1.0)
+    two_tensors(other, 2.0)
+    during_load(lambda: os.replace(other, path))  # a new save renamed over it
+    target = {"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}
+    model, _ = tg.load(target, path)
+    # Every tensor from the file that was planned from: the load holds it open.
+    assert float(model["a"].max()) == float(model["b"].min()) == 1.0
+    assert not target["a"].any()  # the model passed in is unchanged
+
+
+def test_a_file_truncated_while_a_load_reads_it_is_a_source_error_naming_it_and_the_tensor(
+    tmp_path, during_load
+):
+    path = tmp_path / "m.safetensors"
+    two_tensors(path, 1.0)
+    during_load(lambda: os.truncate(path, path.stat().st_size - 8))
+    target = {"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}
+    with pytest.raises(tg.SourceError, match=rf"{path}: tensor 'b' is cut short; the file is truncated"):
+        tg.load(target, path)
+    assert not target["a"].any() and not target["b"].any()
+
+
+def test_a_shard_removed_after_the_plan_is_still_read_whole(tmp_path, during_load):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    tg.save(
+        folder / "model.safetensors",
+        {"a": np.full(N, 1.0, np.float32), "b": np.full(N, 1.0, np.float32)},
+        max_shard_size=4 * N,
+    )
+    during_load(lambda: (folder / "model-00002-of-00002.safetensors").unlink())
+    model, _ = tg.load({"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}, folder)
+    assert float(model["b"].min()) == 1.0  # opened with the plan: its data is still there
+    with pytest.raises(
+        tg.SourceError, match=r"the shard model-00002-of-00002.safetensors named in its weight_map"
+    ):
+        tg.load({"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}, folder)

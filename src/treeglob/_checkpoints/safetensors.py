@@ -14,14 +14,17 @@ read it, and headers longer than `MAX_HEADER_BYTES` are refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import mmap
 import os
 import pathlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax.numpy as jnp
 import numpy as np
@@ -91,15 +94,18 @@ def _entry(name: str, value: Any, where: str) -> TensorInfo:
     return TensorInfo(tuple(shape), dtype, offsets[0], offsets[1])
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], int]:
-    """The tensors of a `.safetensors` file by name, in file order, and the offset of its data.
+def read_header(
+    path: str | os.PathLike[str], file: BinaryIO | None = None
+) -> tuple[dict[str, TensorInfo], int]:
+    """The tensors of a `.safetensors` file by name, in file order, and the offset of its data
+    (read from `file`, the file at `path` already open, if given).
 
     Raises:
         SourceError: the file is not a well-formed `.safetensors` file, or its
             header is longer than `MAX_HEADER_BYTES`.
     """
     where = str(path)
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(file) if file is not None else open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -219,7 +225,12 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(self, path: pathlib.Path):
         self.path = path
-        header, self.data_start = read_header(path)
+        # The file stays open from its header to its last tensor: a file replaced at `path`
+        # meanwhile (a new save renamed over it) is not read, the one planned from is.
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        with os.fdopen(os.dup(self._fd), "rb") as f:
+            header, self.data_start = read_header(path, f)
         super().__init__(str(path), header)
 
     def _read(self, row: int, path: str) -> np.ndarray:
@@ -233,10 +244,12 @@ class SafetensorsCheckpoint(Checkpoint):
             if size >= _ALIGNED_FROM
             else np.empty(info.shape, info.dtype)
         )
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + info.begin)
-            if f.readinto(out.reshape(-1).view(np.uint8).data) != size:
+        buffer, done = out.reshape(-1).view(np.uint8), 0
+        while done < size:  # a read returns at most about 2 GiB
+            got = os.preadv(self._fd, [buffer[done:].data], self.data_start + info.begin + done)
+            if got == 0:
                 raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
+            done += got
         return out
 
     def read_slice(self, path: str, index: Any) -> np.ndarray:
@@ -250,9 +263,9 @@ class SafetensorsCheckpoint(Checkpoint):
         return np.array(tensor[index])
 
     @functools.cached_property
-    def _mapped(self) -> np.memmap:
+    def _mapped(self) -> np.ndarray:
         """The data section mapped once (a map per tensor costs more than a small tensor's read)."""
-        return np.memmap(self.path, np.uint8, "r", self.data_start)
+        return np.frombuffer(mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ), np.uint8)[self.data_start :]
 
 
 #: XLA's CPU client takes a host buffer aligned to this many bytes as it is, without a copy:
