@@ -24,7 +24,7 @@ from .._core.errors import NoMatchError, listing
 from .._core.tree import TreeView
 from .base import Checkpoint
 from .rename import RenameRule, most_renamed, undo_renames
-from .transforms import Undo, _axis, _Named, transform_name, undo
+from .transforms import Named, Undo, checked_axis, transform_name, undo
 
 __all__ = ["Tensor", "plan_export"]
 
@@ -41,13 +41,13 @@ class Tensor(NamedTuple):
     rows: tuple[int, ...]  # the model rows it comes from
 
 
-def _through(steps: tuple[_Named, ...], shape: Shape, dtype: Any) -> tuple[Shape, Any]:
+def _through(steps: tuple[Named, ...], shape: Shape, dtype: Any) -> tuple[Shape, Any]:
     for step in steps:
         shape, dtype = step.output(shape, dtype)
     return shape, dtype
 
 
-def _apply(steps: tuple[_Named, ...], value: np.ndarray) -> np.ndarray:
+def _apply(steps: tuple[Named, ...], value: np.ndarray) -> np.ndarray:
     for step in steps:
         value = step(value)
     return value
@@ -183,7 +183,9 @@ def _pieces(
     assert how.joint is not None and how.joint.combines is not None
     kind, axis, sizes = how.joint.combines
     shape, dtype = _through(how.steps, view.shapes[row] or (), view.dtypes[row])
-    a = _axis(axis, len(shape), how.joint.label)  # the combined value's axis: stack's new one, or concat's
+    a = checked_axis(
+        axis, len(shape), how.joint.label
+    )  # the combined value's axis: stack's new one, or concat's
     if kind == "stack":
         if shape[a] != len(names):
             raise ValueError(
@@ -284,7 +286,7 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
     shape, dtype = metas[members.index(order[0])]
     if any(metas[members.index(m)] != (shape, dtype) for m in order):
         raise ValueError("its parts come from leaves of different shapes or dtypes")
-    a = _axis(axis, len(shape), transform_name(order[0].undo.joint))  # type: ignore[arg-type]
+    a = checked_axis(axis, len(shape), transform_name(order[0].undo.joint))  # type: ignore[arg-type]
     joined = (*shape[:a], shape[a] * parts, *shape[a + 1 :])
     rest = order[0].undo.rest
     out_shape, out_dtype = _through(rest, joined, dtype)

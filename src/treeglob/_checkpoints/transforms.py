@@ -16,13 +16,15 @@ from .rename import pairs
 
 __all__ = [
     "Impossible",
+    "Named",
+    "Undo",
     "cast_after",
+    "checked_axis",
     "combines",
     "output_meta",
     "parse_transforms",
     "transform_name",
     "undo",
-    "Undo",
 ]
 
 
@@ -35,7 +37,7 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class _Named:
+class Named:
     """A transform written as data (`"transpose"`, `"split(3, 0, axis=1)"`, a dtype name):
     what it does to an array, and to a shape and dtype without data. A combining one
     (`concat`, `stack`) takes the list of tensors renamed onto one leaf."""
@@ -45,7 +47,7 @@ class _Named:
     output: Callable[[Shape, Any], tuple[Shape, Any]]
     # What undoes it on export: a function giving the inverse (None: nothing to undo, as
     # for a cast, whose export writes the model's dtype), or why it cannot be undone.
-    inverse: Callable[[], _Named | None] | str = "it has no inverse"
+    inverse: Callable[[], Named | None] | str = "it has no inverse"
     combines: tuple[str, int, tuple[int, ...] | None] | None = None  # (how, axis, sizes)
     splits: tuple[int, int, int] | None = None  # (parts, take, axis) for `split`
 
@@ -57,13 +59,14 @@ class _Named:
         return self.apply(x)
 
 
-def _axis(axis: int, ndim: int, name: str) -> int:
+def checked_axis(axis: int, ndim: int, name: str) -> int:
+    """`axis` of `ndim` dimensions as a non-negative index; out of range, a ValueError naming `name`."""
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}: axis {axis} is out of range for {ndim} dimensions")
     return axis % ndim
 
 
-def _transpose(*axes: int) -> _Named:
+def _transpose(*axes: int) -> Named:
     name = f"transpose({', '.join(map(str, axes))})" if axes else "transpose"
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
@@ -72,10 +75,10 @@ def _transpose(*axes: int) -> _Named:
         return tuple(shape[a] for a in axes) if axes else shape[::-1], dtype
 
     inverse = lambda: _transpose(*np.argsort(axes).tolist()) if axes else _transpose()  # noqa: E731
-    return _Named(name, lambda x: np.transpose(x, axes or None), output, inverse)
+    return Named(name, lambda x: np.transpose(x, axes or None), output, inverse)
 
 
-def _reshape(*dims: int) -> _Named:
+def _reshape(*dims: int) -> Named:
     name = f"reshape({', '.join(map(str, dims))})"
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
@@ -85,7 +88,7 @@ def _reshape(*dims: int) -> _Named:
             raise ValueError(f"{name}: {size} elements do not fit the shape {dims}")
         return tuple(size // known if d == -1 else d for d in dims), dtype
 
-    return _Named(
+    return Named(
         name,
         lambda x: np.reshape(x, dims),
         output,
@@ -93,13 +96,13 @@ def _reshape(*dims: int) -> _Named:
     )
 
 
-def _split(parts: int, take: int, axis: int = 0) -> _Named:
+def _split(parts: int, take: int, axis: int = 0) -> Named:
     name = f"split({parts}, {take}, axis={axis})"
     if not 0 <= take < parts:
         raise ValueError(f"{name}: the part taken must be in 0..{parts - 1}")
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
-        a = _axis(axis, len(shape), name)
+        a = checked_axis(axis, len(shape), name)
         if shape[a] % parts:
             raise ValueError(
                 f"{name}: axis {axis} of size {shape[a]} does not split into {parts} equal parts"
@@ -107,41 +110,41 @@ def _split(parts: int, take: int, axis: int = 0) -> _Named:
         return (*shape[:a], shape[a] // parts, *shape[a + 1 :]), dtype
 
     # Undone on export by joining the parts that the other leaves of the same tensor hold.
-    return _Named(name, lambda x: np.split(x, parts, axis=axis)[take], output, splits=(parts, take, axis))
+    return Named(name, lambda x: np.split(x, parts, axis=axis)[take], output, splits=(parts, take, axis))
 
 
-def _squeeze(axis: int) -> _Named:
+def _squeeze(axis: int) -> Named:
     name = f"squeeze({axis})"
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
-        a = _axis(axis, len(shape), name)
+        a = checked_axis(axis, len(shape), name)
         if shape[a] != 1:
             raise ValueError(f"{name}: axis {axis} has size {shape[a]}, not 1")
         return (*shape[:a], *shape[a + 1 :]), dtype
 
-    return _Named(name, lambda x: np.squeeze(x, axis), output, lambda: _expand(axis))
+    return Named(name, lambda x: np.squeeze(x, axis), output, lambda: _expand(axis))
 
 
-def _expand(axis: int) -> _Named:
+def _expand(axis: int) -> Named:
     name = f"expand({axis})"
 
     def output(shape: Shape, dtype: Any) -> tuple[Shape, Any]:
-        a = _axis(axis, len(shape) + 1, name)
+        a = checked_axis(axis, len(shape) + 1, name)
         return (*shape[:a], 1, *shape[a:]), dtype
 
-    return _Named(name, lambda x: np.expand_dims(x, axis), output, lambda: _squeeze(axis))
+    return Named(name, lambda x: np.expand_dims(x, axis), output, lambda: _squeeze(axis))
 
 
-def _astype(dtype: Any) -> _Named:
+def _astype(dtype: Any) -> Named:
     kind = jnp.dtype(dtype)
     if not (kind.kind in "biufc" or jnp.issubdtype(kind, jnp.floating)):  # numbers (bfloat16 too)
         raise TypeError(f"{kind} is not a dtype of numbers")
-    return _Named(
+    return Named(
         f"astype({kind})", lambda x: np.asarray(x).astype(kind), lambda shape, _: (shape, kind), lambda: None
     )
 
 
-def _combine(how: str, axis: int = 0, sizes: tuple[int, ...] | None = None) -> _Named:
+def _combine(how: str, axis: int = 0, sizes: tuple[int, ...] | None = None) -> Named:
     """`concat` / `stack`: the tensors renamed onto one leaf, in the order of their rename rules.
     `sizes` (concat only) are the tensors' sizes along `axis`: checked on load, and how export
     splits the leaf again."""
@@ -158,7 +161,7 @@ def _combine(how: str, axis: int = 0, sizes: tuple[int, ...] | None = None) -> _
         dtype = jnp.result_type(*(x.dtype for x in xs))
         return join([np.asarray(x, dtype) for x in xs], axis=axis)
 
-    return _Named(name, apply, output, combines=(how, axis, sizes))
+    return Named(name, apply, output, combines=(how, axis, sizes))
 
 
 def combined_meta(
@@ -171,9 +174,9 @@ def combined_meta(
     if how == "stack":
         if any(s != first for s in shapes):
             raise ValueError(f"{name}: the tensors have different shapes {shapes}")
-        a = _axis(axis, len(first) + 1, name)
+        a = checked_axis(axis, len(first) + 1, name)
         return (*first[:a], len(shapes), *first[a:]), dtype
-    a = _axis(axis, len(first), name)
+    a = checked_axis(axis, len(first), name)
     if any(len(s) != len(first) or s[:a] + s[a + 1 :] != first[:a] + first[a + 1 :] for s in shapes):
         raise ValueError(f"{name}: the tensors' shapes {shapes} differ off axis {axis}")
     if sizes is not None and tuple(s[a] for s in shapes) != sizes:
@@ -182,7 +185,7 @@ def combined_meta(
 
 
 #: The transforms a rules file, the command line or Python name: `name` or `name(args)`.
-NAMED: dict[str, Callable[..., _Named]] = {
+NAMED: dict[str, Callable[..., Named]] = {
     "transpose": _transpose,
     "reshape": _reshape,
     "split": _split,
@@ -205,7 +208,7 @@ def _integers(value: Any) -> bool:
     return type(value) is int or (isinstance(value, tuple | list) and all(type(v) is int for v in value))
 
 
-def _named_transform(text: str, where: str) -> _Named:
+def _named_transform(text: str, where: str) -> Named:
     """A transform written as data: `name`, `name(args)` (literal ints, and a dtype name
     for astype), or a dtype name (a cast)."""
     try:
@@ -311,9 +314,9 @@ class Undo(NamedTuple):
     value a `concat`/`stack` built is split into its tensors. Without a joint, `steps` undo
     it all."""
 
-    steps: tuple[_Named, ...] = ()
-    joint: _Named | None = None
-    rest: tuple[_Named, ...] = ()
+    steps: tuple[Named, ...] = ()
+    joint: Named | None = None
+    rest: tuple[Named, ...] = ()
 
 
 def undo(fn: Callable[[Any], Any] | None) -> Undo:
@@ -324,17 +327,17 @@ def undo(fn: Callable[[Any], Any] | None) -> Undo:
     """
     steps = _steps(fn)
     for step in steps:
-        if not isinstance(step, _Named):
+        if not isinstance(step, Named):
             raise ValueError(
                 f"the function {transform_name(step)} has no inverse; write the transform as data "
                 "(transpose, split, squeeze, expand, a dtype name, ...)"
             )
-    named: tuple[_Named, ...] = steps  # type: ignore[assignment]
+    named: tuple[Named, ...] = steps  # type: ignore[assignment]
     joints = [k for k, step in enumerate(named) if step.splits or step.combines]
     if len(joints) > 1:
         raise ValueError("it splits or combines twice, and only one of them can be undone")
 
-    def inverses(part: tuple[_Named, ...]) -> tuple[_Named, ...]:
+    def inverses(part: tuple[Named, ...]) -> tuple[Named, ...]:
         out = []
         for step in reversed(part):
             if isinstance(step.inverse, str):
@@ -353,7 +356,7 @@ def combines(fn: Callable[[Any], Any] | None) -> bool:
     """Whether `fn` takes the list of tensors renamed onto one leaf (`concat`, `stack`, or a
     tuple of transforms that starts with one)."""
     first = fn.steps[0] if isinstance(fn, _Chain) else fn
-    return isinstance(first, _Named) and first.combines is not None
+    return isinstance(first, Named) and first.combines is not None
 
 
 def output_meta(
@@ -367,12 +370,12 @@ def output_meta(
         for step in fn.steps:
             out = output_meta(step, shape, dtype) if meta is None else output_meta(step, *meta)
             if isinstance(out, str):
-                text = f"{transform_name(step)}: {out}" if not isinstance(step, _Named) else out
+                text = f"{transform_name(step)}: {out}" if not isinstance(step, Named) else out
                 return Impossible(text) if isinstance(out, Impossible) else text
             meta = out
         assert meta is not None
         return meta
-    if isinstance(fn, _Named):
+    if isinstance(fn, Named):
         try:
             if fn.combines is not None:
                 shapes, dtypes = (shape, dtype) if isinstance(shape, list) else ([shape], [dtype])
