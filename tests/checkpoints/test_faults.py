@@ -4,6 +4,7 @@ new one, whole, never a part; what a killed writer left is recognised and remove
 next save; the error is treeglob's, naming the file and the cause."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -226,3 +227,43 @@ def test_a_shard_removed_after_the_plan_is_still_read_whole(tmp_path, during_loa
         tg.SourceError, match=r"the shard model-00002-of-00002.safetensors named in its weight_map"
     ):
         tg.load({"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}, folder)
+
+
+def test_a_sharded_save_that_fails_between_shards_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from treeglob._checkpoints import sharded
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    path = folder / "model.safetensors"
+
+    def model(value):
+        return {name: np.full(N // 4, value, np.float32) for name in "abcd"}
+
+    tg.save(path, model(1.0), max_shard_size=N)  # 4 shards
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls = []
+
+    def disk_full_at_the_third_shard(file, tensors, read):
+        calls.append(file.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(file, tensors, read)
+
+    write = sharded.write
+    monkeypatch.setattr(sharded, "write", disk_full_at_the_third_shard)
+    with pytest.raises(OSError, match="No space left"):
+        tg.save(path, model(2.0), max_shard_size=N)
+    monkeypatch.undo()
+    # The same four shard names: this save's were its own, and are gone.
+    assert calls[0] != "model-00001-of-00004.safetensors" and calls[0].endswith("-00001-of-00004.safetensors")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    loaded, _ = tg.load(model(0.0), folder)
+    assert all(float(v.min()) == float(v.max()) == 1.0 for v in loaded.values())
+    # Saved again in full: the index names this save's shards, the earlier ones are gone.
+    tg.save(path, model(3.0), max_shard_size=N)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        {*index["weight_map"].values(), "model.safetensors.index.json"}
+    )
+    loaded, _ = tg.load(model(0.0), folder)
+    assert all(float(v.min()) == float(v.max()) == 3.0 for v in loaded.values())

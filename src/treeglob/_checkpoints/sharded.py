@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -151,7 +152,9 @@ def write_sharded(
     `model-00001-of-0000N.safetensors` files of at most that size each (a larger tensor
     alone in its file), then `model.safetensors.index.json`; a single file where all fit.
     The index is written last, so a reader never sees one that names a missing shard.
-    Returns the files written."""
+    Where an earlier save left files of those names, this save's shards are named
+    `model-<token>-00001-of-0000N.safetensors` (readers follow the index's `weight_map`):
+    the index is the one commit of a sharded save. Returns the files written."""
     shards: list[list[int]] = [[]]
     size = 0
     for k, (_, shape, dtype) in enumerate(tensors):
@@ -167,18 +170,29 @@ def write_sharded(
         write(path, tensors, read)
         _remove(stale, index, keep=[path])
         return [path]
+    # The index is the commit: the shards of this save never take the names of files an
+    # earlier save's index still names, so that until the new index is in place the old
+    # checkpoint is whole (a failure, or a kill, between two shards leaves it as it was).
     stem = path.name.removesuffix(".safetensors")
-    files, weight_map = [], {}
-    for number, members in enumerate(shards, 1):
-        file = path.with_name(f"{stem}-{number:05d}-of-{len(shards):05d}.safetensors")
-        write(file, [tensors[k] for k in members], lambda j, members=members: read(members[j]))
-        weight_map |= dict.fromkeys((tensors[k][0] for k in members), file.name)
-        files.append(file)
-    total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
-    with written_beside(index) as partial:
-        partial.write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+    files = [
+        path.with_name(f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors") for k in range(1, len(shards) + 1)
+    ]
+    if any(file in stale or file.exists() for file in files):
+        token = secrets.token_hex(4)
+        files = [file.with_name(f"{stem}-{token}{file.name.removeprefix(stem)}") for file in files]
+    weight_map: dict[str, str] = {}
+    try:
+        for file, members in zip(files, shards, strict=True):
+            write(file, [tensors[k] for k in members], lambda j, members=members: read(members[j]))
+            weight_map |= dict.fromkeys((tensors[k][0] for k in members), file.name)
+        total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in tensors)
+        with written_beside(index) as partial:
+            partial.write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+    except BaseException:
+        _remove(files, None, keep=[])  # this save's shards: the old checkpoint stays as it was
+        raise
     _remove([*stale, path], None, keep=files)  # what an earlier save left at `path`
     return [*files, index]
 
