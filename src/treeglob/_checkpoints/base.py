@@ -27,7 +27,7 @@ import numpy as np
 from .._core.errors import SaveError
 from .._core.tree import TreeView
 
-__all__ = ["Checkpoint", "TreeCheckpoint", "remove_abandoned", "tensor_to_write", "written_beside"]
+__all__ = ["Checkpoint", "TreeCheckpoint", "tensor_to_write", "written_beside"]
 
 
 class Checkpoint(abc.ABC):
@@ -104,7 +104,7 @@ def written_beside(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
         SaveError: (an `OSError`) the write failed: the file, the cause, what to do.
     """
     target = pathlib.Path(path)
-    remove_abandoned(target)
+    _remove_abandoned(target)
     partial = target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{_HOST}.partial")
     try:
         yield partial
@@ -131,7 +131,7 @@ def _fix(code: int | None) -> str:
     return "Check the directory and the disk."
 
 
-def remove_abandoned(target: pathlib.Path) -> None:
+def _remove_abandoned(target: pathlib.Path) -> None:
     """Remove the `.partial` files of saves to `target` whose writer, a process on this host,
     is gone (killed mid-save): a live writer's, or another host's, are left alone."""
     pattern = re.compile(re.escape(target.name) + r"\.(\d+)-[0-9a-f]+\.(.+)\.partial")
