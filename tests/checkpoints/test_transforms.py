@@ -226,3 +226,10 @@ def test_edge_cases_of_transforms_written_as_data(tmp_path, capsys):
         == 0
     )
     assert "via split(3, 0, axis=1)" in capsys.readouterr().out
+
+
+def test_a_combining_transform_first_in_a_nested_tuple_still_combines():
+    transform = [("*.qkv", (("concat(0)", "transpose"),))]
+    target = {"blocks": [{"qkv": np.zeros((4, 6), np.float32)}] * 2}
+    model, _ = tg.load(target, SEPARATE, rename=ONE_RULE_EACH, transform=transform)
+    np.testing.assert_array_equal(model["blocks"][0]["qkv"], np.concatenate([Q, K, V]).T)

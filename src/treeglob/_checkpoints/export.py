@@ -183,9 +183,8 @@ def _pieces(
     assert how.joint is not None and how.joint.combines is not None
     kind, axis, sizes = how.joint.combines
     shape, dtype = _through(how.steps, view.shapes[row] or (), view.dtypes[row])
-    a = checked_axis(
-        axis, len(shape), how.joint.label
-    )  # the combined value's axis: stack's new one, or concat's
+    # The combined value's axis: stack's new one, or concat's.
+    a = checked_axis(axis, len(shape), how.joint.label)
     if kind == "stack":
         if shape[a] != len(names):
             raise ValueError(

@@ -355,7 +355,7 @@ def undo(fn: Callable[[Any], Any] | None) -> Undo:
 def combines(fn: Callable[[Any], Any] | None) -> bool:
     """Whether `fn` takes the list of tensors renamed onto one leaf (`concat`, `stack`, or a
     tuple of transforms that starts with one)."""
-    first = fn.steps[0] if isinstance(fn, _Chain) else fn
+    first = next(iter(_steps(fn)), None)
     return isinstance(first, Named) and first.combines is not None
 
 
