@@ -46,8 +46,20 @@ def partials(folder):
 
 
 SAVE_FOREVER = """
-import sys, numpy as np, treeglob as tg
-path = sys.argv[1]
+import os, sys, time, numpy as np, treeglob as tg
+from treeglob._checkpoints import base
+path, stop_before_commit = sys.argv[1], sys.argv[2] == "1"
+commit = base.os.replace
+
+
+def replace(src, dst):
+    if stop_before_commit and k > 1:  # the new file is written whole but not yet in place
+        print("writing", flush=True)
+        time.sleep(600)
+    commit(src, dst)
+
+
+base.os.replace = replace
 k = 0
 while True:
     k += 1
@@ -56,23 +68,35 @@ while True:
 """
 
 
-def test_a_save_killed_at_random_points_leaves_a_whole_file_and_the_next_save_cleans_up(tmp_path):
+def kill_a_saving_process(path, wait, stop_before_commit=False):
+    """Start a process saving `path` over and over, and kill it `wait` seconds after its
+    first save (or, with `stop_before_commit`, while its second save is in flight)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", SAVE_FOREVER, str(path), str(int(stop_before_commit))],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout.readline().strip() == "1"  # one save done: there is a previous file
+        if stop_before_commit:
+            assert child.stdout.readline().strip() == "writing"
+        time.sleep(wait)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("stop_before_commit", [False, True], ids=["at-random", "mid-save"])
+def test_a_save_killed_leaves_a_whole_file_and_the_next_save_cleans_up(tmp_path, stop_before_commit):
     path = tmp_path / "m.safetensors"
     rng = random.Random(0)
-    caught_mid_write = 0
-    for _ in range(8):
-        with subprocess.Popen(
-            [sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True
-        ) as child:
-            assert child.stdout.readline().strip()  # one save done: there is a previous file
-            time.sleep(rng.uniform(0.0, 0.3))
-            child.send_signal(signal.SIGKILL)
-            child.wait()
+    for _ in range(2 if stop_before_commit else 8):
+        pid = kill_a_saving_process(path, rng.uniform(0.0, 0.3), stop_before_commit)
         assert whole_value(path) >= 1  # the previous file or the new one, whole
-        for leftover in partials(tmp_path):  # named so that it is recognised: the dead writer's pid
-            assert leftover.startswith(f"m.safetensors.{child.pid}-") and leftover.endswith(".partial")
-            caught_mid_write += 1
-    assert caught_mid_write  # the kills did land mid-write
+        leftovers = partials(tmp_path)
+        for leftover in leftovers:  # named so that it is recognised: the dead writer's pid
+            assert leftover.startswith(f"m.safetensors.{pid}-") and leftover.endswith(".partial")
+        if stop_before_commit:  # killed mid-save: the previous file stays, the new one is left aside
+            assert whole_value(path) == 1.0 and len(leftovers) == 1
     tg.save(path, {"w": np.full(N, -1.0, np.float32)})
     assert partials(tmp_path) == [] and whole_value(path) == -1.0
 
