@@ -27,7 +27,14 @@ import numpy as np
 from .._core.errors import SaveError
 from .._core.tree import TreeView
 
-__all__ = ["Checkpoint", "TreeCheckpoint", "tensor_to_write", "written_beside"]
+__all__ = [
+    "Checkpoint",
+    "TreeCheckpoint",
+    "partial_beside",
+    "save_error",
+    "tensor_to_write",
+    "written_beside",
+]
 
 
 class Checkpoint(abc.ABC):
@@ -96,28 +103,36 @@ def written_beside(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     sees half a file, and a failed write leaves nothing behind (the previous file, if any,
     stays whole).
 
-    The file's name is `path`'s, then the writer's process id, a random token and host,
-    then `.partial`: two processes saving the same path never share one, and the next
-    save removes what a writer killed on this host left.
-
     Raises:
         SaveError: (an `OSError`) the write failed: the file, the cause, what to do.
     """
     target = pathlib.Path(path)
-    _remove_abandoned(target)
-    partial = target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{_HOST}.partial")
+    partial = partial_beside(target)
     try:
         yield partial
         os.replace(partial, target)
     except OSError as exc:
-        raise SaveError(
-            f"save(): writing {str(target)!r} failed: {exc.strerror or exc} "
-            f"({errno.errorcode.get(exc.errno or 0, 'no errno')}). {_fix(exc.errno)} "
-            "The file there before, if any, is unchanged.",
-            exc.errno,
-        ) from exc
+        raise save_error(target, exc) from exc
     finally:
         partial.unlink(missing_ok=True)
+
+
+def partial_beside(target: pathlib.Path) -> pathlib.Path:
+    """The name to write `target` under until it is complete: `target`'s, then the writer's
+    process id, a random token and host, then `.partial`. Two processes saving the same
+    path never share one, and what a writer killed on this host left is removed here."""
+    _remove_abandoned(target)
+    return target.with_name(f"{target.name}.{os.getpid()}-{secrets.token_hex(4)}.{_HOST}.partial")
+
+
+def save_error(target: pathlib.Path, exc: OSError) -> SaveError:
+    """The `SaveError` for a write of `target` that failed with `exc`."""
+    return SaveError(
+        f"save(): writing {str(target)!r} failed: {exc.strerror or exc} "
+        f"({errno.errorcode.get(exc.errno or 0, 'no errno')}). {_fix(exc.errno)} "
+        "The file there before, if any, is unchanged.",
+        exc.errno,
+    )
 
 
 _HOST = socket.gethostname()

@@ -39,6 +39,7 @@ class Tensor(NamedTuple):
     dtype: Any
     make: Callable[[], np.ndarray]
     rows: tuple[int, ...]  # the model rows it comes from
+    verbatim: bool = False  # its data is its first row's value as it is (shards can write it)
 
 
 def _through(steps: tuple[Named, ...], shape: Shape, dtype: Any) -> tuple[Shape, Any]:
@@ -250,7 +251,12 @@ def _joined(view: TreeView, name: str, members: list[_Claim], value: Callable[[i
                         "their values differ: the rules load one tensor into both"
                     )
         return Tensor(
-            name, metas[0][0], metas[0][1], lambda: _apply(first.undo.steps, value(first.row)), rows
+            name,
+            metas[0][0],
+            metas[0][1],
+            lambda: _apply(first.undo.steps, value(first.row)),
+            rows,
+            verbatim=not first.undo.steps,
         )
     parts_of = {(s[0], s[2]) for s in splits if s is not None}
     rests = {tuple(step.label for step in m.undo.rest) for m in members}

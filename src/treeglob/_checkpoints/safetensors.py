@@ -1,5 +1,5 @@
 """The `.safetensors` format: the header read with bounded memory, tensors read one at a
-time (a slice through a memory map: one device's shard), and files written.
+time (or one device's shard of one: only the runs of its bytes), and files written.
 
 The format (documented with the `safetensors` package): 8 bytes, a little-endian
 unsigned header length `N`; `N` bytes of UTF-8 JSON mapping each tensor name to
@@ -31,11 +31,25 @@ import numpy as np
 
 from .._core.errors import SourceError
 from .base import Checkpoint, tensor_to_write, written_beside
+from .layout import box, byte_runs
 
-__all__ = ["MAX_HEADER_BYTES", "SafetensorsCheckpoint", "TensorInfo", "read_header", "write"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "MAX_RUNS",
+    "SafetensorsCheckpoint",
+    "TensorInfo",
+    "header",
+    "little_endian",
+    "read_header",
+    "write",
+]
 
 #: The longest header read, in bytes (the `safetensors` package's own limit).
 MAX_HEADER_BYTES = 100_000_000
+
+#: The most reads of one slice (runs of its bytes) before the slice is read through a memory
+#: map: a column split of a tall, narrow tensor would otherwise be a read per row.
+MAX_RUNS = 16_384
 
 _DTYPES = {
     "BOOL": "bool",
@@ -186,6 +200,34 @@ def _parse(text: str, where: str) -> dict[str, TensorInfo]:
 _NAMES = {dtype: name for name, dtype in _NUMPY_DTYPES.items()}
 
 
+def header(tensors: list[tuple[str, tuple[int, ...], Any]]) -> tuple[bytes, list[int]]:
+    """The bytes a file of `tensors` (name, shape, dtype) starts with (the header's length,
+    then the header, padded so that the data starts 8-byte aligned), and the offset of
+    each tensor's data from the start of the file."""
+    entries: dict[str, Any] = {}
+    offset, offsets = 0, []
+    for name, shape, dtype in tensors:
+        kind = _NAMES.get(jnp.dtype(dtype).newbyteorder("="))
+        if kind is None:
+            raise TypeError(
+                f"tensor {name!r} has the dtype {dtype}, which .safetensors cannot store; "
+                f"cast it to one of {', '.join(map(str, _NAMES))}."
+            )
+        size = math.prod(shape) * jnp.dtype(dtype).itemsize
+        entries[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets.append(offset)
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, [start + o for o in offsets]
+
+
+def little_endian(dtype: Any) -> np.dtype:
+    """The dtype a tensor is written in: the format is little-endian."""
+    return jnp.dtype(dtype).newbyteorder("<")
+
+
 def write(
     path: str | os.PathLike[str],
     tensors: list[tuple[str, tuple[int, ...], Any]],
@@ -197,27 +239,12 @@ def write(
     one tensor at a time. The file appears complete or not at all (it is
     written beside its final name, then renamed).
     """
-    header: dict[str, Any] = {}
-    offset = 0
-    # The format is little-endian: a big-endian array is written byte-swapped.
-    tensors = [(name, shape, jnp.dtype(dtype).newbyteorder("<")) for name, shape, dtype in tensors]
-    for name, shape, dtype in tensors:
-        kind = _NAMES.get(jnp.dtype(dtype))
-        if kind is None:
-            raise TypeError(
-                f"tensor {name!r} has the dtype {dtype}, which .safetensors cannot store; "
-                f"cast it to one of {', '.join(map(str, _NAMES))}."
-            )
-        size = math.prod(shape) * jnp.dtype(dtype).itemsize
-        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    start, _ = header(tensors)
     with written_beside(path) as partial, open(partial, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
+        f.write(start)
         for k, (name, shape, dtype) in enumerate(tensors):
-            f.write(tensor_to_write(read, k, name, shape, dtype).reshape(-1).view(np.uint8).data)
+            array = tensor_to_write(read, k, name, shape, little_endian(dtype))
+            f.write(array.reshape(-1).view(np.uint8).data)
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -238,29 +265,41 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_tensor(self, info: TensorInfo, name: str) -> np.ndarray:
         """The tensor `info` describes (`name` for messages)."""
-        size = info.end - info.begin
         out = (
             _aligned_empty(info.shape, info.dtype)
-            if size >= _ALIGNED_FROM
+            if info.end - info.begin >= _ALIGNED_FROM
             else np.empty(info.shape, info.dtype)
         )
-        buffer, done = out.reshape(-1).view(np.uint8), 0
-        while done < size:  # a read returns at most about 2 GiB
-            got = os.preadv(self._fd, [buffer[done:].data], self.data_start + info.begin + done)
-            if got == 0:
-                raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
-            done += got
+        self._read_into(out.reshape(-1).view(np.uint8), self.data_start + info.begin, name)
         return out
 
     def read_slice(self, path: str, index: Any) -> np.ndarray:
         return self.read_tensor_slice(self.meta[path], path, index)
 
     def read_tensor_slice(self, info: TensorInfo, name: str, index: Any) -> np.ndarray:
-        """`read_tensor(info, name)[index]`, reading only the pages of the slice."""
-        if not info.shape or 0 in info.shape:
-            return self.read_tensor(info, name)[index]
-        tensor = self._mapped[info.begin : info.end].view(info.dtype).reshape(info.shape)
-        return np.array(tensor[index])
+        """`read_tensor(info, name)[index]`, reading only the slice's bytes: one read per run
+        of them (a row split is one run, a column split one per row). Past `MAX_RUNS` runs,
+        the pages of the slice are read through a memory map instead."""
+        where = box(index, info.shape)
+        offsets, length = byte_runs(info.shape, info.dtype.itemsize, where)
+        out = np.empty(tuple(stop - start for start, stop in where), info.dtype)
+        if len(offsets) > MAX_RUNS:
+            tensor = self._mapped[info.begin : info.end].view(info.dtype).reshape(info.shape)
+            out[...] = tensor[index]
+            return out
+        buffer = out.reshape(-1).view(np.uint8)
+        start = self.data_start + info.begin
+        for k, offset in enumerate(offsets.tolist()):
+            self._read_into(buffer[k * length : (k + 1) * length], start + offset, name)
+        return out
+
+    def _read_into(self, buffer: np.ndarray, offset: int, name: str) -> None:
+        done = 0
+        while done < len(buffer):  # a read returns at most about 2 GiB
+            got = os.preadv(self._fd, [buffer[done:].data], offset + done)
+            if got == 0:
+                raise SourceError(f"{self.where}: tensor {name!r} is cut short; the file is truncated.")
+            done += got
 
     @functools.cached_property
     def _mapped(self) -> np.ndarray:

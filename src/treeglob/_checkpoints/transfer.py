@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import pathlib
@@ -32,7 +33,9 @@ from .._core.tree import TreeView
 from .base import Checkpoint
 from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
+from .layout import Box, box
 from .load_report import UNCHECKED, LoadReport, LoadRow
+from .multihost import save_from_every_process, spans_processes
 from .progress import progress as show_progress
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
@@ -483,7 +486,9 @@ def _leaf_rows(view: TreeView) -> list[list[int]]:
 
 def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
     if shardings is None:  # the sharding of the leaf replaced (a ShapeDtypeStruct may have one)
-        return [getattr(leaf, "sharding", None) for leaf in view.leaves]
+        placements = [getattr(leaf, "sharding", None) for leaf in view.leaves]
+        _check_placed_across_processes(view, placements)
+        return placements
     try:
         flat = view.out_treedef.flatten_up_to(shardings)
     except (ValueError, TypeError) as exc:
@@ -504,6 +509,26 @@ def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
                     f"load(): shardings at {path!r} ({s}) does not fit its shape {shape}: {exc}"
                 ) from None
     return flat
+
+
+def _check_placed_across_processes(view: TreeView, placements: list[Any]) -> None:
+    """In a run of several JAX processes, an abstract leaf without a sharding would become an
+    array on each process's first device, a different one per process: refused."""
+    if jax.process_count() == 1:
+        return
+    unplaced = [
+        path
+        for path, leaf, sharding in zip(view.leaf_paths, view.leaves, placements, strict=True)
+        if sharding is None and isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if unplaced:
+        shown = ", ".join(unplaced[:3]) + (", ..." if len(unplaced) > 3 else "")
+        raise ValueError(
+            f"load(): this is one of {jax.process_count()} JAX processes, and {len(unplaced)} abstract "
+            f"leaves have no sharding ({shown}): each process would load them onto its own first device. "
+            "Pass shardings= over the global mesh (e.g. treeglob.shardings(model, rules, mesh) with a "
+            "mesh of jax.devices()), or give each jax.ShapeDtypeStruct a sharding."
+        )
 
 
 def _execute(plan: _Plan, placements: list[Any], progress: bool) -> Any:
@@ -553,35 +578,73 @@ def _named_failure(plan: _Plan, rows: list[int]) -> Iterator[None]:
 
 def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: int, rows: list[int]) -> None:
     """Read one leaf (every layer of a stacked one) and place it."""
-    view, checkpoint = plan.view, plan.checkpoint
-    reads = [plan.reads[r] for r in rows]
-    leaf, sharding = view.leaves[leaf_index], placements[leaf_index]
-    shape, dtype = view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
+    leaf, sharding = plan.view.leaves[leaf_index], placements[leaf_index]
+    shape, dtype = plan.view.leaf_shapes[leaf_index], jnp.dtype(leaf.dtype)
     assert shape is not None
-    if len(rows) == 1 and view.leaf_stacks[leaf_index] == ():
-        names, fn = reads[0]  # type: ignore[misc]
-        if fn is None and sharding is not None and checkpoint.slices and len(sharding.device_set) > 1:
-            (name,) = names
-            # Each device reads its own slice; the whole tensor is never in one place. (On
-            # one device the whole tensor is read straight into its buffer instead: the
-            # callback's machinery costs more than the read for small tensors.)
-            placer.out[leaf_index] = jax.block_until_ready(
-                jax.make_array_from_callback(
-                    shape, sharding, lambda index, name=name: checkpoint.read_slice(name, index)
-                )
-            )
-            return
-        value = _read(checkpoint, names, fn, view.paths[rows[0]], shape, dtype)
-    else:
-        stack = view.leaf_stacks[leaf_index]
-        value = np.empty(shape, dtype)
-        for layer, (row, read) in enumerate(zip(rows, reads, strict=True)):
-            at = np.unravel_index(layer, stack)
-            if read is None:  # a skipped (or allowed missing) layer keeps its values
-                value[at] = np.asarray(leaf[at])
+    reader = _LeafReader(plan, leaf_index, rows, shape, dtype)
+    if sharding is not None and len(sharding.device_set) > 1:
+        # Each slice this process's devices hold is read once, however many of them hold it
+        # (the other processes read theirs): the whole tensor is never in one place. On one
+        # device the whole tensor is read straight into its buffer instead.
+        slices: dict[Box, np.ndarray] = {}
+        arrays = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            where = box(index, shape)
+            if where not in slices:
+                slices[where] = reader.read(where)
+            arrays.append(jax.device_put(slices[where], device))
+        placer.out[leaf_index] = jax.block_until_ready(
+            jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        )
+        return
+    placer.place(leaf_index, reader.read(tuple((0, n) for n in shape)), leaf, sharding)
+
+
+class _LeafReader:
+    """The values of one leaf's slices: of each layer's tensor, only the bytes of the slice
+    where the checkpoint reads slices and no transform needs the whole tensor."""
+
+    def __init__(self, plan: _Plan, leaf_index: int, rows: list[int], shape: tuple[int, ...], dtype: Any):
+        self.plan, self.rows, self.shape, self.dtype = plan, rows, shape, dtype
+        self.leaf, self.stack = plan.view.leaves[leaf_index], plan.view.leaf_stacks[leaf_index]
+        self.wholes: dict[int, Any] = {}
+
+    def read(self, where: Box) -> np.ndarray:
+        """`leaf[where]` as loaded (the whole leaf for a box of whole dimensions)."""
+        depth = len(self.stack)
+        if depth == 0:
+            return self._layer(self.rows[0], where)
+        out = np.empty(tuple(stop - start for start, stop in where), self.dtype)
+        layers = [range(start, stop) for start, stop in where[:depth]]
+        for at in itertools.product(*layers):
+            row = self.rows[int(np.ravel_multi_index(at, self.stack))]
+            inside = tuple(a - start for a, (start, _) in zip(at, where, strict=False))
+            if self.plan.reads[row] is None:  # a skipped (or allowed missing) layer keeps its values
+                out[inside] = np.asarray(self.leaf[at])[_slices(where[depth:])]
             else:
-                value[at] = _read(checkpoint, read[0], read[1], view.paths[row], shape[len(stack) :], dtype)
-    placer.place(leaf_index, value, leaf, sharding)
+                out[inside] = self._layer(row, where[depth:])
+        return out
+
+    def _layer(self, row: int, where: Box) -> Any:
+        plan = self.plan
+        names, fn = plan.reads[row]  # type: ignore[misc]
+        if where == tuple((0, n) for n in self.shape[len(self.stack) :]):
+            return self._whole(row)
+        if fn is None and plan.checkpoint.slices:
+            return plan.checkpoint.read_slice(names[0], _slices(where))
+        return np.asarray(self._whole(row))[_slices(where)]
+
+    def _whole(self, row: int) -> Any:
+        """The whole tensor of one layer, read (and transformed) once for all its slices."""
+        if row not in self.wholes:
+            names, fn = self.plan.reads[row]  # type: ignore[misc]
+            path, layer_shape = self.plan.view.paths[row], self.shape[len(self.stack) :]
+            self.wholes[row] = _read(self.plan.checkpoint, names, fn, path, layer_shape, self.dtype)
+        return self.wholes[row]
+
+
+def _slices(where: Box) -> tuple[slice, ...]:
+    return tuple(slice(start, stop) for start, stop in where)
 
 
 class _Placer:
@@ -776,10 +839,15 @@ def save(
         origin = view.origin.tolist() if view.origin is not None else None
         layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 
+        def layer_of(row: int) -> tuple[int, ...]:
+            stack = view.leaf_stacks[row if origin is None else origin[row]]
+            return tuple(int(k) for k in np.unravel_index(layers[row], stack)) if stack else ()
+
         def value(row: int) -> np.ndarray:
-            leaf_index = row if origin is None else origin[row]
-            leaf, stack = view.leaves[leaf_index], view.leaf_stacks[leaf_index]
-            return np.asarray(leaf[np.unravel_index(layers[row], stack)] if stack else leaf)
+            leaf = view.leaves[row if origin is None else origin[row]]
+            if spans_processes(leaf):
+                raise ValueError(_WHOLE_VALUE_ACROSS_PROCESSES)
+            return np.asarray(leaf[layer_of(row)])
 
         tensors, expected = plan_export(
             view,
@@ -794,6 +862,10 @@ def save(
         )
         if rename_rules or transforms or ignore:
             _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
+    if any(spans_processes(leaf) for leaf in view.leaves):
+        _check_saving_together(view, tensors, file_format.name, max_shard_size)
+        save_from_every_process(target, tensors, view, layer_of)
+        return [t.name for t in tensors]
     listed = [(t.name, t.shape, t.dtype) for t in tensors]
     total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in listed)
     assert file_format.write is not None
@@ -811,6 +883,37 @@ def save(
             if file_format.name == "safetensors":
                 remove_stale(target)
     return [t.name for t in tensors]
+
+
+_WHOLE_VALUE_ACROSS_PROCESSES = (
+    "it spans several JAX processes, and the rules need its whole value on one process (to transform, "
+    "join or compare it): save it under the model's own names, or gather it first "
+    "(jax.experimental.multihost_utils.process_allgather)"
+)
+
+
+def _check_saving_together(
+    view: TreeView, tensors: list[Tensor], file_format: str, max_shard_size: Any
+) -> None:
+    """A model that spans JAX processes is written by all of them into one `.safetensors`
+    file, each tensor as the model holds it (see `multihost`)."""
+    if file_format != "safetensors" or max_shard_size is not None:
+        raise ValueError(
+            "save(): the model spans several JAX processes, which save it together into one .safetensors "
+            f"file{' (without max_shard_size)' if max_shard_size is not None else ''}: save to a "
+            ".safetensors path."
+        )
+    origin = view.origin.tolist() if view.origin is not None else None
+    whole = [
+        f"{view.paths[t.rows[0]]}: {_WHOLE_VALUE_ACROSS_PROCESSES}"
+        for t in tensors
+        if not t.verbatim
+        and any(spans_processes(view.leaves[r if origin is None else origin[r]]) for r in t.rows)
+    ]
+    if whole:
+        raise ValueError(
+            f"save(): {len(whole)} tensors cannot be written from their shards:\n{listing(whole)}"
+        )
 
 
 def _check_export(

@@ -1,0 +1,116 @@
+"""treeglob across JAX processes on one machine: 1, 2 and 4 processes of 8, 4 and 2 CPU
+devices, one 2 x 4 mesh, a coordinator and gloo collectives on 127.0.0.1 (worker.py).
+
+Selections, reports and training steps agree across process counts; each process
+reads only the slices its devices hold; every process saves its shards into one
+file, which loads back bit for bit with any number of processes."""
+
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import treeglob as tg
+
+pytestmark = pytest.mark.slow
+
+WORKER = pathlib.Path(__file__).with_name("worker.py")
+TIME_LIMIT = 300  # seconds, per process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(scenario: str, processes: int, directory: pathlib.Path, source: str = "") -> list[dict]:
+    """Run `scenario` in `processes` JAX processes; the results of each, in process order."""
+    port = free_port()
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                scenario,
+                str(processes),
+                str(i),
+                str(port),
+                str(directory),
+                source,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outputs = []
+    try:
+        for child in children:
+            out, err = child.communicate(timeout=TIME_LIMIT)
+            assert child.returncode == 0, f"process {len(outputs)} failed:\n{err[-3000:]}"
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            child.kill()
+            child.communicate()
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The reference, saved by one process."""
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import reference
+
+    directory = tmp_path_factory.mktemp("multihost")
+    tg.save(directory / "reference.safetensors", reference())
+    return directory
+
+
+def test_rules_reports_and_training_steps_agree_across_process_counts(tmp_path):
+    one, *two = run_processes("train", 1, tmp_path) + run_processes("train", 2, tmp_path)
+    four = run_processes("train", 4, tmp_path)
+    for other in [*two, *four]:
+        assert other["reports"] == one["reports"]
+        np.testing.assert_allclose(other["losses"], one["losses"], rtol=1e-6)
+        for mine, theirs in zip(other["norms"], one["norms"], strict=True):
+            assert mine.keys() == theirs.keys()
+            np.testing.assert_allclose(list(mine.values()), list(theirs.values()), rtol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_process_reads_only_the_slices_its_devices_hold(checkpoint, processes):
+    results = run_processes("load", processes, checkpoint, "reference.safetensors")
+    for process, result in enumerate(results):
+        assert result["loaded"] == 8
+        for spec, m in result["measured"].items():
+            assert m["needed"] <= m["read"] <= 1.1 * m["needed"], (process, spec, m)
+        assert "load(): this is one of" in result["error"]
+        assert "Pass shardings= over the global mesh" in result["error"]
+
+
+def test_saved_by_every_process_loads_back_with_one_two_and_four(checkpoint):
+    from worker import reference
+
+    saved = run_processes("save", 2, checkpoint, "saved.safetensors")
+    assert saved[0]["names"] == saved[1]["names"]
+    assert not [p.name for p in checkpoint.iterdir() if p.name.endswith(".partial")]
+    # Each shard written once: together the processes wrote the file's bytes, no more.
+    size = (checkpoint / "saved.safetensors").stat().st_size
+    assert size <= sum(s["written"] for s in saved) <= size + 4096
+    assert all(s["written"] < 0.75 * size for s in saved)
+    tensors = reference()
+    model, report = tg.load(dict.fromkeys(tensors), checkpoint / "saved.safetensors", allow_missing=False)
+    for name, value in tensors.items():
+        assert model[name].dtype == value.dtype
+        np.testing.assert_array_equal(model[name], value)
+    for processes in (1, 2, 4):
+        for result in run_processes("load", processes, checkpoint, "saved.safetensors"):
+            assert result["loaded"] == 8
