@@ -704,13 +704,14 @@ for name in tensors:
     want = tensors[name] * (2 if name == "t" else 1)
     np.testing.assert_array_equal(np.asarray(loaded[name]), want)
 w_shards = sorted(s.data.shape for s in loaded["w"].addressable_shards)
-print(sorted(set(slices)), reads, w_shards)
+print(sorted(set(slices)), len(slices), reads, w_shards)
 """
     out = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
-    # w: each of the 8 devices read its own (8, 2) slice; b: replicated; t: transformed, so read whole once.
+    # w: each of the 8 devices read its own (8, 2) slice; b: replicated, so read whole once
+    # for all 8 devices; t: transformed, so read whole once.
     assert (
         out.strip()
-        == "[('b', (8,)), ('w', (8, 2))] ['t'] [(8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2)]"
+        == "[('w', (8, 2))] 8 ['b', 't'] [(8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2), (8, 2)]"
     )
 
 

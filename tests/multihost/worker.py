@@ -94,10 +94,10 @@ def check_shards(model, tensors):
             np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index], err_msg=name)
 
 
-def io(what: str = "rchar") -> int:
-    """What this process has read (`rchar`) or written (`wchar`) through system calls so far."""
+def bytes_read() -> int:
+    """What this process has read through read calls so far (`rchar`)."""
     with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(what + ":"))
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 def scenario_load(directory: pathlib.Path, source: str):
@@ -118,10 +118,10 @@ def scenario_load(directory: pathlib.Path, source: str):
     measured = {}
     for name in specs():
         part = {name: target[name]}
-        start = io()
+        start = bytes_read()
         stacked = STACKED if name == "blocks" else None
         loaded, _ = tg.load(part, path, shardings={name: shardings[name]}, stacked=stacked, allow_unused=True)
-        read = io() - start
+        read = bytes_read() - start
         array = loaded["blocks"]["w"] if name == "blocks" else loaded[name]
         boxes = {
             tuple(s.indices(n)[:2] for s, n in zip(index, array.shape, strict=True))
@@ -141,11 +141,58 @@ def scenario_load(directory: pathlib.Path, source: str):
 def scenario_save(directory: pathlib.Path, source: str):
     """Save the reference, split over the mesh, from every process into `source`."""
     import treeglob as tg
+    from treeglob._checkpoints import multihost
 
     model = global_model(reference())
-    start = io("wchar")
+    written = []  # (offset, bytes) of each write of tensor data
+    pwrite = multihost.os.pwrite
+
+    def recorded(fd, data, offset):
+        done = pwrite(fd, data, offset)
+        written.append((offset, done))
+        return done
+
+    multihost.os.pwrite = recorded
     names = tg.save(directory / source, model, stacked=STACKED)
-    return {"names": names, "written": io("wchar") - start}
+    return {"names": names, "written": written}
+
+
+def scenario_faults(directory: pathlib.Path, source: str):
+    """A full disk on process 1 mid-save, then what cannot be saved from shards: each is
+    an error on every process, and the file saved before stays."""
+    import errno
+
+    import jax
+
+    import treeglob as tg
+    from treeglob._checkpoints import multihost
+
+    model = global_model(reference())
+    path = directory / source
+    tg.save(path, model, stacked=STACKED)
+    messages = {}
+    pwrite = multihost.os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if jax.process_index() == 1:
+        multihost.os.pwrite = full
+    try:
+        tg.save(path, model | {"host": model["host"] + 1}, stacked=STACKED)
+    except tg.SaveError as exc:
+        messages["full"] = str(exc)
+    multihost.os.pwrite = pwrite
+    for case, kwargs in {
+        "npz": {"path": directory / "model.npz"},
+        "shards": {"max_shard_size": 2**20},
+        "transpose": {"transform": [("row", "transpose")]},
+    }.items():
+        try:
+            tg.save(kwargs.pop("path", path), model, stacked=STACKED, **kwargs)
+        except ValueError as exc:
+            messages[case] = str(exc)
+    return messages
 
 
 def scenario_train(directory: pathlib.Path, source: str):

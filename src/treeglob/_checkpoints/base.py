@@ -77,6 +77,11 @@ class Checkpoint(abc.ABC):
         """`read(path)[index]`."""
         return np.asarray(self.read(path)[index])
 
+    def read_placed(self, path: str, sharding: jax.sharding.Sharding) -> jax.Array | None:
+        """The tensor as a JAX array on `sharding`, where the format places tensors itself
+        (orbax); None where treeglob reads the slices."""
+        return None
+
     @abc.abstractmethod
     def _read(self, row: int, path: str) -> Any: ...
 

@@ -177,4 +177,5 @@ def _from_process_0(text: str) -> str:
     raw = np.zeros(_NAME_BYTES, np.uint8)
     encoded = text.encode()[:_NAME_BYTES]
     raw[: len(encoded)] = np.frombuffer(encoded, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes().rstrip(b"\0").decode()
+    sent = np.asarray(multihost_utils.broadcast_one_to_all(raw)).astype(np.uint8)  # older JAX widens it
+    return sent.tobytes().rstrip(b"\0").decode()

@@ -4,6 +4,7 @@ on its own, every other leaf a placeholder."""
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import jax
 import numpy as np
@@ -48,17 +49,21 @@ class OrbaxCheckpoint(Checkpoint):
             )
 
     def _read(self, row: int, path: str) -> np.ndarray:
+        return np.asarray(self._restore(row, self.ocp.RestoreArgs(restore_type=np.ndarray)))
+
+    def read_placed(self, path: str, sharding: jax.sharding.Sharding) -> jax.Array:
+        # orbax restores an array onto a sharding itself: each process reads its shards' chunks.
+        row = self.rows[path]
+        shape = tuple(self.meta[path].shape)
+        return self._restore(row, self.ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape))
+
+    def _restore(self, row: int, args: Any) -> Any:
         # Every other leaf is a placeholder: orbax reads only this array's files.
         ocp = self.ocp
         leaves, treedef = jax.tree.flatten(self.stored)
         item = treedef.unflatten([leaf if k == row else ocp.PLACEHOLDER for k, leaf in enumerate(leaves)])
-        restore_args = treedef.unflatten(
-            [
-                ocp.RestoreArgs(restore_type=np.ndarray) if k == row else ocp.PLACEHOLDER
-                for k in range(len(leaves))
-            ]
-        )
+        restore_args = treedef.unflatten([args if k == row else ocp.PLACEHOLDER for k in range(len(leaves))])
         restored = self.checkpointer.restore(
             self.path, args=ocp.args.PyTreeRestore(item, restore_args=restore_args)
         )
-        return np.asarray(treedef.flatten_up_to(restored)[row])
+        return treedef.flatten_up_to(restored)[row]

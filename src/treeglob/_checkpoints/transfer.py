@@ -583,6 +583,12 @@ def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: 
     assert shape is not None
     reader = _LeafReader(plan, leaf_index, rows, shape, dtype)
     if sharding is not None and len(sharding.device_set) > 1:
+        read = plan.reads[rows[0]]
+        if len(rows) == 1 and not plan.view.leaf_stacks[leaf_index] and read is not None and read[1] is None:
+            placed = plan.checkpoint.read_placed(read[0][0], sharding)
+            if placed is not None:
+                placer.out[leaf_index] = placed
+                return
         # Each slice this process's devices hold is read once, however many of them hold it
         # (the other processes read theirs): the whole tensor is never in one place. On one
         # device the whole tensor is read straight into its buffer instead.
