@@ -377,10 +377,12 @@ def load(
             directory, or a PyTree in memory (names are its paths).
         shardings: a tree of `jax.sharding.Sharding` like `target` (e.g.
             from `treeglob.shardings`): each tensor is placed on its devices
-            as it is read, each device taking its own slice. Without it a
-            loaded leaf takes the sharding of the JAX array it replaces; a
+            as it is read, each slice the process's devices hold read once
+            (of a `.safetensors` tensor, only that slice's bytes). Without it
+            a loaded leaf takes the sharding of the JAX array it replaces; a
             NumPy leaf stays a NumPy array, an abstract one becomes a JAX
-            array on the default device.
+            array on the default device (an error in a run of several JAX
+            processes: pass the shardings over the global mesh).
         rename: `[(pattern, replacement), ...]` (or a dict), applied in
             order, from checkpoint names to model paths. A glob replaces the
             segments it matches and captures a segment with `{name}`:
@@ -762,6 +764,10 @@ def save(
     regex, a wildcard, a Python function, a reshape) is a `ValueError`
     naming it. Before writing, the export is planned back in the load
     direction: the file loads into the model exactly, or nothing is written.
+
+    A model whose arrays span several JAX processes is saved by all of them:
+    every process makes the same call, and each writes the shards it holds
+    into one `.safetensors` file, which process 0 renames into place.
 
     Args:
         path: the file to write, in the format its suffix names

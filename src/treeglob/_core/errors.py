@@ -100,8 +100,9 @@ def suggest_path(
 
 
 #: The packages whose frames lie between a user's line and treeglob (optax calls a
-#: mask function of treeglob's from inside `init` / `update`, jax while tracing).
-_LIBRARIES = frozenset({"treeglob", "optax", "jax", "jaxlib", "equinox", "flax", "chex"})
+#: mask function of treeglob's from inside `init` / `update`, jax while tracing;
+#: mutmut wraps each of treeglob's functions in a trampoline when it mutates them).
+_LIBRARIES = frozenset({"treeglob", "optax", "jax", "jaxlib", "equinox", "flax", "chex", "mutmut"})
 
 
 def listing(lines: list[str], limit: int = 20) -> str:
