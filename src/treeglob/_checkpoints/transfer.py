@@ -16,7 +16,6 @@ import itertools
 import math
 import os
 import pathlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from .._core.errors import LoadError, ShadowedRuleWarning, SourceError, listing, user_stacklevel
+from .._core.errors import LoadError, ShadowedRuleWarning, SourceError, listing, warn_user
 from .._core.frameworks import parameters_elsewhere, random_state
 from .._core.resolve import Options, paused_gc, resolve, view_of
 from .._core.tree import TreeView
@@ -245,11 +244,10 @@ def _choose_transforms(
         whole_tensors=True,
     )
     for k in resolution.shadowed:
-        warnings.warn(
+        warn_user(
             f"transform[{k}] ({transforms[k][0]!r}) never applies: every leaf it matches is taken by "
             "an earlier transform (the first match wins). Move it up or remove it.",
             ShadowedRuleWarning,
-            stacklevel=user_stacklevel(),
         )
     return resolution.decided
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ __all__ = [
     "pattern_error",
     "suggest",
     "suggest_path",
-    "user_stacklevel",
+    "warn_user",
 ]
 
 
@@ -111,13 +112,12 @@ def listing(lines: list[str], limit: int = 20) -> str:
     return "\n".join(f"    {line}" for line in [*lines[:limit], *more])
 
 
-def user_stacklevel() -> int:
-    """The `stacklevel` for `warnings.warn` that points at the user's line.
-
-    Counted from the caller of this function: the first frame outside
-    treeglob and the libraries that call it back (optax, jax, equinox).
-    """
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+def warn_user(message: str, category: type[Warning]) -> None:
+    """`warnings.warn` pointed at the user's line: the first frame outside treeglob and
+    the libraries that call it back (optax, jax, equinox)."""
+    # Counted from this function's own frame, which `stacklevel=1` names: whatever wraps
+    # the callers in between (a decorator's frame) is counted as it is walked.
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
         frame, level = frame.f_back, level + 1
-    return level
+    warnings.warn(message, category, stacklevel=level)

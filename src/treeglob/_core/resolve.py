@@ -15,7 +15,6 @@ import contextlib
 import gc
 import itertools
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShadowedRuleWarning, user_stacklevel
+from .errors import ShadowedRuleWarning, warn_user
 from .frameworks import stack_mark
 from .rules import MISSING, Rule, Rules, normalize_rules, same_label
 from .selector import Context, Selector, coerce
@@ -395,11 +394,10 @@ def _warn_shadowed(rules: Rules, index: int) -> None:
     if _WARNED.get((id(rules), index)) is rules:
         return
     _WARNED[(id(rules), index)] = rules
-    warnings.warn(
+    warn_user(
         f"{rules[index].describe()} never decides a label: every leaf it matches is taken by an "
         "earlier rule (the first matching rule wins). Move it up or remove it.",
         ShadowedRuleWarning,
-        stacklevel=user_stacklevel(),
     )
 
 
