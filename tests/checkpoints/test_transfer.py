@@ -944,3 +944,22 @@ def test_an_error_while_reading_is_a_load_error_naming_the_leaf_the_tensor_and_t
             rename=[("blocks", "layers")],
         )
     assert caught.value.report.ok  # the plan was fine: the failure is the read's
+
+
+def test_abstract_leaves_load_as_jax_arrays_on_the_default_device():
+    checkpoint = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    target = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": np.zeros(3, np.float32)}
+    model, _ = tg.load(target, checkpoint)
+    assert isinstance(model["w"], jax.Array) and model["w"].devices() == {jax.devices()[0]}
+    assert isinstance(model["b"], np.ndarray)  # a NumPy leaf stays one
+    np.testing.assert_array_equal(model["w"], checkpoint["w"])
+
+
+def test_the_load_error_for_abstract_leaves_carries_the_report():
+    target = {"w": jax.ShapeDtypeStruct((2,), jnp.float32), "head": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(
+        tg.LoadError, match=r"1 leaves are skipped or missing, but the model holds no"
+    ) as caught:
+        tg.load(target, {"w": np.ones(2, np.float32)}, skip=["head"])
+    report = caught.value.report
+    assert {row.path: row.status for row in report.rows} == {"w": "loaded", "head": "skipped"}

@@ -233,3 +233,13 @@ def test_a_combining_transform_first_in_a_nested_tuple_still_combines():
     target = {"blocks": [{"qkv": np.zeros((4, 6), np.float32)}] * 2}
     model, _ = tg.load(target, SEPARATE, rename=ONE_RULE_EACH, transform=transform)
     np.testing.assert_array_equal(model["blocks"][0]["qkv"], np.concatenate([Q, K, V]).T)
+
+
+def test_a_function_of_jax_arrays_only_is_checked_by_tracing_it():
+    # NumPy arrays have no `.at`: the NumPy stand-in fails, JAX's abstract trace gives the shape.
+    def set_first(w):
+        return w.at[0].set(1)
+
+    assert output_meta(set_first, (2, 3), np.float32) == ((2, 3), jnp.dtype(np.float32))
+    # A 64-bit tensor is not traced without x64 (JAX would narrow it): NumPy's failure stays.
+    assert "AttributeError" in output_meta(set_first, (2, 3), np.float64)
