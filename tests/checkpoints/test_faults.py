@@ -212,8 +212,9 @@ def during_load(monkeypatch):
     return install
 
 
-def test_a_file_replaced_while_a_load_reads_it_is_not_read(tmp_path, during_load):
-    path, other = tmp_path / "m.safetensors", tmp_path / "other.safetensors"
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_file_replaced_while_a_load_reads_it_is_not_read(tmp_path, during_load, suffix):
+    path, other = tmp_path / f"m{suffix}", tmp_path / f"other{suffix}"
     two_tensors(path, 1.0)
     two_tensors(other, 2.0)
     during_load(lambda: os.replace(other, path))  # a new save renamed over it
@@ -232,6 +233,18 @@ def test_a_file_truncated_while_a_load_reads_it_is_a_source_error_naming_it_and_
     during_load(lambda: os.truncate(path, path.stat().st_size - 8))
     target = {"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}
     with pytest.raises(tg.SourceError, match=rf"{path}: tensor 'b' is cut short; the file is truncated"):
+        tg.load(target, path)
+    assert not target["a"].any() and not target["b"].any()
+
+
+def test_an_npz_file_truncated_while_a_load_reads_it_is_a_load_error_naming_it_and_the_tensor(
+    tmp_path, during_load
+):
+    path = tmp_path / "m.npz"
+    two_tensors(path, 1.0)
+    during_load(lambda: os.truncate(path, path.stat().st_size // 2))
+    target = {"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}
+    with pytest.raises(tg.LoadError, match=rf"load\(\): loading 'b' \(from 'b'\) from {path} failed: "):
         tg.load(target, path)
     assert not target["a"].any() and not target["b"].any()
 

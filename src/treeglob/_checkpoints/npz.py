@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,25 +40,29 @@ class NpzCheckpoint(Checkpoint):
     def __init__(self, path: pathlib.Path):
         self.path, members = path, {}
         try:
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    if not member.endswith(".npy"):
-                        continue
-                    with archive.open(member) as f:
-                        version = np.lib.format.read_magic(f)
-                        read = _NPY_HEADER_READERS.get(version)
-                        if read is None:
-                            raise ValueError(
-                                f"{member} uses .npy format version {version}, which treeglob cannot read"
-                            )
-                        shape, _, dtype = read(f)
-                    members[member[: -len(".npy")]] = _Member(tuple(shape), dtype, member)
+            # The archive stays open from its directory to its last member: a file replaced
+            # at `path` meanwhile (a new save renamed over it) is not read, the one planned from is.
+            file = open(path, "rb")  # noqa: SIM115 (closed by the finalizer, or below)
+            weakref.finalize(self, file.close)
+            self._archive = zipfile.ZipFile(file)
+            for member in self._archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with self._archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = _NPY_HEADER_READERS.get(version)
+                    if read is None:
+                        raise ValueError(
+                            f"{member} uses .npy format version {version}, which treeglob cannot read"
+                        )
+                    shape, _, dtype = read(f)
+                members[member[: -len(".npy")]] = _Member(tuple(shape), dtype, member)
         except (zipfile.BadZipFile, ValueError, OSError) as exc:
             raise SourceError(f"{path}: not a readable .npz file: {exc}") from None
         super().__init__(str(path), members)
 
     def _read(self, row: int, path: str) -> np.ndarray:
-        with zipfile.ZipFile(self.path) as archive, archive.open(self.view.leaves[row].member) as f:
+        with self._archive.open(self.view.leaves[row].member) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
 
 
