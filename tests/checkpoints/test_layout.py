@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 import treeglob as tg
 from treeglob._checkpoints import safetensors
-from treeglob._checkpoints.layout import box, byte_runs
+from treeglob._checkpoints.layout import box, byte_runs, run_count
 
 
 @pytest.mark.parametrize(
@@ -50,6 +50,7 @@ def test_the_runs_read_in_order_are_the_slice_in_c_order(case):
     tensor = np.arange(int(np.prod(shape)), dtype=np.int16).reshape(shape)
     raw = tensor.tobytes()
     offsets, length = byte_runs(shape, 2, box(index, shape))
+    assert run_count(shape, box(index, shape)) == len(offsets)
     assert b"".join(raw[o : o + length] for o in offsets.tolist()) == tensor[index].tobytes()
 
 

@@ -141,10 +141,8 @@ def test_a_failure_on_one_process_is_an_error_on_every_process_and_the_file_stay
     for messages in (first, second):
         assert "The file there before, if any, is unchanged." in messages["full"]
         assert "save(): the model spans several JAX processes" in messages["npz"]
-        assert "(without max_shard_size)" in messages["shards"]
-        assert (
-            "row: it spans several JAX processes, and the rules need its whole value" in messages["transpose"]
-        )
+        assert "into one .safetensors file: leave out max_shard_size" in messages["shards"]
+        assert "row: it lies on other JAX processes' devices, and writing it needs" in messages["transpose"]
     tensors = reference()
     model, _ = tg.load({k: np.zeros_like(v) for k, v in tensors.items()}, path)
     np.testing.assert_array_equal(model["host"], tensors["host"])  # the first save's, whole
@@ -156,3 +154,27 @@ def test_orbax_restores_each_tensor_onto_the_target_shardings(checkpoint, proces
     pytest.importorskip("orbax.checkpoint")
     for result in run_processes("load", processes, checkpoint, "orbax"):  # each shard checked there
         assert result["loaded"] == 8
+
+
+def test_leaves_on_some_processes_only(checkpoint):
+    results = run_processes("edges", 2, checkpoint, "stages.safetensors")
+    if results[0]["stage"]:  # The array on process 1's devices alone is written whole by process 1.
+        tensors = reference_tensors()
+        model, _ = tg.load(
+            {"row": np.zeros_like(tensors["row"]), "stage": np.zeros(32, np.float32)},
+            checkpoint / "stages.safetensors",
+        )
+        np.testing.assert_array_equal(model["stage"], np.arange(32, dtype=np.float32))  # 8 per device
+        np.testing.assert_array_equal(model["row"], tensors["row"])
+    for result in results:
+        assert "load(): 1 stacked leaves keep some layers and load others (blocks.0.w)" in result["kept"]
+        assert (
+            "load(): this is one of 2 JAX processes, and 1 abstract leaves have no sharding (row)"
+            in result["unplaced"]
+        )
+
+
+def reference_tensors():
+    from worker import reference
+
+    return reference()

@@ -195,6 +195,52 @@ def scenario_faults(directory: pathlib.Path, source: str):
     return messages
 
 
+def scenario_edges(directory: pathlib.Path, source: str):
+    """What spans processes only in part: an array on process 1's devices alone beside a
+    global one (saved by the process holding it), a stacked leaf keeping some layers (an
+    error on every process, no hang), an abstract leaf with a None sharding (an error)."""
+    import inspect
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import treeglob as tg
+
+    tensors = reference()
+    model = global_model(tensors)
+    last = [d for d in jax.devices() if d.process_index == jax.process_count() - 1]
+    stage = NamedSharding(Mesh(np.array(last), ("x",)), P("x"))
+    value = np.arange(8 * len(last), dtype=np.float32)
+    out = {"stage": "dtype" in inspect.signature(jax.make_array_from_callback).parameters}
+    if out["stage"]:  # older JAX cannot make an array a process holds no shard of
+        on_last = jax.make_array_from_callback(value.shape, stage, lambda i: value[i], dtype=value.dtype)
+        tg.save(directory / source, {"row": model["row"], "stage": on_last})
+    try:
+        tg.load(
+            {"blocks": model["blocks"]},
+            directory / "reference.safetensors",
+            skip=["blocks.1.w"],
+            stacked=STACKED,
+            allow_unused=True,
+        )
+    except tg.LoadError as exc:
+        out["kept"] = str(exc)
+    target = abstract(tensors)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh(), s), specs()) | {"row": None}
+    try:
+        tg.load(
+            target,
+            directory / "reference.safetensors",
+            shardings=shardings,
+            stacked=STACKED,
+            allow_unused=True,
+        )
+    except ValueError as exc:
+        out["unplaced"] = str(exc)
+    return out
+
+
 def scenario_train(directory: pathlib.Path, source: str):
     """Rules, reports and three sharded AdamW steps with decay_mask and layer_decay."""
     import equinox as eqx

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Box", "box", "byte_runs"]
+__all__ = ["Box", "box", "byte_runs", "run_count"]
 
 #: Per dimension, `(start, stop)`.
 Box = tuple[tuple[int, int], ...]
@@ -40,6 +40,18 @@ def box(index: Any, shape: tuple[int, ...]) -> Box:
     return tuple(out)
 
 
+def _cut(shape: tuple[int, ...], where: Box) -> int:
+    """The last dimension the slice cuts (-1 for none): those after it lie inside each run."""
+    return max((d for d, (start, stop) in enumerate(where) if (start, stop) != (0, shape[d])), default=-1)
+
+
+def run_count(shape: tuple[int, ...], where: Box) -> int:
+    """How many runs `byte_runs` gives, without making them."""
+    if any(stop == start for start, stop in where):
+        return 0
+    return math.prod(stop - start for start, stop in where[: max(_cut(shape, where), 0)])
+
+
 def byte_runs(shape: tuple[int, ...], itemsize: int, where: Box) -> tuple[np.ndarray, int]:
     """The byte offsets (from the tensor's first byte, increasing) of the runs that hold the
     slice `where` of a C-ordered tensor of `shape`, and the length of each run. The runs,
@@ -47,8 +59,7 @@ def byte_runs(shape: tuple[int, ...], itemsize: int, where: Box) -> tuple[np.nda
     extents = [stop - start for start, stop in where]
     if 0 in extents:
         return np.zeros(0, np.int64), 0
-    # The last dimension the slice cuts: those after it are whole and lie inside each run.
-    cut = max((d for d, (start, stop) in enumerate(where) if (start, stop) != (0, shape[d])), default=-1)
+    cut = _cut(shape, where)
     if cut < 0:
         return np.zeros(1, np.int64), math.prod(shape) * itemsize
     strides = [math.prod(shape[d + 1 :]) * itemsize for d in range(len(shape))]

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._core.errors import SourceError
 from .base import Checkpoint, tensor_to_write, written_beside
-from .layout import box, byte_runs
+from .layout import box, byte_runs, run_count
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -200,10 +200,10 @@ def _parse(text: str, where: str) -> dict[str, TensorInfo]:
 _NAMES = {dtype: name for name, dtype in _NUMPY_DTYPES.items()}
 
 
-def header(tensors: list[tuple[str, tuple[int, ...], Any]]) -> tuple[bytes, list[int]]:
+def header(tensors: list[tuple[str, tuple[int, ...], Any]]) -> tuple[bytes, list[int], int]:
     """The bytes a file of `tensors` (name, shape, dtype) starts with (the header's length,
-    then the header, padded so that the data starts 8-byte aligned), and the offset of
-    each tensor's data from the start of the file."""
+    then the header, padded so that the data starts 8-byte aligned), the offset of each
+    tensor's data from the start of the file, and the file's size."""
     entries: dict[str, Any] = {}
     offset, offsets = 0, []
     for name, shape, dtype in tensors:
@@ -220,7 +220,7 @@ def header(tensors: list[tuple[str, tuple[int, ...], Any]]) -> tuple[bytes, list
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     start = 8 + len(text)
-    return len(text).to_bytes(8, "little") + text, [start + o for o in offsets]
+    return len(text).to_bytes(8, "little") + text, [start + o for o in offsets], start + offset
 
 
 def little_endian(dtype: Any) -> np.dtype:
@@ -239,7 +239,7 @@ def write(
     one tensor at a time. The file appears complete or not at all (it is
     written beside its final name, then renamed).
     """
-    start, _ = header(tensors)
+    start, _, _ = header(tensors)
     with written_beside(path) as partial, open(partial, "wb") as f:
         f.write(start)
         for k, (name, shape, dtype) in enumerate(tensors):
@@ -281,12 +281,12 @@ class SafetensorsCheckpoint(Checkpoint):
         of them (a row split is one run, a column split one per row). Past `MAX_RUNS` runs,
         the pages of the slice are read through a memory map instead."""
         where = box(index, info.shape)
-        offsets, length = byte_runs(info.shape, info.dtype.itemsize, where)
         out = np.empty(tuple(stop - start for start, stop in where), info.dtype)
-        if len(offsets) > MAX_RUNS:
+        if run_count(info.shape, where) > MAX_RUNS:
             tensor = self._mapped[info.begin : info.end].view(info.dtype).reshape(info.shape)
             out[...] = tensor[index]
             return out
+        offsets, length = byte_runs(info.shape, info.dtype.itemsize, where)
         buffer = out.reshape(-1).view(np.uint8)
         start = self.data_start + info.begin
         for k, offset in enumerate(offsets.tolist()):

@@ -34,7 +34,13 @@ from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
 from .layout import Box, box
 from .load_report import UNCHECKED, LoadReport, LoadRow
-from .multihost import save_from_every_process, spans_processes
+from .multihost import (
+    WHOLE_VALUE_ACROSS_PROCESSES,
+    agreed,
+    holds_whole,
+    save_from_every_process,
+    spans_processes,
+)
 from .progress import progress as show_progress
 from .rename import apply_renames, parse_renames
 from .rules import as_patterns
@@ -461,6 +467,22 @@ def _check_values(plan: _Plan) -> None:
     abstract = sorted(
         {name for read in plan.reads if read is not None for name in read[0] if name in checkpoint.abstract}
     )
+    # A kept layer's values come from the leaf, which another process may hold part of.
+    kept_elsewhere = [
+        view.paths[rows[0]]
+        for leaf_index, rows in enumerate(_leaf_rows(view))
+        if len(rows) > 1
+        and not holds_whole(view.leaves[leaf_index])
+        and any(plan.reads[r] is None for r in rows)
+        and any(plan.reads[r] is not None for r in rows)
+    ]
+    if kept_elsewhere:
+        raise LoadError(
+            f"load(): {len(kept_elsewhere)} stacked leaves keep some layers and load others "
+            f"({', '.join(kept_elsewhere[:3])}), but they lie on other JAX processes' devices too, so no "
+            "process can keep their layers alone: load every layer, or skip the whole leaf.",
+            plan.report,
+        )
     for paths, what in (
         (
             kept,
@@ -496,6 +518,7 @@ def _shardings_per_leaf(view: TreeView, shardings: Any) -> list[Any]:
             "load(): shardings must have the structure of the model (e.g. treeglob.shardings(model, "
             f"rules, mesh)): {exc}"
         ) from None
+    _check_placed_across_processes(view, flat)
     for path, s, shape in zip(view.leaf_paths, flat, view.leaf_shapes, strict=True):
         if s is None:
             continue
@@ -603,7 +626,7 @@ def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: 
             jax.make_array_from_single_device_arrays(shape, sharding, arrays)
         )
         return
-    placer.place(leaf_index, reader.read(tuple((0, n) for n in shape)), leaf, sharding)
+    placer.place(leaf_index, reader.read(_whole_box(shape)), leaf, sharding)
 
 
 class _LeafReader:
@@ -634,19 +657,26 @@ class _LeafReader:
     def _layer(self, row: int, where: Box) -> Any:
         plan = self.plan
         names, fn = plan.reads[row]  # type: ignore[misc]
-        if where == tuple((0, n) for n in self.shape[len(self.stack) :]):
-            return self._whole(row)
+        if where == _whole_box(self.shape[len(self.stack) :]):  # read once, so not kept
+            return _read(
+                plan.checkpoint, names, fn, plan.view.paths[row], self.shape[len(self.stack) :], self.dtype
+            )
         if fn is None and plan.checkpoint.slices:
             return plan.checkpoint.read_slice(names[0], _slices(where))
         return np.asarray(self._whole(row))[_slices(where)]
 
     def _whole(self, row: int) -> Any:
-        """The whole tensor of one layer, read (and transformed) once for all its slices."""
+        """The whole tensor of one layer, read (and transformed) once for all its slices: a
+        transform needs all of it, and a format without slice reads reads all of it."""
         if row not in self.wholes:
             names, fn = self.plan.reads[row]  # type: ignore[misc]
             path, layer_shape = self.plan.view.paths[row], self.shape[len(self.stack) :]
             self.wholes[row] = _read(self.plan.checkpoint, names, fn, path, layer_shape, self.dtype)
         return self.wholes[row]
+
+
+def _whole_box(shape: tuple[int, ...]) -> Box:
+    return tuple((0, n) for n in shape)
 
 
 def _slices(where: Box) -> tuple[slice, ...]:
@@ -821,59 +851,17 @@ def save(
         {'k': array([0., 0.]), 'q': array([1., 1.])}
     """
     target = pathlib.Path(path)
-    file_format = format_for_writing(target, "save")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"save(): the directory {str(target.parent)!r} of {str(path)!r} does not exist."
-        )
-    if max_shard_size is not None and (
-        file_format.name != "safetensors" or not (isinstance(max_shard_size, int) and max_shard_size > 0)
-    ):
-        raise ValueError(
-            f"save(max_shard_size={max_shard_size!r}): shards are .safetensors files of a positive "
-            f"number of bytes; write to a .safetensors path, e.g. max_shard_size=5 * 2**30."
-        )
-    rename_rules = parse_renames(rename or [])
-    transforms = parse_transforms(transform or [])
     with paused_gc():
         view = view_of(tree, "save", stacked)
-        _check_arrays(view, "save")
-        chosen = np.ones(len(view), dtype=bool)
-        if select is not None:
-            chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
-        if skip_rules := [(p, True) for p in as_patterns(skip)]:
-            chosen &= ~_resolve_rows(view, skip_rules, "save", strict, "the skip list given to save()")
-        rows = [r for r in view.data_rows if chosen[r]]
-        left_out = [r for r in view.data_rows if not chosen[r]]
-        reference = None if like is None else open_checkpoint(like)
-        origin = view.origin.tolist() if view.origin is not None else None
-        layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
-
-        def layer_of(row: int) -> tuple[int, ...]:
-            stack = view.leaf_stacks[row if origin is None else origin[row]]
-            return tuple(int(k) for k in np.unravel_index(layers[row], stack)) if stack else ()
-
-        def value(row: int) -> np.ndarray:
-            leaf = view.leaves[row if origin is None else origin[row]]
-            if spans_processes(leaf):
-                raise ValueError(_WHOLE_VALUE_ACROSS_PROCESSES)
-            return np.asarray(leaf[layer_of(row)])
-
-        tensors, expected = plan_export(
-            view,
-            rows,
-            rename_rules,
-            transforms,
-            _choose_transforms(view, transforms, "save", strict),
-            value,
-            strict,
-            left_out,
-            reference,
-        )
-        if rename_rules or transforms or ignore:
-            _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
-    if any(spans_processes(leaf) for leaf in view.leaves):
-        _check_saving_together(view, tensors, file_format.name, max_shard_size)
+        # A model on several processes' devices is saved by all of them together: any
+        # check failing on one of them fails on all, before the first write.
+        together = any(spans_processes(leaf) for leaf in view.leaves)
+        with agreed("planning the save", target) if together else contextlib.nullcontext():
+            file_format = _checked_destination(target, max_shard_size, together)
+            tensors, layer_of = _plan_save(
+                view, tree, select, stacked, strict, rename, transform, skip, ignore, like
+            )
+    if together:
         save_from_every_process(target, tensors, view, layer_of)
         return [t.name for t in tensors]
     listed = [(t.name, t.shape, t.dtype) for t in tensors]
@@ -895,35 +883,80 @@ def save(
     return [t.name for t in tensors]
 
 
-_WHOLE_VALUE_ACROSS_PROCESSES = (
-    "it spans several JAX processes, and the rules need its whole value on one process (to transform, "
-    "join or compare it): save it under the model's own names, or gather it first "
-    "(jax.experimental.multihost_utils.process_allgather)"
-)
-
-
-def _check_saving_together(
-    view: TreeView, tensors: list[Tensor], file_format: str, max_shard_size: Any
-) -> None:
-    """A model that spans JAX processes is written by all of them into one `.safetensors`
-    file, each tensor as the model holds it (see `multihost`)."""
-    if file_format != "safetensors" or max_shard_size is not None:
+def _checked_destination(target: pathlib.Path, max_shard_size: Any, together: bool) -> Any:
+    """The format to write `target` in, its directory and shard size checked."""
+    file_format = format_for_writing(target, "save")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"save(): the directory {str(target.parent)!r} of {str(target)!r} does not exist."
+        )
+    if max_shard_size is not None and (
+        file_format.name != "safetensors" or not (isinstance(max_shard_size, int) and max_shard_size > 0)
+    ):
+        raise ValueError(
+            f"save(max_shard_size={max_shard_size!r}): shards are .safetensors files of a positive "
+            f"number of bytes; write to a .safetensors path, e.g. max_shard_size=5 * 2**30."
+        )
+    if together and (file_format.name != "safetensors" or max_shard_size is not None):
+        fix = "leave out max_shard_size" if max_shard_size is not None else "save to a .safetensors path"
         raise ValueError(
             "save(): the model spans several JAX processes, which save it together into one .safetensors "
-            f"file{' (without max_shard_size)' if max_shard_size is not None else ''}: save to a "
-            ".safetensors path."
+            f"file: {fix}."
         )
+    return file_format
+
+
+def _plan_save(
+    view: TreeView,
+    tree: Any,
+    select: Any,
+    stacked: Any,
+    strict: bool,
+    rename: Any,
+    transform: Any,
+    skip: Any,
+    ignore: Any,
+    like: Any,
+) -> tuple[list[Tensor], Callable[[int], tuple[int, ...]]]:
+    """The tensors a save writes, and where each stacked row's layer is in its leaf."""
+    rename_rules = parse_renames(rename or [])
+    transforms = parse_transforms(transform or [])
+    _check_arrays(view, "save")
+    chosen = np.ones(len(view), dtype=bool)
+    if select is not None:
+        chosen = _resolve_rows(view, [(select, True)], "save", strict, "the selector given to save()")
+    if skip_rules := [(p, True) for p in as_patterns(skip)]:
+        chosen &= ~_resolve_rows(view, skip_rules, "save", strict, "the skip list given to save()")
+    rows = [r for r in view.data_rows if chosen[r]]
+    left_out = [r for r in view.data_rows if not chosen[r]]
+    reference = None if like is None else open_checkpoint(like)
     origin = view.origin.tolist() if view.origin is not None else None
-    whole = [
-        f"{view.paths[t.rows[0]]}: {_WHOLE_VALUE_ACROSS_PROCESSES}"
-        for t in tensors
-        if not t.verbatim
-        and any(spans_processes(view.leaves[r if origin is None else origin[r]]) for r in t.rows)
-    ]
-    if whole:
-        raise ValueError(
-            f"save(): {len(whole)} tensors cannot be written from their shards:\n{listing(whole)}"
-        )
+    layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
+
+    def layer_of(row: int) -> tuple[int, ...]:
+        stack = view.leaf_stacks[row if origin is None else origin[row]]
+        return tuple(int(k) for k in np.unravel_index(layers[row], stack)) if stack else ()
+
+    def value(row: int) -> np.ndarray:
+        leaf = view.leaves[row if origin is None else origin[row]]
+        if not holds_whole(leaf):
+            raise ValueError(f"save(): {view.paths[row]}: {WHOLE_VALUE_ACROSS_PROCESSES}.")
+        return np.asarray(leaf[layer_of(row)])
+
+    tensors, expected = plan_export(
+        view,
+        rows,
+        rename_rules,
+        transforms,
+        _choose_transforms(view, transforms, "save", strict),
+        value,
+        strict,
+        left_out,
+        reference,
+    )
+    if rename_rules or transforms or ignore:
+        _check_export(tree, tensors, expected, rename, transform, skip, ignore, stacked)
+    return tensors, layer_of
 
 
 def _check_export(
