@@ -42,7 +42,7 @@ class NpzCheckpoint(Checkpoint):
         try:
             # The archive stays open from its directory to its last member: a file replaced
             # at `path` meanwhile (a new save renamed over it) is not read, the one planned from is.
-            file = open(path, "rb")  # noqa: SIM115 (closed by the finalizer, or below)
+            file = open(path, "rb")  # noqa: SIM115 (closed by the finalizer, with the checkpoint)
             weakref.finalize(self, file.close)
             self._archive = zipfile.ZipFile(file)
             for member in self._archive.namelist():
