@@ -120,7 +120,9 @@ def save_from_every_process(
         with agreed("writing the shards", target), open(partial, "r+b") as f:
             for tensor, offset, writer in zip(tensors, offsets, writers, strict=True):
                 if writer == me:
-                    _write_runs(f.fileno(), offset, tensor.shape, None, tensor.make())
+                    _write_runs(
+                        f.fileno(), offset, tensor.shape, None, np.asarray(tensor.make(), tensor.dtype)
+                    )
                 elif writer < 0:
                     _write_own_shards(f.fileno(), offset, tensor, view, layer_of)
             os.fsync(f.fileno())
@@ -148,6 +150,8 @@ def holds_whole(leaf: Any) -> bool:
 
 def _whole_writers(tensors: list[Tensor], view: TreeView) -> list[int]:
     """Per tensor, the first process that holds all of its leaves, or -1 where none does."""
+    if not tensors:
+        return []
     origin = view.origin.tolist() if view.origin is not None else None
     mine = np.array(
         [all(holds_whole(view.leaves[r if origin is None else origin[r]]) for r in t.rows) for t in tensors],
