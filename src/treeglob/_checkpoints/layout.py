@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Box", "box", "byte_runs", "run_count"]
+__all__ = ["Box", "box", "byte_runs", "extent", "run_count", "slices", "whole"]
 
 #: Per dimension, `(start, stop)`.
 Box = tuple[tuple[int, int], ...]
@@ -40,6 +40,21 @@ def box(index: Any, shape: tuple[int, ...]) -> Box:
     return tuple(out)
 
 
+def whole(shape: tuple[int, ...]) -> Box:
+    """The box of the whole tensor."""
+    return tuple((0, n) for n in shape)
+
+
+def extent(where: Box) -> tuple[int, ...]:
+    """The shape of the slice `where`."""
+    return tuple(stop - start for start, stop in where)
+
+
+def slices(where: Box) -> tuple[slice, ...]:
+    """`where` as an index for NumPy."""
+    return tuple(slice(start, stop) for start, stop in where)
+
+
 def _cut(shape: tuple[int, ...], where: Box) -> int:
     """The last dimension the slice cuts (-1 for none): those after it lie inside each run."""
     return max((d for d, (start, stop) in enumerate(where) if (start, stop) != (0, shape[d])), default=-1)
@@ -47,16 +62,16 @@ def _cut(shape: tuple[int, ...], where: Box) -> int:
 
 def run_count(shape: tuple[int, ...], where: Box) -> int:
     """How many runs `byte_runs` gives, without making them."""
-    if any(stop == start for start, stop in where):
+    if 0 in extent(where):
         return 0
-    return math.prod(stop - start for start, stop in where[: max(_cut(shape, where), 0)])
+    return math.prod(extent(where[: max(_cut(shape, where), 0)]))
 
 
 def byte_runs(shape: tuple[int, ...], itemsize: int, where: Box) -> tuple[np.ndarray, int]:
     """The byte offsets (from the tensor's first byte, increasing) of the runs that hold the
     slice `where` of a C-ordered tensor of `shape`, and the length of each run. The runs,
     read in order, are the slice's bytes in C order."""
-    extents = [stop - start for start, stop in where]
+    extents = extent(where)
     if 0 in extents:
         return np.zeros(0, np.int64), 0
     cut = _cut(shape, where)

@@ -48,7 +48,7 @@ from .._core.errors import SaveError, listing
 from .._core.tree import TreeView
 from .base import partial_beside, save_error
 from .export import Tensor
-from .layout import Box, box, byte_runs
+from .layout import Box, box, byte_runs, whole
 from .safetensors import header, little_endian
 from .sharded import remove_stale
 
@@ -99,14 +99,14 @@ def save_from_every_process(
     """
     start, offsets, size = header([(t.name, t.shape, t.dtype) for t in tensors])
     writers = _whole_writers(tensors, view)
-    whole = [
+    refused = [
         f"{view.paths[t.rows[0]]}: {WHOLE_VALUE_ACROSS_PROCESSES}"
         for t, writer in zip(tensors, writers, strict=True)
         if writer < 0 and not t.verbatim
     ]
-    if whole:  # the same on every process: each raises it
+    if refused:  # the same on every process: each raises it
         raise ValueError(
-            f"save(): {len(whole)} tensors cannot be written from their shards:\n{listing(whole)}"
+            f"save(): {len(refused)} tensors cannot be written from their shards:\n{listing(refused)}"
         )
     me = jax.process_index()
     partial = partial_beside(target) if me == 0 else None
@@ -120,9 +120,8 @@ def save_from_every_process(
         with agreed("writing the shards", target), open(partial, "r+b") as f:
             for tensor, offset, writer in zip(tensors, offsets, writers, strict=True):
                 if writer == me:
-                    _write_runs(
-                        f.fileno(), offset, tensor.shape, None, np.asarray(tensor.make(), tensor.dtype)
-                    )
+                    value = np.asarray(tensor.make(), tensor.dtype)
+                    _write_runs(f.fileno(), offset, tensor.shape, whole(tensor.shape), value)
                 elif writer < 0:
                     _write_own_shards(f.fileno(), offset, tensor, view, layer_of)
             os.fsync(f.fileno())
@@ -152,11 +151,7 @@ def _whole_writers(tensors: list[Tensor], view: TreeView) -> list[int]:
     """Per tensor, the first process that holds all of its leaves, or -1 where none does."""
     if not tensors:
         return []
-    origin = view.origin.tolist() if view.origin is not None else None
-    mine = np.array(
-        [all(holds_whole(view.leaves[r if origin is None else origin[r]]) for r in t.rows) for t in tensors],
-        dtype=bool,
-    )
+    mine = np.array([all(holds_whole(view.leaves[view.leaf_of(r)]) for r in t.rows) for t in tensors], bool)
     held = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(tensors))
     return [int(np.argmax(column)) if column.any() else -1 for column in held.T]
 
@@ -185,7 +180,7 @@ def _write_own_shards(
 ) -> None:
     """Write the bytes of `tensor` that this process holds as replica 0, at their offsets."""
     row = tensor.rows[0]
-    leaf = view.leaves[row if view.origin is None else int(view.origin[row])]
+    leaf = view.leaves[view.leaf_of(row)]
     layer = layer_of(row)
     for shard in leaf.addressable_shards:
         if shard.replica_id != 0:
@@ -199,11 +194,11 @@ def _write_own_shards(
         _write_runs(fd, offset, tensor.shape, where[len(layer) :], data.astype(tensor.dtype, copy=False))
 
 
-def _write_runs(fd: int, offset: int, shape: tuple[int, ...], where: Box | None, data: Any) -> None:
-    """Write `data`, the slice `where` (all of it for None) of a tensor of `shape` whose bytes
-    start at `offset`, in the file's byte order."""
+def _write_runs(fd: int, offset: int, shape: tuple[int, ...], where: Box, data: Any) -> None:
+    """Write `data`, the slice `where` of a tensor of `shape` whose bytes start at `offset`,
+    in the file's byte order."""
     array = np.ascontiguousarray(data, dtype=little_endian(np.asarray(data).dtype))
-    runs, length = byte_runs(shape, array.dtype.itemsize, where or tuple((0, n) for n in shape))
+    runs, length = byte_runs(shape, array.dtype.itemsize, where)
     flat = array.reshape(-1).view(np.uint8)
     for k, run in enumerate(runs.tolist()):
         part, done = flat[k * length : (k + 1) * length], 0

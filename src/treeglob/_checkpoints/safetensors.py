@@ -31,7 +31,7 @@ import numpy as np
 
 from .._core.errors import SourceError
 from .base import Checkpoint, tensor_to_write, written_beside
-from .layout import box, byte_runs, run_count
+from .layout import box, byte_runs, extent, run_count
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -281,7 +281,7 @@ class SafetensorsCheckpoint(Checkpoint):
         of them (a row split is one run, a column split one per row). Past `MAX_RUNS` runs,
         the pages of the slice are read through a memory map instead."""
         where = box(index, info.shape)
-        out = np.empty(tuple(stop - start for start, stop in where), info.dtype)
+        out = np.empty(extent(where), info.dtype)
         if run_count(info.shape, where) > MAX_RUNS:
             tensor = self._mapped[info.begin : info.end].view(info.dtype).reshape(info.shape)
             out[...] = tensor[index]

@@ -32,7 +32,7 @@ from .._core.tree import TreeView
 from .base import Checkpoint
 from .export import Tensor, plan_export
 from .formats import format_for_writing, open_checkpoint
-from .layout import Box, box
+from .layout import Box, box, extent, slices, whole
 from .load_report import UNCHECKED, LoadReport, LoadRow
 from .multihost import (
     WHOLE_VALUE_ACROSS_PROCESSES,
@@ -461,8 +461,7 @@ def _check_values(plan: _Plan) -> None:
     kept = [
         view.paths[r]
         for r in view.data_rows
-        if plan.reads[r] is None
-        and not isinstance(view.leaves[r if view.origin is None else int(view.origin[r])], arrays)
+        if plan.reads[r] is None and not isinstance(view.leaves[view.leaf_of(r)], arrays)
     ]
     abstract = sorted(
         {name for read in plan.reads if read is not None for name in read[0] if name in checkpoint.abstract}
@@ -626,7 +625,7 @@ def _load_leaf(plan: _Plan, placements: list[Any], placer: _Placer, leaf_index: 
             jax.make_array_from_single_device_arrays(shape, sharding, arrays)
         )
         return
-    placer.place(leaf_index, reader.read(_whole_box(shape)), leaf, sharding)
+    placer.place(leaf_index, reader.read(whole(shape)), leaf, sharding)
 
 
 class _LeafReader:
@@ -636,51 +635,40 @@ class _LeafReader:
     def __init__(self, plan: _Plan, leaf_index: int, rows: list[int], shape: tuple[int, ...], dtype: Any):
         self.plan, self.rows, self.shape, self.dtype = plan, rows, shape, dtype
         self.leaf, self.stack = plan.view.leaves[leaf_index], plan.view.leaf_stacks[leaf_index]
-        self.wholes: dict[int, Any] = {}
+        self.layer_shape = shape[len(self.stack) :]
+        self.wholes: dict[int, Any] = {}  # whole layers that several slices are cut from
 
     def read(self, where: Box) -> np.ndarray:
         """`leaf[where]` as loaded (the whole leaf for a box of whole dimensions)."""
         depth = len(self.stack)
         if depth == 0:
             return self._layer(self.rows[0], where)
-        out = np.empty(tuple(stop - start for start, stop in where), self.dtype)
+        out = np.empty(extent(where), self.dtype)
         layers = [range(start, stop) for start, stop in where[:depth]]
         for at in itertools.product(*layers):
             row = self.rows[int(np.ravel_multi_index(at, self.stack))]
             inside = tuple(a - start for a, (start, _) in zip(at, where, strict=False))
             if self.plan.reads[row] is None:  # a skipped (or allowed missing) layer keeps its values
-                out[inside] = np.asarray(self.leaf[at])[_slices(where[depth:])]
+                out[inside] = np.asarray(self.leaf[at])[slices(where[depth:])]
             else:
                 out[inside] = self._layer(row, where[depth:])
         return out
 
     def _layer(self, row: int, where: Box) -> Any:
-        plan = self.plan
-        names, fn = plan.reads[row]  # type: ignore[misc]
-        if where == _whole_box(self.shape[len(self.stack) :]):  # read once, so not kept
-            return _read(
-                plan.checkpoint, names, fn, plan.view.paths[row], self.shape[len(self.stack) :], self.dtype
-            )
-        if fn is None and plan.checkpoint.slices:
-            return plan.checkpoint.read_slice(names[0], _slices(where))
-        return np.asarray(self._whole(row))[_slices(where)]
-
-    def _whole(self, row: int) -> Any:
-        """The whole tensor of one layer, read (and transformed) once for all its slices: a
-        transform needs all of it, and a format without slice reads reads all of it."""
+        names, fn = self.plan.reads[row]  # type: ignore[misc]
+        if where == whole(self.layer_shape):  # read once, so not kept
+            return self._read_whole(row)
+        if fn is None and self.plan.checkpoint.slices:
+            return self.plan.checkpoint.read_slice(names[0], slices(where))
+        # A transform needs all of the tensor, and a format without slice reads reads all
+        # of it: read once for all the slices cut from it.
         if row not in self.wholes:
-            names, fn = self.plan.reads[row]  # type: ignore[misc]
-            path, layer_shape = self.plan.view.paths[row], self.shape[len(self.stack) :]
-            self.wholes[row] = _read(self.plan.checkpoint, names, fn, path, layer_shape, self.dtype)
-        return self.wholes[row]
+            self.wholes[row] = self._read_whole(row)
+        return np.asarray(self.wholes[row])[slices(where)]
 
-
-def _whole_box(shape: tuple[int, ...]) -> Box:
-    return tuple((0, n) for n in shape)
-
-
-def _slices(where: Box) -> tuple[slice, ...]:
-    return tuple(slice(start, stop) for start, stop in where)
+    def _read_whole(self, row: int) -> Any:
+        names, fn = self.plan.reads[row]  # type: ignore[misc]
+        return _read(self.plan.checkpoint, names, fn, self.plan.view.paths[row], self.layer_shape, self.dtype)
 
 
 class _Placer:
@@ -930,15 +918,13 @@ def _plan_save(
     rows = [r for r in view.data_rows if chosen[r]]
     left_out = [r for r in view.data_rows if not chosen[r]]
     reference = None if like is None else open_checkpoint(like)
-    origin = view.origin.tolist() if view.origin is not None else None
-    layers = {row: k for rows_ in _leaf_rows(view) for k, row in enumerate(rows_)}
 
     def layer_of(row: int) -> tuple[int, ...]:
-        stack = view.leaf_stacks[row if origin is None else origin[row]]
-        return tuple(int(k) for k in np.unravel_index(layers[row], stack)) if stack else ()
+        stack = view.leaf_stacks[view.leaf_of(row)]
+        return tuple(int(k) for k in np.unravel_index(view.row_layers[row], stack)) if stack else ()
 
     def value(row: int) -> np.ndarray:
-        leaf = view.leaves[row if origin is None else origin[row]]
+        leaf = view.leaves[view.leaf_of(row)]
         if not holds_whole(leaf):
             raise ValueError(f"save(): {view.paths[row]}: {WHOLE_VALUE_ACROSS_PROCESSES}.")
         return np.asarray(leaf[layer_of(row)])

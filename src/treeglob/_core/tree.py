@@ -124,6 +124,10 @@ class TreeView:
 
     # Per row --------------------------------------------------------------
 
+    def leaf_of(self, row: int) -> int:
+        """The index of the leaf `row` lies in (the row itself outside stacks)."""
+        return row if self.origin is None else int(self.origin[row])
+
     def rows_of(self, per_leaf: np.ndarray) -> np.ndarray:
         """Spread one value per leaf to one value per row."""
         return per_leaf if self.origin is None else per_leaf[self.origin]
