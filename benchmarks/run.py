@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -471,6 +472,29 @@ def command_line(size: int, repeat: int, warm_up: bool = True) -> dict[str, tupl
     return out
 
 
+def command_help(repeat: int) -> dict[str, float]:
+    """Wall time of the installed `treeglob` script's help, beside a bare interpreter's start."""
+    script = shutil.which("treeglob", path=str(pathlib.Path(sys.executable).parent))
+    if script is None:
+        raise RuntimeError(f"no treeglob script beside {sys.executable}: install the project first.")
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "treeglob --help": [script, "--help"],
+        "treeglob explain --help": [script, "explain", "--help"],
+        "treeglob load-plan --help": [script, "load-plan", "--help"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat + 1):  # the first round writes the bytecode caches, and is dropped
+        for name, argv in commands.items():  # side by side, round after round
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, capture_output=True, timeout=60)
+            times[name].append(time.perf_counter() - start)
+    r = {name: statistics.median(t[1:]) for name, t in times.items()}
+    print("## Command-line help, fresh processes (ms, median; JAX is not imported)\n")
+    table(["command", "wall time"], [[name, ms(seconds)] for name, seconds in r.items()])
+    return r
+
+
 def compiled_step(repeat: int) -> bool:
     params = eqx.filter(
         GPT(vocab=100, dim=64, depth=2, heads=4, context=64, key=jax.random.key(0)), eqx.is_array
@@ -788,6 +812,7 @@ def main(quick: bool = False) -> None:
     eager = eager_step(150 if quick else 1_200, repeat)
     imported = imports(1 if quick else 7, warm_up=not quick)
     cli = command_line(150 if quick else 12_000, 1 if quick else 5, warm_up=not quick)
+    helps = command_help(1 if quick else 9)
     same = compiled_step(repeat)
     freezing(*((32, 1) if quick else (256, 6)), repeat)
     load_ratio = loading(200 if quick else 2_000, repeat)
@@ -832,6 +857,9 @@ def main(quick: bool = False) -> None:
         checks.append(
             (f"treeglob {name}: at most 150 ms after the imports ({tensors:,} tensors)", 1e3 * seconds, 150.0)
         )
+    for name, seconds in helps.items():
+        if name.startswith("treeglob"):
+            checks.append((f"{name}: at most 300 ms, wall", 1e3 * seconds, 300.0))
     if memory_ratio is not None:
         checks.append(
             ("peak memory of labels at most 1.05x tree_flatten_with_path's (120k)", memory_ratio, 1.05)

@@ -24,6 +24,7 @@ def test_benchmark_script_runs_in_its_quick_configuration():
         "## Eager optimizer update",
         "## Import",
         "## Command line",
+        "## Command-line help",
         "## Compiled step",
         "## Freezing: a LoRA fine-tuning step",
         "## Loading",

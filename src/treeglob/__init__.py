@@ -3,36 +3,10 @@
 import importlib
 from typing import TYPE_CHECKING
 
-# The selection core, imported with the package.
-from ._core.conditions import (
-    dtype as dtype,
-    glob as glob,
-    inside as inside,
-    ndim as ndim,
-    owned_by as owned_by,
-    regex as regex,
-    shape as shape,
-    size as size,
-    where as where,
-)
-from ._core.errors import (
-    LoadError as LoadError,
-    NoMatchError as NoMatchError,
-    RulesFileError as RulesFileError,
-    SaveError as SaveError,
-    ShadowedRuleWarning as ShadowedRuleWarning,
-    SourceError as SourceError,
-)
-from ._core.pattern import translate as translate
-from ._core.resolve import labels as labels, mask as mask
-from ._core.selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
-from ._core.tree import paths as paths
-from ._training.combinators import masked as masked, multi_transform as multi_transform
-
-# The rest is imported on first use (`__getattr__`), so that `import treeglob`
-# costs little more than jax, equinox and optax: the report, the recipes and
-# their presets, metrics, sharding, rules files, checkpoints.
 if TYPE_CHECKING:
+    # The rest is imported on first use (`__getattr__`), so that `import treeglob`
+    # costs little more than jax, equinox and optax: the report, the recipes and
+    # their presets, metrics, sharding, rules files, checkpoints.
     from . import presets as presets
     from ._checkpoints.load_report import LoadReport as LoadReport, LoadRow as LoadRow
     from ._checkpoints.transfer import load as load, load_plan as load_plan, save as save
@@ -43,15 +17,39 @@ if TYPE_CHECKING:
         load_transfer as load_transfer,
         load_treatment as load_treatment,
     )
+    from ._core.conditions import (
+        dtype as dtype,
+        glob as glob,
+        inside as inside,
+        ndim as ndim,
+        owned_by as owned_by,
+        regex as regex,
+        shape as shape,
+        size as size,
+        where as where,
+    )
+    from ._core.errors import (
+        LoadError as LoadError,
+        NoMatchError as NoMatchError,
+        RulesFileError as RulesFileError,
+        SaveError as SaveError,
+        ShadowedRuleWarning as ShadowedRuleWarning,
+        SourceError as SourceError,
+    )
     from ._core.frameworks import stacked_layers as stacked_layers
     from ._core.nodes import ModuleRow as ModuleRow, Modules as Modules, modules as modules
+    from ._core.pattern import translate as translate
     from ._core.report import (
         Explanation as Explanation,
         LeafRow as LeafRow,
         RuleRow as RuleRow,
         explain as explain,
     )
+    from ._core.resolve import labels as labels, mask as mask
+    from ._core.selector import Selector as Selector, all_of as all_of, any_of as any_of, optional as optional
+    from ._core.tree import paths as paths
     from ._surgery.replace import replace_modules as replace_modules
+    from ._training.combinators import masked as masked, multi_transform as multi_transform
     from ._training.filters import nnx_filter as nnx_filter, partition as partition
     from ._training.layer_decay import (
         layer_decay as layer_decay,
@@ -80,6 +78,30 @@ if TYPE_CHECKING:
 _LAZY = {
     name: module
     for module, names in {
+        "._core.conditions": [
+            "dtype",
+            "glob",
+            "inside",
+            "ndim",
+            "owned_by",
+            "regex",
+            "shape",
+            "size",
+            "where",
+        ],
+        "._core.errors": [
+            "LoadError",
+            "NoMatchError",
+            "RulesFileError",
+            "SaveError",
+            "ShadowedRuleWarning",
+            "SourceError",
+        ],
+        "._core.pattern": ["translate"],
+        "._core.resolve": ["labels", "mask"],
+        "._core.selector": ["Selector", "all_of", "any_of", "optional"],
+        "._core.tree": ["paths"],
+        "._training.combinators": ["masked", "multi_transform"],
         ".presets": ["presets"],
         "._core.frameworks": ["stacked_layers"],
         "._core.nodes": ["ModuleRow", "Modules", "modules"],

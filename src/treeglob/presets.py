@@ -27,7 +27,7 @@ from __future__ import annotations
 import equinox as eqx
 
 from ._core.conditions import glob, inside, ndim, regex
-from ._core.selector import Selector, any_of, optional
+from ._core.selector import Selector, any_of, named, optional
 from ._training.layers import JOIN_NEXT, LayerGroups
 
 __all__ = [
@@ -92,15 +92,18 @@ _EVERYTHING_ELSE = glob("**")
 #: one dimension; decay for the rest.
 DEFAULT = [
     (
-        optional(
-            any_of(
-                glob("{bias,b}$"),
-                inside(*NORM_LAYERS),
-                own_name(NORM_NAMES),
-                inside(eqx.nn.Embedding),
-                own_name(EMBED_NAMES) - optional(any_of(glob("patch_embed*"), CONV_KERNELS)),
-                ndim <= 1,
-            )
+        named(
+            "presets.DEFAULT[0]",
+            optional(
+                any_of(
+                    glob("{bias,b}$"),
+                    inside(*NORM_LAYERS),
+                    own_name(NORM_NAMES),
+                    inside(eqx.nn.Embedding),
+                    own_name(EMBED_NAMES) - optional(any_of(glob("patch_embed*"), CONV_KERNELS)),
+                    ndim <= 1,
+                )
+            ),
         ),
         "no_decay",
     ),
@@ -117,7 +120,7 @@ NANOGPT = [
 #: ending in `.bias`. timm's `no_weight_decay_list` holds exact names: put
 #: them in front, e.g. `[(treeglob.optional(["^pos_embed$", "^cls_token$"]), "no_decay"), *TIMM]`.
 TIMM = [
-    (optional(any_of(ndim <= 1, glob("*.bias$"))), "no_decay"),
+    (named("presets.TIMM[0]", optional(any_of(ndim <= 1, glob("*.bias$")))), "no_decay"),
     (_EVERYTHING_ELSE, "decay"),
 ]
 
@@ -130,13 +133,16 @@ TIMM = [
 #: Haiku's bias `b` counts as a bias.
 HF = [
     (
-        optional(
-            any_of(
-                inside(eqx.nn.LayerNorm),
-                regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
-                own_name("{ln,ln_*,ln[0-9]*,*_ln,*layernorm*,*layer_norm*}"),
-                glob("b$"),
-            )
+        named(
+            "presets.HF[0]",
+            optional(
+                any_of(
+                    inside(eqx.nn.LayerNorm),
+                    regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
+                    own_name("{ln,ln_*,ln[0-9]*,*_ln,*layernorm*,*layer_norm*}"),
+                    glob("b$"),
+                )
+            ),
         ),
         "no_decay",
     ),

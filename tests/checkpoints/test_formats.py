@@ -9,11 +9,11 @@ from treeglob._checkpoints.formats import FORMATS, open_checkpoint, readable
 
 TREE = {"blocks": [{"w": np.arange(6.0).reshape(2, 3)}], "head": {"b": np.array([1, 2], np.int32)}}
 ZEROS = {"blocks": [{"w": np.zeros((2, 3))}], "head": {"b": np.zeros(2, np.int32)}}
-WRITABLE = [f.suffix for f in FORMATS if f.write is not None]
+WRITABLE = [f.suffix for f in FORMATS if f.writer]
 
 
 def test_the_registry_holds_the_formats_treeglob_reads_and_writes():
-    assert [(f.name, f.suffix, f.write is not None) for f in FORMATS] == [
+    assert [(f.name, f.suffix, bool(f.writer)) for f in FORMATS] == [
         ("safetensors", ".safetensors", True),
         ("npz", ".npz", True),
         ("sharded safetensors", ".safetensors.index.json", False),

@@ -132,7 +132,7 @@ def test_explain_json_schema(capsys, st_file, rules_file):
     data = json.loads(out)
     assert set(data) == {"source", "leaves", "rules", "summary"}
     assert set(data["leaves"][0]) == {"path", "shape", "dtype", "size", "label", "rule", "selector"}
-    assert set(data["rules"][0]) == {"index", "label", "selector", "matched", "decided", "shadowed"}
+    assert set(data["rules"][0]) == {"index", "label", "selector", "matched", "decided", "shadowed", "expanded"}
     assert data["summary"] == {
         "no_decay": {"leaves": 4, "elements": 32},
         "frozen": {"leaves": 1, "elements": 40},
@@ -195,6 +195,74 @@ def test_rules_that_do_not_fit_exit_1(capsys, npz_file, argv, message):
     status, out, err = cli(capsys, "explain", npz_file, *argv)
     assert status == 1 and out == ""
     assert re.search(message, err), err
+
+
+def test_summary_shows_the_rules_their_problems_and_the_counts_without_the_leaves(capsys, npz_file):
+    argv = ["explain", npz_file, "--rule", "frozen=embed", "--rule", "x=nothing", "--preset", "default"]
+    status, out, _ = cli(capsys, *argv, "--summary", "--no-strict")
+    assert status == 0
+    assert out.splitlines() == [
+        "rule  label     matched  decided  selector",
+        "   0  frozen          1        1  glob('embed')",
+        "   1  x               0        0  glob('nothing')  (optional: matches nothing)",
+        "   2  no_decay        5        4  presets.DEFAULT[0]",
+        "   3  decay           8        3  glob('**')",
+        "",
+        "label     leaves  elements  share",
+        "frozen         1        40  22.2%",
+        "no_decay       4        32  17.8%",
+        "decay          3       108  60.0%",
+    ]
+    status, out, _ = cli(capsys, *argv, "--summary", "--no-strict", "--json")
+    data = json.loads(out)
+    assert "leaves" not in data and [r["decided"] for r in data["rules"]] == [1, 0, 4, 3]
+    assert data["rules"][2]["selector"] == "presets.DEFAULT[0]"
+    assert data["rules"][2]["expanded"].startswith("optional(any_of(glob('{bias,b}$'), inside(LayerNorm")
+
+
+def test_presets_are_shown_by_name_and_written_out_on_request(capsys, npz_file):
+    status, out, _ = cli(capsys, "explain", npz_file, "--preset", "hf", "--summary")
+    assert status == 0 and "presets.HF[0]" in out and "regex(" not in out
+    status, out, _ = cli(capsys, "explain", npz_file, "--preset", "hf", "--summary", "--expand-presets")
+    assert status == 0 and "presets.HF[0]" not in out
+    assert "regex('.*(bias|layernorm|rmsnorm|(^|\\\\.)norm($|\\\\.)|_norm($|\\\\.)).*', ignore_case=True)" in out
+
+
+def test_an_unknown_preset_is_bad_input(capsys, npz_file):
+    status, out, err = cli(capsys, "explain", npz_file, "--preset", "defualt")
+    assert status == 2 and out == ""
+    assert err == "treeglob explain: --preset 'defualt': the presets are default, nanogpt, timm, hf.\n"
+
+
+def test_the_help_names_every_preset():
+    # The parser is built without importing the presets (and JAX): their names are written there.
+    from treeglob._cli.main import _parser
+
+    text = _parser()._subparsers._group_actions[0].choices["explain"].format_help()  # type: ignore[union-attr]
+    assert f"{', '.join(list(tg.presets.BY_NAME)[:-1])} or {list(tg.presets.BY_NAME)[-1]}" in " ".join(text.split())
+
+
+HELP_WITHOUT_JAX = """
+import contextlib, io, sys
+from treeglob._cli.main import main
+codes = []
+for argv in (["--help"], ["explain", "--help"], ["load-plan", "--help"], ["convert", "--help"], ["nope"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as exit:
+            codes.append(exit.code)
+print(*codes, sorted({m.split(".")[0] for m in sys.modules} & {"jax", "numpy", "equinox", "optax"}))
+"""
+
+
+@pytest.mark.slow
+def test_help_and_usage_errors_answer_without_importing_jax_or_numpy():
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_JAX], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "0 0 0 0 2 []"
 
 
 def test_no_strict_lets_a_rule_match_nothing(capsys, npz_file):

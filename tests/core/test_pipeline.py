@@ -376,8 +376,8 @@ def test_no_private_name_is_imported_across_modules():
 LAZY_IMPORT = """
 import sys
 import treeglob
-loaded = {m for m in sys.modules if m.startswith("treeglob.")}
-print(sorted(loaded & {f"treeglob.{m}" for m in %r}))
+loaded = {m for m in sys.modules if m.startswith("treeglob.") or m == "jax"}
+print(sorted(loaded & {"jax", *(f"treeglob.{m}" for m in %r)}))
 from treeglob import *
 names = {name: getattr(treeglob, name) for name in treeglob.__all__}
 print(len(names), set(treeglob.__all__) <= set(dir(treeglob)), "__version__" in dir(treeglob))
@@ -386,10 +386,10 @@ print(treeglob.presets.DEFAULT is sys.modules["treeglob.presets"].DEFAULT, treeg
 
 
 @pytest.mark.slow
-def test_import_loads_the_core_and_every_public_name_on_first_use():
-    # The report, recipes, presets, metrics, sharding, rules files and checkpoints are
-    # loaded on first use; `from treeglob import X` and dir() see every name all the same.
-    lazy = ["presets", "_config", "_layer_decay", "_metrics", "_recipes", "_report", "_sharding", "_transfer"]
+def test_import_loads_every_public_name_on_first_use():
+    # `import treeglob` loads no part of treeglob (nor JAX); `from treeglob import X` and
+    # dir() see every name all the same.
+    lazy = ["_core", "_training", "_checkpoints", "presets", "_config", "_cli", "_surgery"]
     result = subprocess.run(
         [sys.executable, "-c", LAZY_IMPORT % (lazy,)], capture_output=True, text=True, timeout=120
     )
@@ -403,6 +403,23 @@ def test_import_loads_the_core_and_every_public_name_on_first_use():
     ]
     for name in tg.__all__:
         exec(f"from treeglob import {name}", {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "first_use",
+    [
+        "tg.mask({'a': 1, 'b': 2}, 'a')",
+        "tg.labels({'a': 1, 'b': 2}, [(re.compile('a'), True)], default=False)",
+        "tg.explain({'a': 1, 'b': 2}, [('a', True)], default=False).summary[True]['leaves'] == 1",
+    ],
+)
+def test_a_first_use_of_one_name_coerces_patterns(first_use):
+    # Strings, regexes and classes coerce by registrations made where the conditions are
+    # defined: a fresh process that uses one function first must have them.
+    code = f"import re, treeglob as tg; print(bool({first_use}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr[-3000:]
 
 
 def test_ordinary_trees_take_the_structure_from_the_treedef():

@@ -226,6 +226,36 @@ def test_selectors_are_immutable_hashable_values():
     assert repr(s) == "any_of(glob('*.bias'), (ndim >= 2))"
 
 
+@pytest.mark.parametrize(
+    "selector, text",
+    [
+        (tg.regex("a.*"), "regex('a.*')"),
+        (tg.regex("a.*", ignore_case=True), "regex('a.*', ignore_case=True)"),
+        (tg.regex(re.compile("a .*", re.VERBOSE)), "regex('a .*', flags=re.VERBOSE)"),
+        (tg.glob("*.B", ignore_case=True), "glob('*.B', ignore_case=True)"),
+    ],
+)
+def test_reprs_say_every_option_that_changes_what_is_selected(selector, text):
+    assert repr(selector) == text
+
+
+def test_a_named_selector_shows_its_name_selects_what_it_stands_for_and_expands():
+    from treeglob._core.selector import expanded, named
+
+    tree = {"ln_f": {"scale": 1.0}, "fc": {"w": 2.0, "b": 3.0}}
+    norms = named("NORMS", tg.optional(tg.glob("ln_*")))
+    assert repr(norms) == "NORMS" and repr(~norms | "*.b") == "any_of(~NORMS, glob('*.b'))"
+    assert expanded(~norms | "*.b") == "any_of(~optional(glob('ln_*')), glob('*.b'))"
+    assert repr(norms) == "NORMS"  # expanding is over once it returns
+    assert tg.mask(tree, norms) == tg.mask(tree, tg.glob("ln_*"))
+    assert norms.may_be_empty and tg.labels(tree, [(named("X", tg.optional("nothing")), 1)], default=0)
+    with pytest.raises(tg.NoMatchError, match=r"NOTHING matches no leaf.*\nClose matches in the tree: fc"):
+        tg.mask(tree, named("NOTHING", "fcx"))
+    report = tg.explain(tree, [(norms, "no_decay")], default="decay")
+    assert (report.rules[0].selector, report.rules[0].expanded) == ("NORMS", "optional(glob('ln_*'))")
+    assert "NORMS" in report.format() and "optional(glob('ln_*'))" in report.format(expand=True)
+
+
 def test_bool_of_a_selector_raises():
     with pytest.raises(TypeError, match="has no truth value.*parentheses"):
         bool(tg.glob("a"))

@@ -9,69 +9,94 @@ rendered from `FORMATS`, so adding a format is one module and one entry.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .._core.errors import SourceError
-from . import npz, safetensors, sharded
-from .base import Checkpoint, TreeCheckpoint
 
-__all__ = ["FORMATS", "Format", "format_for_writing", "is_checkpoint", "open_checkpoint", "readable"]
+if TYPE_CHECKING:
+    import numpy as np
 
-#: A writer: `write(path, [(name, shape, dtype), ...], read)`, `read(k)` giving the k-th tensor.
-Writer = Callable[
-    [str | os.PathLike[str], list[tuple[str, tuple[int, ...], Any]], Callable[[int], np.ndarray]], None
+    from .base import Checkpoint
+
+__all__ = [
+    "FORMATS",
+    "INDEX_SUFFIX",
+    "Format",
+    "format_for_writing",
+    "is_checkpoint",
+    "open_checkpoint",
+    "readable",
 ]
 
-
-def _orbax(path: pathlib.Path) -> Checkpoint:
-    from .orbax import OrbaxCheckpoint  # imports orbax (an extra) only when asked for
-
-    return OrbaxCheckpoint(path)
-
-
-def _sharded(path: pathlib.Path) -> Checkpoint:
-    return sharded.open_directory(path) if path.is_dir() else sharded.open_index(path)
+#: How the index of a Hugging Face sharded checkpoint is named: `model.safetensors.index.json`.
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 @dataclass(frozen=True)
 class Format:
     """One checkpoint format.
 
+    Its module is imported on first use, so that the registry itself (the command line's
+    help, messages about formats) costs no import of NumPy, JAX or orbax (an extra).
+
     Attributes:
         name: how messages name it.
         suffix: how the name of its file ends, or "" for a format stored only as a directory.
-        open: the reader: a path (a file with `suffix`, or a directory it `claims`) to a
-            `Checkpoint` of its metadata.
-        write: the writer, or None where treeglob does not write the format.
-        claims: the directories it reads (asked in `FORMATS` order), or None.
+        module: the module under `treeglob._checkpoints` that reads (and writes) it.
+        reader: the module's function or class from a path (a file with `suffix`, or a
+            directory it claims) to a `Checkpoint` of its metadata.
+        writer: the module's writer, `write(path, [(name, shape, dtype), ...], read)` with
+            `read(k)` giving the k-th tensor; "" where treeglob does not write the format.
+        claims: the module's test of whether it reads a directory (asked in `FORMATS`
+            order); "" where it reads any directory; None where it reads none.
         directory: how help and messages name such a directory.
     """
 
     name: str
     suffix: str
-    open: Callable[[pathlib.Path], Checkpoint]
-    write: Writer | None = None
-    claims: Callable[[pathlib.Path], bool] | None = None
+    module: str
+    reader: str
+    writer: str = ""
+    claims: str | None = None
     directory: str = ""
+
+    def _attribute(self, name: str) -> Any:
+        return getattr(importlib.import_module(f".{self.module}", __package__), name)
+
+    def open(self, path: pathlib.Path) -> Checkpoint:
+        return self._attribute(self.reader)(path)
+
+    def write(
+        self,
+        path: str | os.PathLike[str],
+        listed: list[tuple[str, tuple[int, ...], Any]],
+        read: Callable[[int], np.ndarray],
+    ) -> None:
+        if not self.writer:
+            raise TypeError(f"treeglob does not write {self.name} checkpoints.")
+        self._attribute(self.writer)(path, listed, read)
+
+    def reads_directory(self, path: pathlib.Path) -> bool:
+        return self.claims is not None and (not self.claims or self._attribute(self.claims)(path))
 
 
 FORMATS: tuple[Format, ...] = (
-    Format("safetensors", ".safetensors", safetensors.SafetensorsCheckpoint, safetensors.write),
-    Format("npz", ".npz", npz.NpzCheckpoint, npz.write),
+    Format("safetensors", ".safetensors", "safetensors", "SafetensorsCheckpoint", "write"),
+    Format("npz", ".npz", "npz", "NpzCheckpoint", "write"),
     Format(
         "sharded safetensors",
-        sharded.INDEX_SUFFIX,
-        _sharded,
-        claims=sharded.holds_shards,
+        INDEX_SUFFIX,
+        "sharded",
+        "open_path",
+        claims="holds_shards",
         directory="a directory of .safetensors shards",
     ),
-    Format("orbax", "", _orbax, claims=lambda path: True, directory="an orbax checkpoint directory"),
+    Format("orbax", "", "orbax", "OrbaxCheckpoint", claims="", directory="an orbax checkpoint directory"),
 )
 
 
@@ -98,6 +123,9 @@ def is_checkpoint(path: pathlib.Path) -> bool:
 def open_checkpoint(source: Any) -> Checkpoint:
     """A checkpoint of a registered format, the shards of one (a list of file names), or a
     PyTree in memory."""
+    from . import sharded
+    from .base import Checkpoint, TreeCheckpoint
+
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, list | tuple) and source and all(isinstance(s, str | os.PathLike) for s in source):
@@ -109,7 +137,7 @@ def open_checkpoint(source: Any) -> Checkpoint:
         named = _by_suffix(path)
         if named is not None:
             raise SourceError(f"{source}: is a directory, not a {named.suffix} file.")
-        return next(f for f in FORMATS if f.claims is not None and f.claims(path)).open(path)
+        return next(f for f in FORMATS if f.reads_directory(path)).open(path)
     if not path.exists():
         raise SourceError(f"{source}: no such file or directory.")
     found = _by_suffix(path)
@@ -123,8 +151,8 @@ def open_checkpoint(source: Any) -> Checkpoint:
 def format_for_writing(path: pathlib.Path, caller: str) -> Format:
     """The format `path`'s suffix names, if treeglob writes it."""
     found = _by_suffix(path)
-    if found is None or found.write is None:
-        written = " or ".join(f.suffix for f in FORMATS if f.write is not None)
+    if found is None or not found.writer:
+        written = " or ".join(f.suffix for f in FORMATS if f.writer)
         raise ValueError(
             f"{caller}(): {str(path)!r} does not end in {written}, the formats {caller}() writes "
             "(chosen by the suffix)."

@@ -23,10 +23,11 @@ import numpy as np
 
 from .._core.errors import SourceError
 from .base import Checkpoint, written_beside
+from .formats import INDEX_SUFFIX
 from .safetensors import SafetensorsCheckpoint, TensorInfo, write
 
 __all__ = [
-    "INDEX_SUFFIX",
+    "open_path",
     "ShardedCheckpoint",
     "holds_shards",
     "open_files",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 #: How a Hugging Face index file's name ends (`model.safetensors.index.json`).
-INDEX_SUFFIX = ".safetensors.index.json"
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -67,6 +67,11 @@ class ShardedCheckpoint(Checkpoint):
     def read_slice(self, path: str, index: Any) -> np.ndarray:
         row = self.rows[path]
         return self._owners[row].read_tensor_slice(self.view.leaves[row], self._names[row], index)
+
+
+def open_path(path: pathlib.Path) -> ShardedCheckpoint:
+    """A sharded checkpoint from its index file, or from the directory of its shards."""
+    return open_directory(path) if path.is_dir() else open_index(path)
 
 
 def open_files(files: Sequence[str | os.PathLike[str]], where: str | None = None) -> ShardedCheckpoint:

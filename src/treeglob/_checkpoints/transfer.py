@@ -854,7 +854,6 @@ def save(
         return [t.name for t in tensors]
     listed = [(t.name, t.shape, t.dtype) for t in tensors]
     total = sum(math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in listed)
-    assert file_format.write is not None
     with show_progress(progress, "save", f"saving {path}", len(tensors), total) as advance:
 
         def make(k: int) -> np.ndarray:

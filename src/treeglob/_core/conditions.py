@@ -108,7 +108,9 @@ class _Regex(Selector):
         )
 
     def __repr__(self) -> str:
-        return f"regex({self.pattern!r})"
+        case = ", ignore_case=True" if self.flags & re.IGNORECASE else ""
+        others = self.flags & ~(re.IGNORECASE | re.UNICODE)  # a compiled pattern's own flags
+        return f"regex({self.pattern!r}{case}" + (f", flags={re.RegexFlag(others)!r}" if others else "") + ")"
 
 
 def glob(pattern: str, *, ignore_case: bool = False) -> Selector:

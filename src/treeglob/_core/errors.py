@@ -8,8 +8,6 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from .keys import runs
-
 __all__ = [
     "LoadError",
     "NoMatchError",
@@ -96,6 +94,8 @@ def suggest_path(
     more, with whole paths first (the pattern's wildcards are left out of its literal
     text, so its own segment count is not known), then with the runs.
     """
+    from .keys import runs  # here, not at the top: the errors are imported without JAX (`treeglob --help`)
+
     k = literal.count(".") + 1
     return (suggest(literal, paths) if k > 1 else []) or suggest(literal, runs(segments, k, ending=ending))
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from .resolve import Options, Resolution, resolve
 from .rules import MISSING, same_label
-from .selector import Context, coerce
-from .table import painter, render_table
+from .selector import Context, coerce, expanded
+from .table import Painter, painter, render_table
 from .tree import TreeView
 
 __all__ = ["Explanation", "LeafRow", "RuleRow", "explain"]
@@ -33,7 +33,11 @@ class LeafRow:
 
 @dataclass(frozen=True)
 class RuleRow:
-    """One rule: how many leaves it matched and how many it decided."""
+    """One rule: how many leaves it matched and how many it decided.
+
+    `selector` is its repr, in which a preset's long rule is one name
+    (`presets.DEFAULT[0]`); `expanded` writes such names out.
+    """
 
     index: int
     label: Any
@@ -41,6 +45,7 @@ class RuleRow:
     matched: int
     decided: int
     shadowed: bool
+    expanded: str
 
 
 def _key(label: Any) -> Any:
@@ -115,6 +120,7 @@ class Explanation:
                 matched=int(m.sum()),
                 decided=int((decided == r.index).sum()),
                 shadowed=r.index in resolution.shadowed,
+                expanded=expanded(r.selector),
             )
             for r, m in zip(rules, resolution.matches, strict=True)
         )
@@ -201,7 +207,15 @@ class Explanation:
     def __str__(self) -> str:
         return self.format()
 
-    def format(self, width: int | None = None, color: bool = False, rows: Any = None) -> str:
+    def format(
+        self,
+        width: int | None = None,
+        color: bool = False,
+        rows: Any = None,
+        *,
+        leaves: bool = True,
+        expand: bool = False,
+    ) -> str:
         """The report as text.
 
         Args:
@@ -210,8 +224,35 @@ class Explanation:
                 its other columns, so long paths stay verbatim and readable.
             color: ANSI colours for a terminal (labels, headers).
             rows: the leaf rows to show (e.g. a filtered subset of `rows`); all by default.
+            leaves: False for the summary alone: the rules with their hits and
+                problems (shadowed, matching nothing), and the counts per label.
+            expand: write out the presets' rules shown by name (`presets.DEFAULT[0]`).
         """
         labels = [str(label) for label in self.summary]
+        lines = self._leaf_lines(rows, width, painter(color, labels, 4)) if leaves else []
+        if self.rules:
+            rules = [("rule", "label", "matched", "decided", "selector")]
+            for r in self.rules:
+                mark = "  (shadowed: earlier rules take all its leaves)" if r.shadowed else ""
+                mark = "  (optional: matches nothing)" if r.matched == 0 else mark
+                selector = r.expanded if expand else r.selector
+                rules.append((str(r.index), str(r.label), str(r.matched), str(r.decided), selector + mark))
+            lines += [""] * bool(lines) + render_table(
+                rules, right={0, 2, 3}, long=4, width=width, paint=painter(color, labels, 1), wrap=True
+            )
+        total = sum(v["elements"] for v in self.summary.values()) or 1
+        summary = [("label", "leaves", "elements", "share")]
+        for label, v in self.summary.items():
+            summary.append(
+                (str(label), str(v["leaves"]), f"{v['elements']:,}", f"{100 * v['elements'] / total:.1f}%")
+            )
+        return "\n".join(
+            lines
+            + [""]
+            + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=painter(color, labels, 0))
+        )
+
+    def _leaf_lines(self, rows: Any, width: int | None, paint: Painter | None) -> list[str]:
         if rows is None:
             paths, shapes, dtypes, sizes, row_labels, rule, _ = self.columns
         else:
@@ -229,27 +270,7 @@ class Explanation:
             _texts(rule, lambda i: "default" if i is None else str(i)),
             strict=True,
         )
-        lines = render_table(table, right={3}, long=0, width=width, paint=painter(color, labels, 4))
-        if self.rules:
-            rules = [("rule", "label", "matched", "decided", "selector")]
-            for r in self.rules:
-                mark = "  (shadowed: earlier rules take all its leaves)" if r.shadowed else ""
-                mark = "  (optional: matches nothing)" if r.matched == 0 else mark
-                rules.append((str(r.index), str(r.label), str(r.matched), str(r.decided), r.selector + mark))
-            lines += [""] + render_table(
-                rules, right={0, 2, 3}, long=4, width=width, paint=painter(color, labels, 1), wrap=True
-            )
-        total = sum(v["elements"] for v in self.summary.values()) or 1
-        summary = [("label", "leaves", "elements", "share")]
-        for label, v in self.summary.items():
-            summary.append(
-                (str(label), str(v["leaves"]), f"{v['elements']:,}", f"{100 * v['elements'] / total:.1f}%")
-            )
-        return "\n".join(
-            lines
-            + [""]
-            + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=painter(color, labels, 0))
-        )
+        return render_table(table, right={3}, long=0, width=width, paint=paint)
 
 
 def explain(

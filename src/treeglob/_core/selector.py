@@ -15,6 +15,7 @@ registers how plain values (strings, classes, regexes) coerce to them.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -27,7 +28,7 @@ from .tree import TreeView
 if TYPE_CHECKING:
     from .nodes import NodeView
 
-__all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "optional"]
+__all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "expanded", "named", "optional"]
 
 BOOL_MESSAGE = (
     "A treeglob selector has no truth value. This usually means a comparison "
@@ -272,6 +273,56 @@ class _Optional(Selector):
         return f"optional({self.selector!r})"
 
 
+# Set while `expanded` renders a selector: named parts show what they stand for.
+_EXPANDING = contextvars.ContextVar("_EXPANDING", default=False)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _Named(Selector):
+    """A selector shown by a name (a preset's long rule), selecting what it stands for."""
+
+    name: str
+    selector: Selector
+
+    @property
+    def may_be_empty(self) -> bool:
+        return self.selector.may_be_empty
+
+    def _eval(self, ctx: Context) -> np.ndarray:
+        return ctx.evaluate(self.selector)
+
+    def _literals(self) -> list[str]:
+        return self.selector._literals()
+
+    def _hint(self, ctx: Context) -> str:
+        return self.selector._hint(ctx)
+
+    def __repr__(self) -> str:
+        return repr(self.selector) if _EXPANDING.get() else self.name
+
+
+def named(name: str, selector: Any) -> Selector:
+    """`selector`, shown as `name` in reprs and reports (`expanded` shows what it stands for).
+
+    Examples:
+        >>> import treeglob
+        >>> from treeglob._core.selector import expanded, named
+        >>> norms = named("NORMS", treeglob.any_of("*norm*", "ln_*"))
+        >>> norms, expanded(norms | "*.bias")
+        (NORMS, "any_of(any_of(glob('*norm*'), glob('ln_*')), glob('*.bias'))")
+    """
+    return _Named(name, coerce(selector))
+
+
+def expanded(selector: Selector) -> str:
+    """`repr(selector)` with its named parts written out."""
+    token = _EXPANDING.set(True)
+    try:
+        return repr(selector)
+    finally:
+        _EXPANDING.reset(token)
+
+
 def optional(selector: Any) -> Selector:
     """Mark a selector as allowed to match nothing.
 
@@ -363,3 +414,8 @@ def _(value: bool) -> Selector:
 @coerce.register(tuple)
 def _(value: list | tuple) -> Selector:
     return _AnyOf(tuple(map(coerce, value)))
+
+
+# Strings, regexes and classes coerce by the registrations in `conditions`, which needs
+# this module: imported last, so that any use of a selector has them.
+from . import conditions as _conditions  # noqa: E402, F401
