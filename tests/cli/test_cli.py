@@ -132,7 +132,15 @@ def test_explain_json_schema(capsys, st_file, rules_file):
     data = json.loads(out)
     assert set(data) == {"source", "leaves", "rules", "summary"}
     assert set(data["leaves"][0]) == {"path", "shape", "dtype", "size", "label", "rule", "selector"}
-    assert set(data["rules"][0]) == {"index", "label", "selector", "matched", "decided", "shadowed", "expanded"}
+    assert set(data["rules"][0]) == {
+        "index",
+        "label",
+        "selector",
+        "matched",
+        "decided",
+        "shadowed",
+        "expanded",
+    }
     assert data["summary"] == {
         "no_decay": {"leaves": 4, "elements": 32},
         "frozen": {"leaves": 1, "elements": 40},
@@ -225,7 +233,9 @@ def test_presets_are_shown_by_name_and_written_out_on_request(capsys, npz_file):
     assert status == 0 and "presets.HF[0]" in out and "regex(" not in out
     status, out, _ = cli(capsys, "explain", npz_file, "--preset", "hf", "--summary", "--expand-presets")
     assert status == 0 and "presets.HF[0]" not in out
-    assert "regex('.*(bias|layernorm|rmsnorm|(^|\\\\.)norm($|\\\\.)|_norm($|\\\\.)).*', ignore_case=True)" in out
+    assert (
+        "regex('.*(bias|layernorm|rmsnorm|(^|\\\\.)norm($|\\\\.)|_norm($|\\\\.)).*', ignore_case=True)" in out
+    )
 
 
 def test_an_unknown_preset_is_bad_input(capsys, npz_file):
@@ -239,7 +249,9 @@ def test_the_help_names_every_preset():
     from treeglob._cli.main import _parser
 
     text = _parser()._subparsers._group_actions[0].choices["explain"].format_help()  # type: ignore[union-attr]
-    assert f"{', '.join(list(tg.presets.BY_NAME)[:-1])} or {list(tg.presets.BY_NAME)[-1]}" in " ".join(text.split())
+    assert f"{', '.join(list(tg.presets.BY_NAME)[:-1])} or {list(tg.presets.BY_NAME)[-1]}" in " ".join(
+        text.split()
+    )
 
 
 HELP_WITHOUT_JAX = """

@@ -28,7 +28,17 @@ from .tree import TreeView
 if TYPE_CHECKING:
     from .nodes import NodeView
 
-__all__ = ["BOOL_MESSAGE", "Context", "Selector", "all_of", "any_of", "coerce", "expanded", "named", "optional"]
+__all__ = [
+    "BOOL_MESSAGE",
+    "Context",
+    "Selector",
+    "all_of",
+    "any_of",
+    "coerce",
+    "expanded",
+    "named",
+    "optional",
+]
 
 BOOL_MESSAGE = (
     "A treeglob selector has no truth value. This usually means a comparison "
