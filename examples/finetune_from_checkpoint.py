@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import tempfile
 
 import equinox as eqx
@@ -97,8 +98,11 @@ def main(
     params, static = eqx.partition(train_gpt.build_model(seed), eqx.is_array)
     optimizer = optax.adamw(3e-3, weight_decay=0.1, mask=tg.decay_mask())
     opt_state, step = optimizer.init(params), make_step(optimizer, static)
-    for _, (x, y) in zip(range(pretrain_steps), train, strict=False):
-        params, opt_state, _, _ = step(params, opt_state, x, y)
+    print("compiling the training step (the first step takes a few seconds)...")
+    for i, (x, y) in zip(range(1, pretrain_steps + 1), train, strict=False):
+        params, opt_state, loss, _ = step(params, opt_state, x, y)
+        if i == 1 or i % 100 == 0:
+            print(f"pretrain step {i:4d}  loss {float(loss):.3f}")
     pretrained_loss = float(loss_fn(params, static, *held_out))
     print(f"pretrained {pretrain_steps} steps: held-out loss {pretrained_loss:.4f}")
 
@@ -132,6 +136,7 @@ def main(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, lm
 
+    print("compiling the training step (the first step takes a few seconds)...")
     for i, (x, y) in zip(range(1, steps + 1), train, strict=False):
         params, opt_state, lm = finetune_step(params, opt_state, x, y)
         if i == 1 or i % 25 == 0 or i == steps:
@@ -153,6 +158,7 @@ def main(
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

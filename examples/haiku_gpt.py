@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import haiku as hk
 import jax
@@ -68,6 +69,7 @@ def main(steps: int = 200, seed: int = 0) -> list[float]:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    print("compiling the training step (the first step takes a few seconds)...")
     losses = []
     for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, CONTEXT, seed), strict=False):
         params, opt_state, loss = step(params, opt_state, x, y)
@@ -79,6 +81,7 @@ def main(steps: int = 200, seed: int = 0) -> list[float]:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

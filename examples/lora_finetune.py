@@ -25,6 +25,7 @@ Flax NNX ships its own (`nnx.LoRA`, see `nnx_gpt.py`).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -117,9 +118,12 @@ def train(model: Any, freeze: str, data: np.ndarray, steps: int, seed: int) -> t
     step = make_step(static, optimizer)
     opt_state = optimizer.init(trainable)
     losses = []
-    for _, (x, y) in zip(range(steps), batches(data, 16, 64, seed), strict=False):
+    print("compiling the training step (the first step takes a few seconds)...")
+    for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, 64, seed), strict=False):
         trainable, opt_state, loss = step(trainable, frozen, opt_state, x, y)
         losses.append(float(loss))
+        if i == 1 or i % 100 == 0:
+            print(f"step {i:5d}  loss {losses[-1]:.3f}")
     return eqx.combine(trainable, frozen, static), opt_state, losses
 
 
@@ -177,6 +181,7 @@ def main(
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

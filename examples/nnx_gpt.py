@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,7 @@ def make_train_step(wrt=nnx.Param):
 def train(model, optimizer, steps, data, seed, log_every=50, wrt=nnx.Param):
     losses = []
     train_step = make_train_step(wrt)
+    print("compiling the training step (the first step takes a few seconds)...")
     for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, 64, seed), strict=False):
         losses.append(float(train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y))))
         if i == 1 or i % log_every == 0 or i == steps:
@@ -125,6 +127,7 @@ def main(steps: int = 200, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

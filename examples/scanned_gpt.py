@@ -15,6 +15,7 @@ LR decay with per-layer scale arrays, and the first two layers frozen.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import equinox as eqx
 import jax
@@ -88,6 +89,7 @@ def main(steps: int = 200, depth: int = 6, frozen_layers: int = 2, seed: int = 0
     step = make_step(optimizer, static)
     opt_state = optimizer.init(params)
     start, losses = params, []
+    print("compiling the training step (the first step takes a few seconds)...")
     for i, (x, y) in zip(range(1, steps + 1), batches(data, 16, 64, seed), strict=False):
         params, opt_state, loss, _ = step(params, opt_state, x, y)
         losses.append(float(loss))
@@ -103,6 +105,7 @@ def main(steps: int = 200, depth: int = 6, frozen_layers: int = 2, seed: int = 0
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

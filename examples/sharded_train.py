@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -63,6 +64,7 @@ def run(params, static, optimizer, data, steps, seed, param_shardings=None, batc
     step = make_step(optimizer, static, param_shardings)
     opt_state = optimizer.init(params)
     losses = []
+    print("compiling the training step (the first step takes a few seconds)...")
     for _, (x, y) in zip(range(steps), batches(data, 16, 64, seed), strict=False):
         if batch_sharding is not None:
             x, y = jax.device_put((x, y), batch_sharding)
@@ -105,6 +107,7 @@ def main(steps: int = 20, seed: int = 0) -> tuple[list[float], list[float]]:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

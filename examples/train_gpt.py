@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import pydoc_data.topics
+import sys
 import time
 
 import equinox as eqx
@@ -138,6 +139,7 @@ def main(
     opt_state = optimizer.init(params)
     step = make_step(optimizer, static, metric_rules=tg.presets.DEFAULT)
 
+    print("compiling the training step (the first step takes a few seconds)...")
     losses, start = [], time.perf_counter()
     for i, (x, y) in zip(range(1, steps + 1), batches(data, batch, context, seed), strict=False):
         params, opt_state, loss, metrics = step(params, opt_state, x, y)
@@ -151,6 +153,7 @@ def main(
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -17,6 +17,7 @@ the start, at each unfreezing step and at the end.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import equinox as eqx
 import jax
@@ -144,9 +145,12 @@ def train(params, static, optimizer, classes, steps, seed):
 
     state = optimizer.init(params)
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
+    print("compiling the training step (the first step takes a few seconds)...")
+    for i in range(1, steps + 1):
         idx = rng.integers(0, len(images), 64)
-        params, state, _ = step(params, state, images[idx], labels[idx])
+        params, state, loss = step(params, state, images[idx], labels[idx])
+        if i == 1 or i % 100 == 0:
+            print(f"step {i:5d}  loss {float(loss):.3f}")
     test_x, test_y = bars(1024, classes, seed + 1000)
     accuracy = float(jnp.mean(jnp.argmax(jax.vmap(eqx.combine(params, static))(test_x), -1) == test_y))
     return params, accuracy
@@ -194,6 +198,7 @@ def fine_tuning(steps: int, decay: float) -> tg.Treatment:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line shows as it is printed, also in a pipe
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

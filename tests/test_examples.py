@@ -24,6 +24,8 @@ def run(script, *args, env=None):
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # Each script says what it is doing before its first (compiling) step, not a minute later.
+    assert "compiling the training step" in result.stdout.split("step ", 1)[0] + "step", result.stdout
     return result.stdout
 
 
@@ -106,8 +108,8 @@ def test_haiku_gpt_decays_no_bias_and_no_layer_norm():
     assert last < first - 1.0, out
 
 
-def test_finetune_from_checkpoint_continues_from_the_pretrained_loss():
-    out = run("finetune_from_checkpoint.py", "--pretrain-steps", "30", "--steps", "5")
+def test_finetune_from_checkpoint_continues_from_the_pretrained_loss(tmp_path):
+    out = run("finetune_from_checkpoint.py", "--pretrain-steps", "30", "--steps", "5", "--out", str(tmp_path))
     pretrained = float(re.search(r"held-out loss ([\d.]+)", out).group(1))
     loaded = float(re.search(r"held-out LM loss ([\d.]+)", out).group(1))
     assert abs(pretrained - loaded) < 1e-3, out
@@ -122,3 +124,17 @@ def test_finetune_from_checkpoint_continues_from_the_pretrained_loss():
         r"^exported: model-00001-of-0000\d.safetensors, .*model.safetensors.index.json$", out, re.M
     )
     assert "exported the fine-tuned model to" in out
+
+    # The docstring's command line runs as written, on the checkpoint `--out` kept.
+    doc = (EXAMPLES / "finetune_from_checkpoint.py").read_text().split('"""')[1]
+    command = re.search(r"^ +(treeglob load-plan .*?)$\n^ +(--rules .*)$", doc, re.M)
+    argv = (command[1].rstrip("\\") + " " + command[2]).replace("/tmp/gpt2", str(tmp_path)).split()
+    result = subprocess.run(
+        [sys.executable, "-m", "treeglob", *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=EXAMPLES.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^loaded +38 leaves", result.stdout, re.M), result.stdout

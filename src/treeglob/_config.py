@@ -446,7 +446,7 @@ def _layer_decay(data: Any, origin: str) -> Any:
 
 
 def load_treatment(source: str | pathlib.Path | Mapping[str, Any], *, key: str | None = None) -> Treatment:
-    """Read a `treeglob.Treatment` from a `.toml` or `.json` file, or a dict: one section per aspect.
+    """Read a `treeglob.Treatment` from a `.toml` or `.json` file, or a dict: one section per aspect::
 
         learning_rate = {schedule = "warmup_cosine_decay", init_value = 0.0, peak_value = 1e-3,
                          warmup_steps = 100, decay_steps = 10000}

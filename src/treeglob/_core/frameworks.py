@@ -368,7 +368,7 @@ def stacked_layers(model: Any) -> dict[str, int]:
     """The `stacked=` mapping a model declares for the parameters training reads.
 
     A penzai `LayerStack` names the axis its layers are stacked along; once
-    the parameters are unbound (the tuple of `ParameterValue`s penzai's
+    the parameters are unbound (the tuple of `ParameterValue` objects penzai's
     trainer hands optax) nothing in them says so, and a stacked norm scale of
     shape `(layers, dim)` would pass for a matrix. Haiku's `hk.layer_stack`
     keeps its stacked parameters under a module named `__layer_stack_...`.

@@ -364,7 +364,7 @@ def modules(
             their layers are listed one by one, `blocks.0.attn`, ...
 
     Returns:
-        A `Modules`: `ModuleRow`s (path, type, leaves, module, layer) in
+        A `Modules`: one `ModuleRow` (path, type, leaves, module, layer) per module, in
         tree order, which prints as a table.
 
     Examples:

@@ -501,7 +501,7 @@ def labels(
         rules: a sequence of `(selector, label)` pairs, or a dict
             `{label: selector}` (insertion order). Labels are any PyTree leaf:
             strings for `optax.partition`, numbers for multipliers,
-            `PartitionSpec`s for sharding.
+            `PartitionSpec` values for sharding.
         default: the label of leaves no rule matches. Without it, such a
             leaf is an error that lists the uncovered paths.
         strict: raise `NoMatchError` when a rule (or a negated operand in

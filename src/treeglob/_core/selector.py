@@ -397,7 +397,7 @@ def coerce(value: Any) -> Selector:
     """Turn a plain Python value into a selector where that is unambiguous.
 
     Selectors, bools, lists and tuples are handled here; `conditions.py`
-    registers strings (globs, `re:` regexes), `re.Pattern`s and classes.
+    registers strings (globs, `re:` regexes), `re.Pattern` objects and classes.
     """
     hint = getattr(value, "coerce_hint", "")
     if not hint and isinstance(value, int):

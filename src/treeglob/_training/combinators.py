@@ -36,7 +36,7 @@ def masked(
 
     The mask is computed from the params given to `init` and from the
     updates given to `update`, so it always has their exact structure, also
-    inside other combinators (where masked-out leaves are `MaskedNode`s).
+    inside other combinators (where masked-out leaves are `MaskedNode` values).
     Unselected leaves pass through unchanged and get no inner state.
 
     Args:

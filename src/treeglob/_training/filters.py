@@ -73,7 +73,7 @@ def nnx_filter(
     Use it wherever NNX takes a filter: `nnx.state(model, f)`,
     `nnx.split(model, f, ...)`, `nnx.DiffState(0, f)`,
     `nnx.Optimizer(model, tx, wrt=f)`. The selector is resolved on the
-    model's `variables` (its `nnx.Param`s, LoRA's `nnx.LoRAParam`s among them,
+    model's `variables` (its `nnx.Param` variables, LoRA's `nnx.LoRAParam` among them,
     unless told otherwise) with the model's module types, as
     `treeglob.mask(nnx.state(model, variables), selector, types_from=model)`:
     `tg.inside(nnx.LayerNorm)`, `"blocks.{0..5}"` and `nnx.LoRAParam` all

@@ -158,8 +158,8 @@ def summarize(
             subtree, keyed by the layer's path (`blocks.3`).
 
     Returns:
-        A flat dict `{"<prefix>/<stat>/<label>": scalar array}` (without the
-        prefix part when `prefix` is empty).
+        A flat dict from `"<prefix>/<stat>/<label>"` to a scalar array (without
+        the prefix part when `prefix` is empty).
 
     Examples:
         >>> import jax.numpy as jnp, treeglob

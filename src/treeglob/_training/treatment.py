@@ -69,7 +69,7 @@ class Treatment:
             for the rest), as `treeglob.weight_decay`.
         unfreeze: the step each leaf trains from (0 for the rest), as
             `treeglob.gradual_unfreeze`.
-        sharding: `PartitionSpec`s (replicated for the rest), as `treeglob.shardings`.
+        sharding: `PartitionSpec` rules (replicated for the rest), as `treeglob.shardings`.
         labels: names of the groups, shown in the table (e.g. a weight-decay
             preset's labels); every leaf needs one.
         stacked: `{path: axes}` for stacked layers, for every aspect.
