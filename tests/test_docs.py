@@ -21,7 +21,9 @@ def test_every_python_block_of_every_page_is_a_doctest():
     # A block of Python without prompts would be shown without ever being run.
     for page in PAGES:
         for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S):
-            assert block.startswith(">>> "), f"{page.relative_to(ROOT)}: a Python block without >>>: {block[:80]!r}"
+            assert block.startswith(">>> "), (
+                f"{page.relative_to(ROOT)}: a Python block without >>>: {block[:80]!r}"
+            )
 
 
 def test_every_page_links_only_to_pages_that_exist():
