@@ -14,7 +14,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.suffix != ".md" or "docs" not in item.path.parts:
             continue
         missing = sorted(
-            {name for name in _IMPORTS.findall(item.path.read_text()) if importlib.util.find_spec(name) is None}
+            {
+                name
+                for name in _IMPORTS.findall(item.path.read_text())
+                if importlib.util.find_spec(name) is None
+            }
         )
         if missing:
             item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}"))
