@@ -1,5 +1,7 @@
 """Export under a checkpoint's names: `save` with the load rules, undone."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,6 +44,11 @@ GPT2_RENAMES = [
         ),
         # A quoted segment stays one segment.
         ([("^a", "b")], 'b."c.d"', ['a."c.d"']),
+        # Anchored at the end: the `$` is no part of the name written back.
+        ([("ln_{n}$", "ln{n}")], "blocks.0.ln1", ["blocks.0.ln_1"]),
+        ([("ln_{n}$", "ln{n}")], "ln1.w", ["ln1.w"]),
+        ([("^h.{i}$", "b{i}")], "b3", ["h.3"]),
+        ([("^h.{i}$", "b{i}")], "x.b3", ["x.b3"]),
     ],
 )
 def test_rename_rules_undone(rules, path, names):
@@ -52,9 +59,19 @@ def test_rename_rules_undone(rules, path, names):
     "rule, message",
     [
         (("re:^h\\.", "blocks."), "a regex has no inverse; write it as a glob with {name} captures"),
-        (("h.*.ln", "norm"), "its pattern 'h.\\*.ln' has wildcards"),
+        (
+            ("h.*.ln", "norm"),
+            re.escape(
+                "its pattern 'h.*.ln' has wildcards, braces or escapes, so the names it stands for are not "
+                "known; write the segments out, capturing what varies with {name}"
+            ),
+        ),
         (("h.{0..3}", "early"), "has wildcards, braces or escapes"),
-        (("h.{i}.w", "w"), "the replacement 'w' does not use each capture of the pattern exactly once"),
+        (
+            ("h.{i}.w", "w"),
+            "the replacement 'w' does not use each capture of the pattern exactly once, so what it "
+            "matched cannot be written back \\(for 2: blocks.0.w, w\\)",
+        ),
     ],
 )
 def test_a_rule_that_cannot_be_undone_says_why(tmp_path, rule, message):
@@ -317,3 +334,31 @@ def test_nested_tuples_of_transforms_are_undone_step_by_step(tmp_path):
     assert load_file(tmp_path / "x.safetensors")["w"].shape == (2, 3)
     back, _ = tg.load({"w": np.zeros((1, 3, 2), np.float32)}, tmp_path / "x.safetensors", **rules)
     np.testing.assert_array_equal(back["w"], model["w"])
+
+
+def test_a_rule_that_cannot_be_undone_stops_a_path_only_with_all_its_literal_pieces(tmp_path):
+    # "blocks.0.bias" holds "blocks." but not ".weight": the regex cannot have written it.
+    model = {"blocks": [{"bias": np.ones(2)}]}
+    rule = (r"re:^layer(\d+)$", "blocks.{1}.weight")
+    assert tg.save(tmp_path / "x.safetensors", model, rename=[rule], strict=False) == ["blocks.0.bias"]
+
+
+@pytest.mark.parametrize(
+    "rule, shown",
+    [
+        (("nothing", ("a", "b")), "rename rule 0 ('nothing' -> ('a', 'b'))"),
+        ((re.compile("nothing", re.I), "a"), "rename rule 0 (re.compile('nothing', re.IGNORECASE) -> 'a')"),
+    ],
+)
+def test_a_rule_is_named_with_every_replacement_and_a_compiled_regex_with_its_flags(tmp_path, rule, shown):
+    checkpoint = tmp_path / "c.safetensors"
+    tg.save(checkpoint, {"w": np.ones(2)})
+    with pytest.raises(tg.NoMatchError, match=re.escape(shown) + " matches no checkpoint name"):
+        tg.load_plan({"w": np.ones(2)}, checkpoint, rename=[rule])
+
+
+def test_a_regex_group_that_took_part_in_no_match_writes_nothing(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    tg.save(checkpoint, {"b": np.ones(2)})
+    model, report = tg.load({"xy": np.zeros(2)}, checkpoint, rename=[("re:(a)?b", "x{1}y")])
+    assert report.ok and model["xy"].tolist() == [1.0, 1.0]

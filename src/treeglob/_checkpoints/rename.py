@@ -167,8 +167,7 @@ class RenameRule:
 
     def describe(self) -> str:
         shown = self.replacements[0] if len(self.replacements) == 1 else self.replacements
-        pattern = self.pattern if isinstance(self.pattern, str) else f"re.compile({self.pattern.pattern!r})"
-        return f"rename rule {self.index} ({pattern!r} -> {shown!r})"
+        return f"rename rule {self.index} ({self.pattern!r} -> {shown!r})"  # a compiled regex with its flags
 
     def apply(self, name: str) -> list[str] | None:
         """The names `name` (a printed path) becomes, or None where the rule does not match it."""
