@@ -28,7 +28,8 @@ myst_heading_anchors = 3
 # The docstrings' signatures carry the types; the descriptions say what they mean.
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": False}
+# Defaults as written (`rules=presets.DEFAULT`), not as their long reprs.
+autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 

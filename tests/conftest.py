@@ -1,9 +1,7 @@
 """Shared fixtures: a tiny Equinox Transformer and a mixed container tree; hypothesis profiles."""
 
-import importlib.util
 import os
 import pathlib
-import re
 from typing import NamedTuple
 
 import equinox as eqx
@@ -21,20 +19,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: The repository: README.md, examples/, benchmarks/, src/.
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-# The documentation's pages run as doctests; a page whose examples import a framework
-# that is not installed (the run with the core dependencies alone) is skipped, not failed.
-_FRAMEWORK_IMPORTS = re.compile(r"^>>> (?:import|from) (flax|haiku|penzai|orbax)\b", re.MULTILINE)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.suffix != ".md":
-            continue
-        imported = set(_FRAMEWORK_IMPORTS.findall(item.path.read_text()))
-        missing = sorted(name for name in imported if importlib.util.find_spec(name) is None)
-        if missing:
-            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}"))
 
 
 def load_plan_command(model, checkpoint, *options):

@@ -1,12 +1,10 @@
 """treeglob: select PyTree leaves by path, layer type and array metadata."""
 
 import importlib
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    # The rest is imported on first use (`__getattr__`), so that `import treeglob`
-    # costs little more than jax, equinox and optax: the report, the recipes and
-    # their presets, metrics, sharding, rules files, checkpoints.
     from . import presets as presets
     from ._checkpoints.load_report import LoadReport as LoadReport, LoadRow as LoadRow
     from ._checkpoints.transfer import load as load, load_plan as load_plan, save as save
@@ -129,10 +127,16 @@ _LAZY = {
 }
 
 
+# First uses from several threads import one at a time: JAX's own modules cannot be
+# imported by two threads at once (each would see the other's half-initialised modules).
+_IMPORTING = threading.RLock()
+
+
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is not None:
-        loaded = importlib.import_module(module, __name__)
+        with _IMPORTING:
+            loaded = importlib.import_module(module, __name__)
         value = loaded if module == "." + name else getattr(loaded, name)
     elif name == "__version__":
         from importlib.metadata import version  # reading the installed metadata takes a millisecond

@@ -35,11 +35,14 @@ __all__ = [
     "BY_NAME",
     "CONV_KERNELS",
     "DEFAULT",
+    "DEFAULT_NO_DECAY",
     "EMBED_NAMES",
     "HF",
+    "HF_NO_DECAY",
     "NANOGPT",
     "NORM_NAMES",
     "TIMM",
+    "TIMM_NO_DECAY",
     "TIMM_BEIT_LAYERS",
     "TIMM_CONVNEXT_LAYERS",
     "TIMM_DEIT_LAYERS",
@@ -90,25 +93,21 @@ _EVERYTHING_ELSE = glob("**")
 #: learned tokens (by type and by their own name; not a patch-embedding
 #: convolution, named `patch_embed*` or 4-D) and any parameter with at most
 #: one dimension; decay for the rest.
-DEFAULT = [
-    (
-        named(
-            "presets.DEFAULT[0]",
-            optional(
-                any_of(
-                    glob("{bias,b}$"),
-                    inside(*NORM_LAYERS),
-                    own_name(NORM_NAMES),
-                    inside(eqx.nn.Embedding),
-                    own_name(EMBED_NAMES) - optional(any_of(glob("patch_embed*"), CONV_KERNELS)),
-                    ndim <= 1,
-                )
-            ),
-        ),
-        "no_decay",
+DEFAULT_NO_DECAY = named(
+    "presets.DEFAULT_NO_DECAY",
+    optional(
+        any_of(
+            glob("{bias,b}$"),
+            inside(*NORM_LAYERS),
+            own_name(NORM_NAMES),
+            inside(eqx.nn.Embedding),
+            own_name(EMBED_NAMES) - optional(any_of(glob("patch_embed*"), CONV_KERNELS)),
+            ndim <= 1,
+        )
     ),
-    (_EVERYTHING_ELSE, "decay"),
-]
+)
+#: The usual exclusions as a rule list: `DEFAULT_NO_DECAY` (shown by that name in reports), then `decay`.
+DEFAULT = [(DEFAULT_NO_DECAY, "no_decay"), (_EVERYTHING_ELSE, "decay")]
 
 #: nanoGPT (`configure_optimizers`): decay every parameter with `ndim >= 2`.
 NANOGPT = [
@@ -119,10 +118,9 @@ NANOGPT = [
 #: timm `param_groups_weight_decay`: no decay for `ndim <= 1` and for names
 #: ending in `.bias`. timm's `no_weight_decay_list` holds exact names: put
 #: them in front, e.g. `[(treeglob.optional(["^pos_embed$", "^cls_token$"]), "no_decay"), *TIMM]`.
-TIMM = [
-    (named("presets.TIMM[0]", optional(any_of(ndim <= 1, glob("*.bias$")))), "no_decay"),
-    (_EVERYTHING_ELSE, "decay"),
-]
+TIMM_NO_DECAY = named("presets.TIMM_NO_DECAY", optional(any_of(ndim <= 1, glob("*.bias$"))))
+#: The rule list: `TIMM_NO_DECAY` (shown by that name in reports), then `decay`.
+TIMM = [(TIMM_NO_DECAY, "no_decay"), (_EVERYTHING_ELSE, "decay")]
 
 #: Hugging Face `Trainer.get_decay_parameter_names`: no decay inside
 #: `LayerNorm` layers or for names that contain, in any case, `bias`,
@@ -131,23 +129,19 @@ TIMM = [
 #: (Flax, Haiku, a checkpoint) the layer norms are found by their own name, as
 #: HF's Flax examples do (`ln_1`, `ln_f`, `layer_norm`, `LayerNorm_0`), and
 #: Haiku's bias `b` counts as a bias.
-HF = [
-    (
-        named(
-            "presets.HF[0]",
-            optional(
-                any_of(
-                    inside(eqx.nn.LayerNorm),
-                    regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
-                    own_name("{ln,ln_*,ln[0-9]*,*_ln,*layernorm*,*layer_norm*}"),
-                    glob("b$"),
-                )
-            ),
-        ),
-        "no_decay",
+HF_NO_DECAY = named(
+    "presets.HF_NO_DECAY",
+    optional(
+        any_of(
+            inside(eqx.nn.LayerNorm),
+            regex(r".*(bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)).*", ignore_case=True),
+            own_name("{ln,ln_*,ln[0-9]*,*_ln,*layernorm*,*layer_norm*}"),
+            glob("b$"),
+        )
     ),
-    (_EVERYTHING_ELSE, "decay"),
-]
+)
+#: The rule list: `HF_NO_DECAY` (shown by that name in reports), then `decay`.
+HF = [(HF_NO_DECAY, "no_decay"), (_EVERYTHING_ELSE, "decay")]
 
 # ----------------------------------------------------------------------------
 # Layer groupings for `treeglob.layer_decay`, transcribed from the `group_matcher`

@@ -25,6 +25,15 @@ def test_the_registry_holds_the_formats_treeglob_reads_and_writes():
     )
 
 
+@pytest.mark.parametrize("entry", FORMATS, ids=lambda f: f.name)
+def test_every_format_names_a_reader_and_writer_its_module_has(entry):
+    # The registry names them as text (so that it imports no reader): each must exist.
+    if entry.name == "orbax":
+        pytest.importorskip("orbax.checkpoint")
+    for name in (entry.reader, entry.writer, entry.claims):
+        assert not name or callable(entry._attribute(name)), (entry.name, name)
+
+
 @pytest.mark.parametrize("suffix", WRITABLE)
 def test_save_picks_the_writer_by_suffix_and_load_reads_it_back(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"

@@ -213,7 +213,7 @@ def test_summary_shows_the_rules_their_problems_and_the_counts_without_the_leave
         "rule  label     matched  decided  selector",
         "   0  frozen          1        1  glob('embed')",
         "   1  x               0        0  glob('nothing')  (optional: matches nothing)",
-        "   2  no_decay        5        4  presets.DEFAULT[0]",
+        "   2  no_decay        5        4  presets.DEFAULT_NO_DECAY",
         "   3  decay           8        3  glob('**')",
         "",
         "label     leaves  elements  share",
@@ -224,15 +224,18 @@ def test_summary_shows_the_rules_their_problems_and_the_counts_without_the_leave
     status, out, _ = cli(capsys, *argv, "--summary", "--no-strict", "--json")
     data = json.loads(out)
     assert "leaves" not in data and [r["decided"] for r in data["rules"]] == [1, 0, 4, 3]
-    assert data["rules"][2]["selector"] == "presets.DEFAULT[0]"
+    assert data["rules"][2]["selector"] == "presets.DEFAULT_NO_DECAY"
     assert data["rules"][2]["expanded"].startswith("optional(any_of(glob('{bias,b}$'), inside(LayerNorm")
+    assert data["rules"][0]["expanded"] == ""  # nothing named in it
+    status, out, _ = cli(capsys, *argv, "--summary", "--no-strict", "--json", "--expand-presets")
+    assert json.loads(out)["rules"][2]["selector"] == data["rules"][2]["expanded"]
 
 
 def test_presets_are_shown_by_name_and_written_out_on_request(capsys, npz_file):
     status, out, _ = cli(capsys, "explain", npz_file, "--preset", "hf", "--summary")
-    assert status == 0 and "presets.HF[0]" in out and "regex(" not in out
+    assert status == 0 and "presets.HF_NO_DECAY" in out and "regex(" not in out
     status, out, _ = cli(capsys, "explain", npz_file, "--preset", "hf", "--summary", "--expand-presets")
-    assert status == 0 and "presets.HF[0]" not in out
+    assert status == 0 and "presets.HF_NO_DECAY" not in out
     assert (
         "regex('.*(bias|layernorm|rmsnorm|(^|\\\\.)norm($|\\\\.)|_norm($|\\\\.)).*', ignore_case=True)" in out
     )

@@ -422,6 +422,36 @@ def test_a_first_use_of_one_name_coerces_patterns(first_use):
     assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr[-3000:]
 
 
+TWO_THREADS = """
+import threading, treeglob as tg
+barrier, errors = threading.Barrier(2), []
+def run(first_use):
+    barrier.wait()
+    try:
+        first_use()
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [
+    threading.Thread(target=run, args=(lambda: tg.glob,)),
+    threading.Thread(target=run, args=(lambda: tg.mask({"a": 1, "b": 2}, "a"),)),
+]
+for t in threads: t.start()
+for t in threads: t.join()
+print(errors)
+"""
+
+
+@pytest.mark.slow
+def test_two_threads_using_treeglob_first_at_once_both_succeed():
+    # One thread importing the conditions while another coerces a string: the coercion
+    # waits for the registrations instead of finding none (seen 15 times in 20 before).
+    for _ in range(5):
+        result = subprocess.run(
+            [sys.executable, "-c", TWO_THREADS], capture_output=True, text=True, timeout=120
+        )
+        assert (result.returncode, result.stdout) == (0, "[]\n"), result.stdout + result.stderr[-3000:]
+
+
 def test_ordinary_trees_take_the_structure_from_the_treedef():
     # The key paths are a fallback for custom nodes that refuse placeholder leaves
     # (and for the jax releases that cannot rebuild one level of a treedef).

@@ -53,7 +53,8 @@ class Format:
         writer: the module's writer, `write(path, [(name, shape, dtype), ...], read)` with
             `read(k)` giving the k-th tensor; "" where treeglob does not write the format.
         claims: the module's test of whether it reads a directory (asked in `FORMATS`
-            order); "" where it reads any directory; None where it reads none.
+            order), or "" where it reads no directory.
+        any_directory: it reads every directory no format before it claims.
         directory: how help and messages name such a directory.
     """
 
@@ -62,7 +63,8 @@ class Format:
     module: str
     reader: str
     writer: str = ""
-    claims: str | None = None
+    claims: str = ""
+    any_directory: bool = False
     directory: str = ""
 
     def _attribute(self, name: str) -> Any:
@@ -82,7 +84,7 @@ class Format:
         self._attribute(self.writer)(path, listed, read)
 
     def reads_directory(self, path: pathlib.Path) -> bool:
-        return self.claims is not None and (not self.claims or self._attribute(self.claims)(path))
+        return self.any_directory or (bool(self.claims) and self._attribute(self.claims)(path))
 
 
 FORMATS: tuple[Format, ...] = (
@@ -96,7 +98,9 @@ FORMATS: tuple[Format, ...] = (
         claims="holds_shards",
         directory="a directory of .safetensors shards",
     ),
-    Format("orbax", "", "orbax", "OrbaxCheckpoint", claims="", directory="an orbax checkpoint directory"),
+    Format(
+        "orbax", "", "orbax", "OrbaxCheckpoint", any_directory=True, directory="an orbax checkpoint directory"
+    ),
 )
 
 

@@ -27,16 +27,14 @@ from .formats import INDEX_SUFFIX
 from .safetensors import SafetensorsCheckpoint, TensorInfo, write
 
 __all__ = [
-    "open_path",
     "ShardedCheckpoint",
     "holds_shards",
     "open_files",
     "open_index",
+    "open_path",
     "remove_stale",
     "write_sharded",
 ]
-
-#: How a Hugging Face index file's name ends (`model.safetensors.index.json`).
 
 
 class ShardedCheckpoint(Checkpoint):

@@ -89,6 +89,9 @@ def _check(
         print(report.format(width=width, color=color, leaves=not args.summary, expand=args.expand_presets))
         return {}
     data = report.to_dict(rows=[])
+    if args.expand_presets:
+        for rule in data["rules"]:
+            rule["selector"] = rule["expanded"] or rule["selector"]
     if args.summary:
         del data["leaves"]
     else:  # the leaves as columns, as the report holds them: no dict per leaf (in its place, first)

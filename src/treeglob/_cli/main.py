@@ -1,7 +1,7 @@
 """`treeglob` / `python -m treeglob`: dry-run an optimizer configuration before training.
 
     treeglob paths SOURCE [--filter PATTERN] [--json]
-    treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--json]
+    treeglob explain SOURCE --rules FILE | --rule LABEL=PATTERN ... | --preset NAME [--summary] [--json]
     treeglob load-plan MODEL CHECKPOINT [--rename FROM=TO ...] [--skip PATTERN ...] [--rules FILE] [--json]
     treeglob convert MODEL CHECKPOINT OUT [load-plan's rules] [--export-rules FILE] [--max-shard-size 5GB]
     treeglob treatment SOURCE --rules FILE [--steps 0,1000,...] [--json]

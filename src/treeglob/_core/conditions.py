@@ -108,9 +108,9 @@ class _Regex(Selector):
         )
 
     def __repr__(self) -> str:
-        case = ", ignore_case=True" if self.flags & re.IGNORECASE else ""
-        others = self.flags & ~(re.IGNORECASE | re.UNICODE)  # a compiled pattern's own flags
-        return f"regex({self.pattern!r}{case}" + (f", flags={re.RegexFlag(others)!r}" if others else "") + ")"
+        if self.flags & ~(re.IGNORECASE | re.UNICODE):  # a compiled pattern's other flags
+            return f"regex({self.compiled!r})"
+        return f"regex({self.pattern!r}" + (", ignore_case=True" if self.flags & re.IGNORECASE else "") + ")"
 
 
 def glob(pattern: str, *, ignore_case: bool = False) -> Selector:

@@ -36,7 +36,8 @@ class RuleRow:
     """One rule: how many leaves it matched and how many it decided.
 
     `selector` is its repr, in which a preset's long rule is one name
-    (`presets.DEFAULT[0]`); `expanded` writes such names out.
+    (`presets.DEFAULT_NO_DECAY`); `expanded` writes such names out ("" where the
+    selector names none).
     """
 
     index: int
@@ -45,7 +46,7 @@ class RuleRow:
     matched: int
     decided: int
     shadowed: bool
-    expanded: str
+    expanded: str = ""
 
 
 def _key(label: Any) -> Any:
@@ -112,6 +113,7 @@ class Explanation:
         view, rules, decided = resolution.view, resolution.rules, resolution.decided
         # One repr per rule, not per row; per row an index into them (-1: the default).
         selectors = [repr(r.selector) for r in rules]
+        written = [expanded(r.selector) for r in rules]  # with the presets' named rules written out
         rule_rows = tuple(
             RuleRow(
                 index=r.index,
@@ -120,7 +122,7 @@ class Explanation:
                 matched=int(m.sum()),
                 decided=int((decided == r.index).sum()),
                 shadowed=r.index in resolution.shadowed,
-                expanded=expanded(r.selector),
+                expanded=written[r.index] if written[r.index] != selectors[r.index] else "",
             )
             for r, m in zip(rules, resolution.matches, strict=True)
         )
@@ -226,7 +228,7 @@ class Explanation:
             rows: the leaf rows to show (e.g. a filtered subset of `rows`); all by default.
             leaves: False for the summary alone: the rules with their hits and
                 problems (shadowed, matching nothing), and the counts per label.
-            expand: write out the presets' rules shown by name (`presets.DEFAULT[0]`).
+            expand: write out the presets' rules shown by name (`presets.DEFAULT_NO_DECAY`).
         """
         labels = [str(label) for label in self.summary]
         lines = self._leaf_lines(rows, width, painter(color, labels, 4)) if leaves else []
@@ -235,7 +237,7 @@ class Explanation:
             for r in self.rules:
                 mark = "  (shadowed: earlier rules take all its leaves)" if r.shadowed else ""
                 mark = "  (optional: matches nothing)" if r.matched == 0 else mark
-                selector = r.expanded if expand else r.selector
+                selector = (expand and r.expanded) or r.selector
                 rules.append((str(r.index), str(r.label), str(r.matched), str(r.decided), selector + mark))
             lines += [""] * bool(lines) + render_table(
                 rules, right={0, 2, 3}, long=4, width=width, paint=painter(color, labels, 1), wrap=True
@@ -248,7 +250,7 @@ class Explanation:
             )
         return "\n".join(
             lines
-            + [""]
+            + [""] * bool(lines)
             + render_table(summary, right={1, 2, 3}, long=0, width=width, paint=painter(color, labels, 0))
         )
 
