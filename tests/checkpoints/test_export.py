@@ -362,3 +362,16 @@ def test_a_regex_group_that_took_part_in_no_match_writes_nothing(tmp_path):
     tg.save(checkpoint, {"b": np.ones(2)})
     model, report = tg.load({"xy": np.zeros(2)}, checkpoint, rename=[("re:(a)?b", "x{1}y")])
     assert report.ok and model["xy"].tolist() == [1.0, 1.0]
+
+
+def test_a_replacement_field_the_pattern_does_not_capture_lists_the_captures(tmp_path):
+    checkpoint = tmp_path / "c.safetensors"
+    tg.save(checkpoint, {"h": [{"ln_1": np.ones(2)}]})
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rename rule 0 ('h.{i}.ln_{n}' -> 'b.{j}'): the replacement uses {j}, which the pattern does "
+            "not capture (captures: {i}, {n})."
+        ),
+    ):
+        tg.load_plan({"b": [np.ones(2)]}, checkpoint, rename=[("h.{i}.ln_{n}", "b.{j}")])
