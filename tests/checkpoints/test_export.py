@@ -49,6 +49,9 @@ GPT2_RENAMES = [
         ([("ln_{n}$", "ln{n}")], "ln1.w", ["ln1.w"]),
         ([("^h.{i}$", "b{i}")], "b3", ["h.3"]),
         ([("^h.{i}$", "b{i}")], "x.b3", ["x.b3"]),
+        # Found but not verified: `a.a.c` would become `b.a.c` (the leftmost `a`), and
+        # `a.b.c` itself would be renamed. No name of the checkpoint can become `a.b.c`.
+        ([("a.{x}", "b.{x}")], "a.b.c", []),
     ],
 )
 def test_rename_rules_undone(rules, path, names):

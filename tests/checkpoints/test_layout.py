@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 import treeglob as tg
 from treeglob._checkpoints import safetensors
-from treeglob._checkpoints.layout import box, byte_runs, run_count
+from treeglob._checkpoints.layout import box, byte_runs, extent, run_count, slices, whole
 
 
 @pytest.mark.parametrize(
@@ -31,6 +31,24 @@ from treeglob._checkpoints.layout import box, byte_runs, run_count
 def test_byte_runs(shape, index, offsets, length):
     got, run = byte_runs(shape, 4, box(index, shape))
     assert (got.tolist(), run) == (offsets, length)
+    assert got.dtype == np.int64  # offsets past 2 GiB fit
+
+
+@pytest.mark.parametrize(
+    ("index", "shape", "where"),
+    [
+        ((slice(1, 3), slice(2, 6)), (4, 6), ((1, 3), (2, 6))),
+        (slice(1, 3), (4, 6), ((1, 3), (0, 6))),  # one slice, not in a tuple
+        (Ellipsis, (4, 6), ((0, 4), (0, 6))),
+        ((slice(3, 1),), (4,), ((3, 3),)),  # an empty slice stays empty
+    ],
+)
+def test_a_box_and_its_extent_and_slices(index, shape, where):
+    assert box(index, shape) == where
+    assert extent(where) == tuple(stop - start for start, stop in where)
+    assert np.zeros(shape)[slices(where)].shape == extent(where)
+    assert box(slices(where), shape) == where
+    assert extent(whole(shape)) == shape and box(Ellipsis, shape) == whole(shape)
 
 
 @st.composite
@@ -59,6 +77,8 @@ def test_a_shard_index_with_a_step_is_refused():
         box((slice(None, None, 2),), (4,))
     with pytest.raises(TypeError, match="a shard index is made of slices, got 1"):
         box((1,), (4,))
+    with pytest.raises(ValueError, match="a shard index of 3 slices for a tensor of 2 dimensions"):
+        box((slice(None),) * 3, (4, 6))
 
 
 def bytes_read() -> int:

@@ -29,6 +29,8 @@ def box(index: Any, shape: tuple[int, ...]) -> Box:
         index = ()
     elif not isinstance(index, tuple):
         index = (index,)
+    if len(index) > len(shape):
+        raise ValueError(f"a shard index of {len(index)} slices for a tensor of {len(shape)} dimensions")
     out = []
     for size, part in zip(shape, (*index, *[slice(None)] * (len(shape) - len(index))), strict=True):
         if not isinstance(part, slice):

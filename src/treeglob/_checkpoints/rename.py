@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from .._core.errors import NoMatchError, suggest_path
 from .._core.keys import quote, split_path
 from .._core.pattern import compile_glob, compile_regex
-from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Alt, Lit, SegmentMatcher
+from .._core.segment import ANY1, ANY_SEGMENTS, STAR, Lit, SegmentMatcher
 
 __all__ = ["RenameRule", "apply_renames", "most_renamed", "pairs", "parse_renames", "undo_renames"]
 
@@ -126,11 +126,20 @@ def _compile_glob(pattern: str) -> tuple[_SegmentGlob, list[str]]:
     except ValueError as exc:
         raise ValueError(str(exc).replace(repr(same_length), repr(pattern))) from None
     compiled = compile_glob(_CAPTURE.sub(lambda m: _OPEN + m.group(1) + _CLOSE, pattern))
-    alternatives = tuple(tuple(_token(t, pattern) for t in tokens) for tokens in compiled.alternatives)
+    alternatives = tuple(tuple(map(_token, tokens)) for tokens in compiled.alternatives)
+    for tokens in alternatives:
+        # A capture inside braces is missing from the other alternatives (`{a,{i}}.w`, or
+        # within a segment, `h{a,{i}}`), which then could not fill the replacement.
+        held = [name for token in tokens if token.captures is not None for name in token.captures.groupindex]
+        if sorted(held) != sorted(names):
+            raise ValueError(
+                f"rename pattern {pattern!r}: a capture cannot stand inside braces; capture the "
+                "segment, or write one rule per alternative."
+            )
     return _SegmentGlob(alternatives, compiled.anchored_start, compiled.anchored_end), names
 
 
-def _token(token: Any, pattern: str) -> _Token:
+def _token(token: Any) -> _Token:
     if token is ANY_SEGMENTS:
         return _Token(None, None)
     items, plain, regex = list(token.items), [], []
@@ -143,11 +152,6 @@ def _token(token: Any, pattern: str) -> _Token:
             plain += [ANY1, STAR]  # a capture takes one character at least
             regex.append(f"(?P<{name}>.+)")
         else:
-            if isinstance(item, Alt) and _OPEN in repr(item):
-                raise ValueError(
-                    f"rename pattern {pattern!r}: a capture cannot stand inside braces; capture the "
-                    "segment, or write one rule per alternative."
-                )
             plain.append(item)
             regex.append(SegmentMatcher((item,)).regex(any_char="."))
     if len(plain) == len(token.items):

@@ -1,0 +1,30 @@
+"""tools/mutation_scores.py: the per-module scores of docs/development.md, from mutmut's records."""
+
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import mutation_scores  # noqa: E402
+
+
+def test_scores_count_timeouts_as_killed_and_leave_out_equivalents(tmp_path, capsys):
+    meta = tmp_path / "mutants" / "src" / "pkg" / "mod.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"pkg.mod.x_f__mutmut_1": 1, "pkg.mod.x_f__mutmut_2": -24, "pkg.mod.x_f__mutmut_3": 0}
+    codes |= {"pkg.mod.x_f__mutmut_4": 0, "pkg.mod.x_f__mutmut_5": 33, "pkg.mod.x_f__mutmut_6": None}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    equivalent = tmp_path / "equivalent.toml"
+    equivalent.write_text('["pkg.mod"]\nx_f__mutmut_4 = "why"\nx_g__mutmut_1 = "gone"\n')
+    args = ["--mutants", str(tmp_path / "mutants"), "--equivalent", str(equivalent)]
+    assert mutation_scores.main(args) == 0
+    out, err = capsys.readouterr()
+    # 6 mutants, 5 run: killed 1 + timeout 1 of 5 - 1 equivalent; a mutant no test reaches survives.
+    assert out.splitlines()[-1] == "| pkg.mod | 6 | 5 | 1 | 1 | 1 | 1 | 1 | 50.0% |"
+    assert "pkg.mod.x_g__mutmut_1" in err  # an equivalent that is no longer a mutant
+    assert mutation_scores.main([*args, "--survivors", "pkg.mod"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "pkg.mod.x_f__mutmut_3 survived",
+        "pkg.mod.x_f__mutmut_5 no tests",
+    ]

@@ -1,0 +1,91 @@
+"""Per-module mutation scores from a mutmut run (see docs/development.md).
+
+Reads what `mutmut run` recorded beside the mutants (`mutants/src/**/*.meta`) and the
+equivalent mutants listed with their reasons in `tools/equivalent_mutants.toml`, and
+prints one row per module:
+
+    python tools/mutation_scores.py            # a Markdown table
+    python tools/mutation_scores.py --survivors treeglob._core.pattern
+
+A module's score is killed / (run - equivalent): a timeout counts as killed (the mutant
+changed behaviour enough to loop or stall), a mutant no test reaches counts as survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# mutmut's exit codes (mutmut/stats.py), grouped the way the score reads them.
+KILLED = {
+    1: "killed",
+    3: "killed",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+}
+SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+NOT_RUN = {None, 2}  # 2: the run was stopped while this mutant's tests ran
+
+
+def outcomes(mutants: Path) -> dict[str, dict[str, int | None]]:
+    """Exit code of every mutant, by module name."""
+    by_module = {}
+    for meta in sorted((mutants / "src").rglob("*.py.meta")):
+        module = ".".join(meta.relative_to(mutants / "src").with_suffix("").with_suffix("").parts)
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        if codes:
+            by_module[module.removesuffix(".__init__")] = codes
+    return by_module
+
+
+def equivalent(path: Path) -> dict[str, str]:
+    """Equivalent mutant name -> why no test can tell it from the original."""
+    table = tomllib.loads(path.read_text()) if path.exists() else {}
+    return {f"{module}.{name}": reason for module, names in table.items() for name, reason in names.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mutants", type=Path, default=ROOT / "mutants")
+    parser.add_argument("--equivalent", type=Path, default=ROOT / "tools" / "equivalent_mutants.toml")
+    parser.add_argument("--survivors", metavar="MODULE", help="list the non-equivalent survivors of MODULE")
+    args = parser.parse_args(argv)
+    by_module = outcomes(args.mutants)
+    known = equivalent(args.equivalent)
+    if stale := [name for name in known if not any(name in codes for codes in by_module.values())]:
+        print(f"Not mutants of this run (renamed or removed?): {', '.join(stale)}", file=sys.stderr)
+    if args.survivors:
+        for name, code in by_module[args.survivors].items():
+            if code in SURVIVED and name not in known:
+                print(name, SURVIVED[code])
+        return 0
+    print("| module | mutants | run | killed | timeout | equivalent | survived | no tests | score |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for module, codes in by_module.items():
+        count = Counter(
+            KILLED.get(code) or SURVIVED.get(code) or ("not run" if code in NOT_RUN else "suspicious")
+            for code in codes.values()
+        )
+        equivalents = sum(1 for name, code in codes.items() if name in known and code in SURVIVED)
+        run = len(codes) - count["not run"]
+        killed = count["killed"] + count["timeout"]
+        scored = run - equivalents
+        score = f"{100 * killed / scored:.1f}%" if scored else "-"
+        print(
+            f"| {module} | {len(codes)} | {run} | {count['killed']} | {count['timeout']} | {equivalents} "
+            f"| {count['survived'] - equivalents} | {count['no tests']} | {score} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
