@@ -21,7 +21,9 @@ CASES = [
     ("split(2, 0)", X[:1]),
     ("squeeze(0)", X[:1].squeeze(0)),
     ("expand(1)", X[:, None]),
+    ("reshape(-1)", X.reshape(-1)),
     ("astype(bfloat16)", X.astype(jnp.bfloat16)),
+    ("astype(int32)", X.astype(np.int32)),
     ("float16", X.astype(np.float16)),
 ]
 
@@ -33,7 +35,47 @@ def test_each_transform_written_as_data_knows_its_output_without_the_data(text, 
     out = fn(source)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
     assert out.dtype == expected.dtype
-    assert output_meta(fn, source.shape, source.dtype) == (expected.shape, jnp.dtype(expected.dtype))
+    shape, dtype = output_meta(fn, source.shape, source.dtype)
+    assert (shape, dtype) == (expected.shape, jnp.dtype(expected.dtype))
+    assert all(type(n) is int for n in shape)  # as plans print them: 6, not 6.0
+    # Its name in plans and reports: as written, defaults and the cast of a dtype name spelled out.
+    assert fn.__name__ == {"split(2, 0)": "split(2, 0, axis=0)", "float16": "astype(float16)"}.get(text, text)
+
+
+@pytest.mark.parametrize(
+    "text, shapes, expected",
+    [
+        # Of one tensor (a rule that renames one tensor onto the leaf).
+        ("concat", (2, 4), ((2, 4), jnp.float32)),
+        ("stack(axis=1)", (2, 4), ((2, 1, 4), jnp.float32)),
+        # Of several.
+        ("concat(axis=1)", [(2, 4), (2, 3)], ((2, 7), jnp.float32)),
+        ("concat(sizes=(2, 4))", [(2, 4), (4, 4)], ((6, 4), jnp.float32)),
+        ("stack(axis=-1)", [(2, 4), (2, 4)], ((2, 4, 2), jnp.float32)),
+        ("stack", [(2, 4), (2, 5)], "stack(axis=0): the tensors have different shapes [(2, 4), (2, 5)]"),
+        ("stack(axis=3)", [(2, 4), (2, 4)], "stack(axis=3): axis 3 is out of range for 3 dimensions"),
+        ("concat(axis=2)", [(2, 4), (2, 4)], "concat(axis=2): axis 2 is out of range for 2 dimensions"),
+        (
+            "concat(sizes=(2, 3))",
+            [(2, 4), (2, 4)],
+            "concat(axis=0, sizes=(2, 3)): the tensors' sizes along axis 0 are (2, 2)",
+        ),
+    ],
+)
+def test_what_a_combining_transform_gives_without_the_data(text, shapes, expected):
+    ((_, fn),) = parse_transforms([("w", text)])
+    dtypes = [np.float32] * len(shapes) if isinstance(shapes, list) else np.float32
+    assert output_meta(fn, shapes, dtypes) == expected
+
+
+def test_squeeze_takes_its_axis_only_and_reshape_one_unknown_dimension():
+    ((_, squeeze),) = parse_transforms([("w", "squeeze(0)")])
+    assert squeeze(np.zeros((1, 1, 2))).shape == (1, 2)
+    ((_, reshape),) = parse_transforms([("w", "reshape(-1, -1)")])
+    assert (
+        output_meta(reshape, (2, 3), np.float32)
+        == "reshape(-1, -1): 6 elements do not fit the shape (-1, -1)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -71,6 +113,15 @@ def test_a_transform_that_cannot_apply_is_a_mismatch_in_the_plan_not_a_surprise_
         ),
         ("reshape(2.5)", r"the transform 'reshape\(2\.5\)' is malformed \(takes integers\)"),
         ("transpos", r"unknown transform 'transpos'; a named transform is one of transpose"),
+        (
+            "astype(object)",
+            r"the transform 'astype\(object\)' is malformed \(object is not a dtype of numbers\)",
+        ),
+        (
+            "concat(sizes=())",
+            r"is malformed \(concat\(axis=0, sizes=\(\)\): sizes are for concat, one positive size per tensor\)",
+        ),
+        ("concat(sizes=(2, 0))", r"\(concat\(axis=0, sizes=\(2, 0\)\): sizes are for concat"),
     ],
 )
 def test_a_malformed_transform_is_refused_before_anything_is_read(text, message):

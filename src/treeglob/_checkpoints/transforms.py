@@ -144,7 +144,7 @@ def _astype(dtype: Any) -> Named:
     )
 
 
-def _combine(how: str, axis: int = 0, sizes: tuple[int, ...] | None = None) -> Named:
+def _combine(how: str, axis: int, sizes: tuple[int, ...] | None = None) -> Named:
     """`concat` / `stack`: the tensors renamed onto one leaf, in the order of their rename rules.
     `sizes` (concat only) are the tensors' sizes along `axis`: checked on load, and how export
     splits the leaf again."""
@@ -377,13 +377,12 @@ def output_meta(
         return meta
     if isinstance(fn, Named):
         try:
-            if fn.combines is not None:
-                shapes, dtypes = (shape, dtype) if isinstance(shape, list) else ([shape], [dtype])
-                how, axis, sizes = fn.combines
-                return combined_meta(how, axis, list(zip(shapes, dtypes, strict=True)), fn.__name__, sizes)
             if isinstance(shape, list):
-                return Impossible(f"{fn.__name__} takes one tensor, not {len(shape)}")
-            return fn.output(shape, dtype)
+                if fn.combines is None:
+                    return Impossible(f"{fn.__name__} takes one tensor, not {len(shape)}")
+                how, axis, sizes = fn.combines
+                return combined_meta(how, axis, list(zip(shape, dtype, strict=True)), fn.__name__, sizes)
+            return fn.output(shape, dtype)  # a combining one's too: of one tensor
         except ValueError as exc:
             return Impossible(str(exc))
     assert not isinstance(shape, list)
