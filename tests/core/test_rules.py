@@ -1,5 +1,6 @@
 """Rules (SPEC §4): first match wins, strictness, defaults, labels of any leaf type, explain."""
 
+import re
 import warnings
 
 import equinox as eqx
@@ -72,6 +73,33 @@ def test_uncovered_leaves_are_listed(transformer):
         r"eqx\.filter\(model, eqx\.is_array\)",
     ):
         tg.labels(transformer, WD_RULES)
+
+
+HINT = (
+    "Add a rule for them, pass default=<label>, or, if they are not parameters "
+    "(activations, static values), filter them out first: eqx.filter(model, eqx.is_array)."
+)
+
+
+@pytest.mark.parametrize(
+    "tree, listed",
+    [
+        # Up to 20 are listed, then a count of the rest.
+        ({f"w{i:02d}": np.zeros(1) for i in range(20)}, [f"w{i:02d}" for i in range(20)]),
+        (
+            {f"w{i:02d}": np.zeros(1) for i in range(21)},
+            [f"w{i:02d}" for i in range(20)] + ["... and 1 more"],
+        ),
+        # A bare array is the tree's root.
+        (np.zeros(2), ["<root>"]),
+    ],
+)
+def test_the_whole_message_for_uncovered_leaves(tree, listed):
+    n = len(tree) if isinstance(tree, dict) else 1
+    message = f"{n} of {n} leaves match no rule and no default label was given:\n"
+    message += "".join(f"    {line}\n" for line in listed) + HINT
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.labels(tree, [("zzz", "x")], strict=False)
 
 
 def test_rule_matching_nothing_is_an_error_with_suggestions(params):

@@ -345,6 +345,7 @@ def test_join_markers_keep_their_identity():
     import copy
     import pickle
 
-    assert copy.deepcopy(tg.JOIN_NEXT) is tg.JOIN_NEXT
-    assert pickle.loads(pickle.dumps(tg.JOIN_PREVIOUS)) is tg.JOIN_PREVIOUS
+    for marker in (tg.JOIN_NEXT, tg.JOIN_PREVIOUS):
+        assert copy.deepcopy(marker) is marker
+        assert pickle.loads(pickle.dumps(marker)) is marker
     assert repr(tg.JOIN_NEXT) == "treeglob.JOIN_NEXT"

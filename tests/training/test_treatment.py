@@ -139,8 +139,17 @@ def test_shardings_come_from_the_same_rules(model_params):
     mesh = jax.make_mesh((1,), ("model",))
     specs = full_treatment().shardings(model_params, mesh)
     assert specs.head.weight.spec == P(None, "model") and specs.head.bias.spec == P()
-    with pytest.raises(ValueError, match=r"needs sharding rules: Treatment\(sharding=\[...\]\)"):
+    with pytest.raises(
+        ValueError, match=r"^Treatment.shardings\(\) needs sharding rules: Treatment\(sharding=\[...\]\).$"
+    ):
         tg.Treatment().shardings(model_params, mesh)
+    # The treatment's own stacked axes and strictness apply.
+    specs = full_treatment(stacked={"blocks": 1}).shardings(stack(model_params), mesh)
+    assert specs.blocks.mlp.layers[0].weight.spec == P(None, None, "model")
+    with pytest.raises(tg.NoMatchError, match=r"glob\('zzz'\) matches no leaf"):
+        full_treatment(sharding=[("zzz", P())]).shardings(model_params, mesh)
+    specs = full_treatment(sharding=[("zzz", P())], strict=False).shardings(model_params, mesh)
+    assert specs.head.weight.spec == P()
 
 
 @pytest.mark.parametrize(
