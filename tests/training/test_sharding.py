@@ -1,6 +1,7 @@
 """`shardings` on 8 host devices (in a subprocess: the device count is fixed when JAX starts)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import treeglob as tg
 
@@ -59,11 +61,50 @@ def test_shardings_on_8_host_devices():
 
 def test_shardings_argument_errors():
     mesh = jax.make_mesh((1,), ("model",))
-    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    with pytest.raises(
+        TypeError, match=r"^mesh must be a jax.sharding.Mesh \(e.g. jax.make_mesh\(...\)\), got str.$"
+    ):
         tg.shardings({"w": np.ones(2)}, [], "mesh")
     with pytest.raises(
         TypeError, match=r"The label of w is 'model'; shardings\(\) needs PartitionSpec labels"
     ):
         tg.shardings({"w": np.ones(2)}, [("w", "model")], mesh)
-    with pytest.raises(TypeError, match=r"act is not an array \(str\).*eqx.filter\(model, eqx.is_array\)"):
+    message = (
+        "act is not an array (str); shardings() places arrays only. Filter the tree first: "
+        "eqx.filter(model, eqx.is_array)."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         tg.shardings({"w": np.ones(2), "act": "relu"}, [], mesh)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            P("data", "model", None),
+            "The PartitionSpec P('data', 'model', None) of w (shape (4, 4)) names 3 dimensions but the "
+            "array has 2. Use at most one entry per dimension (trailing dimensions are replicated).",
+        ),
+        # Every entry is checked, after a replicated one too; each axis of a tuple entry.
+        (
+            P(None, "zz"),
+            "The PartitionSpec P(None, 'zz') of w (shape (4, 4)) uses the mesh axis 'zz', which the mesh "
+            "lacks; its axes are ['data', 'model'].",
+        ),
+        (
+            P(("data", "zz")),
+            "The PartitionSpec P(('data', 'zz')) of w (shape (4, 4)) uses the mesh axis 'zz', which the "
+            "mesh lacks; its axes are ['data', 'model'].",
+        ),
+        (P(("data", "model"), None), None),
+    ],
+)
+def test_a_partition_spec_is_checked_against_the_array_and_the_mesh(spec, message):
+    # One device: a 1 x 1 mesh. Sizes that do not divide need several devices (the test above).
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    params = {"w": np.ones((4, 4), np.float32)}
+    if message is None:
+        assert tg.shardings(params, [("w", spec)], mesh)["w"].spec == spec
+        return
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.shardings(params, [("w", spec)], mesh)
