@@ -54,6 +54,23 @@ def test_npz_refuses_bfloat16_before_writing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_npz_refuses_python_objects_before_writing_and_does_not_unpickle_them(tmp_path):
+    objects = np.array([{"a": 1}, None], dtype=object)
+    with pytest.raises(
+        TypeError,
+        match=r"^tensor 'w' holds Python objects \(dtype object\), which \.npz stores only by pickling; "
+        r"save arrays of numbers\.$",
+    ):
+        tg.save(tmp_path / "m.npz", {"w": objects})
+    assert not list(tmp_path.iterdir())
+    # One written by NumPy is refused by the plan, before anything is read.
+    np.savez(tmp_path / "objects.npz", w=objects)
+    with pytest.raises(
+        tg.LoadError, match="an object array: pickled Python objects, which treeglob does not load"
+    ):
+        tg.load({"w": np.zeros(2)}, tmp_path / "objects.npz")
+
+
 def test_a_suffix_no_writer_takes_is_refused_with_the_writers(tmp_path):
     with pytest.raises(
         ValueError, match=r"does not end in \.safetensors or \.npz, the formats save\(\) writes"

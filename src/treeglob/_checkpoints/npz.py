@@ -83,6 +83,11 @@ def write(
                 f"tensor {name!r} has the dtype {dtype}, which .npz cannot store (it would load back as "
                 "raw bytes); save to a .safetensors file, or cast it, e.g. to float32."
             )
+        if np.dtype(dtype).kind == "O":  # loading it would need pickle, which runs code
+            raise TypeError(
+                f"tensor {name!r} holds Python objects (dtype object), which .npz stores only by "
+                "pickling; save arrays of numbers."
+            )
     with written_beside(path) as partial, zipfile.ZipFile(partial, "w", allowZip64=True) as archive:
         for k, (name, shape, dtype) in enumerate(tensors):
             array = tensor_to_write(read, k, name, shape, dtype)
