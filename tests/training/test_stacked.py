@@ -1,5 +1,7 @@
 """Stacked (scanned) layers: the same model stacked and unstacked gets the same updates."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -259,3 +261,20 @@ def test_per_layer_unfreezing_same_updates(deep):
     assert_same_updates(stacked, run(tx(None), params, grads))
     frozen_layers = [int(np.sum(~np.any(u.blocks.ln1.weight != 0, axis=1))) for u in stacked]
     assert frozen_layers == [3, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "stack, selector, layers",
+    [
+        (24, "blocks.{0..11}.w", "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"),
+        # Past 12 layers, a count of all of them.
+        (24, "blocks.{0..12}.w", "0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, ... (13 of 24)"),
+        # Several stacked axes: index tuples.
+        ((2, 3), "blocks.1.*.w", "(1, 0), (1, 1), (1, 2)"),
+    ],
+)
+def test_a_mask_that_would_split_a_stacked_leaf_names_the_layers_it_picks(stack, selector, layers):
+    shape = (stack,) if isinstance(stack, int) else stack
+    tree = {"blocks": {"w": np.zeros((*shape, 2))}}
+    with pytest.raises(ValueError, match=re.escape(f"the selector picks layers {layers} of it, and")):
+        tg.mask(tree, selector, stacked={"blocks": len(shape)})
