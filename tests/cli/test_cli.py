@@ -493,3 +493,55 @@ def test_treatment_errors(capsys, tmp_path, st_file, text, status, message):
     path.write_text(text)
     assert main(["treatment", str(st_file), "--rules", str(path)]) == status
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_factories_from_files_and_modules(tmp_path, monkeypatch):
+    from treeglob._checkpoints.sources import load_source
+
+    build = "import numpy as np\ndef build():\n    return {'w': np.zeros((2, 3))}\n"
+    # A file in a folder whose name holds a colon: the function is after the last one.
+    folder = tmp_path / "run:1"
+    folder.mkdir()
+    (folder / "colon_dir_model.py").write_text(build)
+    assert load_source(f"{folder / 'colon_dir_model.py'}:build", "Param").tree["w"].shape == (2, 3)
+    # A file imports its neighbours.
+    (tmp_path / "neighbour_layers.py").write_text(build)
+    (tmp_path / "neighbour_net.py").write_text("from neighbour_layers import build as make\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert load_source(f"{tmp_path / 'neighbour_net.py'}:make", "Param").tree["w"].shape == (2, 3)
+    # A module is found from the working directory.
+    (tmp_path / "cwd_zoo.py").write_text(build)
+    monkeypatch.chdir(tmp_path)
+    assert load_source("cwd_zoo:build", "Param").tree["w"].shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "spec, files, message",
+    [
+        ("build", {}, "build: not a .safetensors"),
+        (
+            ":build",
+            {},
+            ":build: a model factory is written module:function or path/to/file.py:function, e.g. mypkg.models:build.",
+        ),
+        ("gone.py:build", {}, "gone.py:build: no such file 'gone.py'."),
+        (
+            "./model.txt:build",
+            {"model.txt": ""},
+            "./model.txt:build: ./model.txt cannot be imported as a Python module.",
+        ),
+        (
+            "./bad.py:build",
+            {"bad.py": "raise RuntimeError('boom')"},
+            "./bad.py:build: importing ./bad.py failed: RuntimeError: boom",
+        ),
+    ],
+)
+def test_a_factory_that_cannot_be_loaded(tmp_path, monkeypatch, spec, files, message):
+    from treeglob._checkpoints.sources import load_source
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tg.SourceError, match=f"^{re.escape(message)}"):
+        load_source(spec, "Param")

@@ -39,7 +39,7 @@ class Source(NamedTuple):
     stacked: dict[str, int] | None = None
 
 
-def _factory(spec: str, variables: str = "Param") -> Source:
+def _factory(spec: str, variables: str) -> Source:
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise SourceError(
