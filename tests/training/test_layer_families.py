@@ -349,3 +349,4 @@ def test_join_markers_keep_their_identity():
         assert copy.deepcopy(marker) is marker
         assert pickle.loads(pickle.dumps(marker)) is marker
     assert repr(tg.JOIN_NEXT) == "treeglob.JOIN_NEXT"
+    assert repr(tg.JOIN_PREVIOUS) == "treeglob.JOIN_PREVIOUS"
