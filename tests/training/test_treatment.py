@@ -181,3 +181,21 @@ def test_a_typo_is_caught_on_the_tree(model_params):
         treatment.optimizer(optax.identity()).init(model_params)
     with pytest.raises(ValueError, match=r"steps must be ints from 0"):
         tg.Treatment().table(model_params, steps=[-1])
+
+
+def test_table_format_of_a_root_leaf_with_color_and_a_narrow_width():
+    table = tg.Treatment(learning_rate=0.1).table(jnp.ones(3), steps=[0])
+    summary = ["lr@0  leaves  elements   share", " 0.1       1         3  100.0%"]
+    assert table.format() == "\n".join(["path    shape  lr@0", "<root>  (3,)    0.1", "", *summary])
+    bold = table.format(color=True).splitlines()[0]
+    assert bold == "\x1b[1mpath  \x1b[0m  \x1b[1mshape\x1b[0m  \x1b[1mlr@0\x1b[0m"
+    # Too wide for the terminal: each path on its own line, its cells below it.
+    long = tg.Treatment(learning_rate=0.1).table(
+        {"a_very_long_parameter_name_indeed": {"w": jnp.ones(3)}}, steps=[0]
+    )
+    assert long.format(width=30).splitlines()[:4] == [
+        "path",
+        "    shape  lr@0",
+        "a_very_long_parameter_name_indeed.w",
+        "    (3,)    0.1",
+    ]
