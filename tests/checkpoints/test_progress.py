@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import re
 import sys
 
 import numpy as np
@@ -53,3 +54,13 @@ def test_progress_without_tqdm_says_how_to_install_it(tmp_path, monkeypatch):
         ImportError, match=r"save\(progress=True\) draws its bar with tqdm.*treeglob\[progress\]"
     ):
         tg.save(tmp_path / "m.safetensors", MODEL, progress=True)
+
+
+def test_a_bar_without_tqdm_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    message = (
+        "load(progress=True) draws its bar with tqdm, which is not installed: pip install tqdm, "
+        'or treeglob with its extra: pip install "treeglob[progress]".'
+    )
+    with pytest.raises(ImportError, match=f"^{re.escape(message)}$"):
+        shown(monkeypatch, lambda: tg.load(MODEL, MODEL, progress=True))
