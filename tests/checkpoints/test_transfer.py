@@ -963,3 +963,35 @@ def test_the_load_error_for_abstract_leaves_carries_the_report():
         tg.load(target, {"w": np.ones(2, np.float32)}, skip=["head"])
     report = caught.value.report
     assert {row.path: row.status for row in report.rows} == {"w": "loaded", "head": "skipped"}
+
+
+def test_the_whole_report_of_missing_and_unused_tensors():
+    model = {"blocks": {"attn_w": np.zeros(2), "attn_b": np.zeros(2)}}
+    ckpt = {"h": {"attn_w1": np.ones(2), "attn_w2": np.ones(2)}, "x": np.ones(3)}
+    message = "\n".join(
+        [
+            "load() from the source tree: 2 model leaves have no checkpoint tensor:",
+            "  blocks.attn_b float64(2,)",
+            "  blocks.attn_w float64(2,)  (close: layers.attn_w2, layers.attn_w1)",  # best first; ties by name
+            "Rename a tensor to them, skip=[...] them to keep their initial values, or pass allow_missing=True.",
+            "3 checkpoint tensors are used by no model leaf:",
+            "  h.attn_w1 (renamed layers.attn_w1) float64(2,)",
+            "  h.attn_w2 (renamed layers.attn_w2) float64(2,)",
+            "  x float64(3,)",
+            "Rename them to model paths, ignore=[...] them, or pass allow_unused=True.",
+        ]
+    )
+    with pytest.raises(tg.LoadError, match=f"^{re.escape(message)}$"):
+        tg.load(model, ckpt, rename=[("^h", "layers")])
+    assert tg.load_plan(model, ckpt).to_dict()["source"] == "the source tree"
+    # A tensor no rule renamed is suggested by its own name.
+    with pytest.raises(tg.LoadError, match=re.escape("  w float64(2,)  (close: ww)\n")):
+        tg.load({"w": np.zeros(2)}, {"ww": np.ones(2)})
+
+
+def test_malformed_skip_and_ignore_patterns_are_refused_before_anything_is_read():
+    from treeglob._checkpoints.rules import check_rules
+
+    for argument in ("skip", "ignore"):
+        with pytest.raises(ValueError, match=r"Invalid pattern 'a\{'"):
+            check_rules(**{argument: ["a{"]})
