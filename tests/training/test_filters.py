@@ -78,3 +78,20 @@ def test_a_stacked_leaf_must_be_taken_whole():
     assert trainable["blocks"]["w"] is params["blocks"]["w"]
     with pytest.raises(ValueError, match=r"blocks\.w"):
         tg.partition(params, "blocks.0", stacked={"blocks": 1})
+
+
+def test_partition_is_strict_by_default_and_reads_stacked_layers():
+    tree = {"blocks": {"w": np.zeros((3, 2))}, "head": np.zeros(2)}
+    with pytest.raises(
+        tg.NoMatchError, match=r"^The selector given to partition\(\) glob\('zzz'\) matches no leaf"
+    ):
+        tg.partition(tree, "zzz")
+    selected, rest = tg.partition(tree, "zzz", strict=False)
+    assert selected == {"blocks": {"w": None}, "head": None} and rest is not None
+    selected, rest = tg.partition(tree, "blocks.*.w", stacked={"blocks": 1})
+    assert selected["head"] is None and rest["blocks"]["w"] is None
+    with pytest.raises(
+        ValueError,
+        match=r"^partition\(\) cannot split the stacked leaf blocks.w: the selector picks layers 1",
+    ):
+        tg.partition(tree, "blocks.1.w", stacked={"blocks": 1})

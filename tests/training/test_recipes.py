@@ -596,3 +596,22 @@ def test_gradual_unfreezing_keeps_state_for_every_leaf_from_the_start(params):
     assert state_bytes(unfreeze.init(params)) == adam_state + 4
     head = params.head.weight.nbytes + params.head.bias.nbytes
     assert state_bytes(frozen.init(params)) == 2 * head + 4
+
+
+@pytest.mark.parametrize(
+    "mapping, problems",
+    [
+        ({"a": 1}, "labels without a value: ['no_decay', 'decay']; keys no rule has as its label: ['a']"),
+        ({"decay": 1, "no_decay": 2, "zzz": 3}, "keys no rule has as its label: ['zzz']"),
+        ({"decay": 1}, "labels without a value: ['no_decay']"),
+    ],
+)
+def test_relabel_names_every_disagreement(mapping, problems):
+    message = (
+        f"relabel(): the mapping and the rules' labels disagree: {problems}. The rules' labels are "
+        "['no_decay', 'decay']; give each exactly one value (check the spelling)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.relabel(tg.presets.DEFAULT, mapping)
+    with pytest.raises(TypeError, match=r"^relabel\(\) maps labels with a dict \{label: value\}, got str\.$"):
+        tg.relabel(tg.presets.DEFAULT, "x")
