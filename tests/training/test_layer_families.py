@@ -350,3 +350,58 @@ def test_join_markers_keep_their_identity():
         assert pickle.loads(pickle.dumps(marker)) is marker
     assert repr(tg.JOIN_NEXT) == "treeglob.JOIN_NEXT"
     assert repr(tg.JOIN_PREVIOUS) == "treeglob.JOIN_PREVIOUS"
+
+
+def _zeros():
+    return np.zeros(1)
+
+
+@pytest.mark.parametrize(
+    "tree, blocks, expected",
+    [
+        # Numbers in keys order the blocks, not the keys' text: b9 before b10.
+        ({"b10": _zeros(), "b9": _zeros(), "b1": _zeros()}, "b*", {"b1": 1, "b9": 2, "b10": 3}),
+        # Several numbers in a key, compared in turn; and at each level of the path.
+        ({"b1_2": _zeros(), "b1_10": _zeros(), "b0_5": _zeros()}, "b*", {"b0_5": 1, "b1_2": 2, "b1_10": 3}),
+        (
+            {"s1": {"b2": _zeros(), "b10": _zeros()}, "s0": {"b1": _zeros()}},
+            "s*.b*",
+            {"s0": {"b1": 1}, "s1": {"b2": 2, "b10": 3}},
+        ),
+        # Keys without a number keep their place in the tree; the anchors may be written.
+        ({"x": _zeros(), "y": _zeros()}, "^*$", {"x": 1, "y": 2}),
+        ({"x": {"b1": _zeros()}, "y": {"b0": _zeros()}}, "*.b*", {"x": {"b1": 1}, "y": {"b0": 2}}),
+        ({"blocks": {"b1": _zeros(), "b0": _zeros()}}, "^blocks.b*$", {"blocks": {"b0": 1, "b1": 2}}),
+    ],
+)
+def test_blocks_are_numbered_by_the_numbers_in_their_keys(tree, blocks, expected):
+    assert jax.tree.map(int, tg.layer_ids(tree, blocks=blocks, rules=[])) == expected
+
+
+@pytest.mark.parametrize(
+    "tree, blocks, problem, listed",
+    [
+        ({"enc_0": _zeros(), "dec_0": _zeros()}, "*", "numbered keys of different names", "dec_0, enc_0"),
+        ({"b01": _zeros(), "b1": _zeros()}, "b*", "the same numbers in different keys", "b01, b1"),
+        ({"b1": _zeros(), "bx": _zeros()}, "b*", "keys with and without a number", "b1, bx"),
+        ({"s": {"b1": _zeros(), "bx": _zeros()}}, "s.b*", "keys with and without a number", "s.b1, s.bx"),
+    ],
+)
+def test_blocks_whose_order_the_keys_do_not_say_are_refused(tree, blocks, problem, listed):
+    message = (
+        f"blocks={blocks!r}: the order of the blocks is ambiguous ({problem}): {listed}. Blocks are numbered "
+        "by the numbers in their keys; narrow the pattern to the numbered blocks (e.g. 'encoder.layer_*'), "
+        "or place the others with rules."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.layer_ids(tree, blocks=blocks, rules=[])
+
+
+def test_a_blocks_pattern_that_matches_no_subtree_says_where_it_is_anchored():
+    message = (
+        "blocks='q*' matches no subtree from the root of the tree: blocks= is anchored at the root, a path to "
+        "where the blocks are. Give a pattern whose matches are the blocks themselves (e.g. 'stages.*.blocks.*' "
+        "or 'layer{1..4}.*'), or the path of the block sequence."
+    )
+    with pytest.raises(tg.NoMatchError, match=f"^{re.escape(message)}$"):
+        tg.layer_ids({"blocks": {"b1": _zeros()}}, blocks="q*", rules=[])
