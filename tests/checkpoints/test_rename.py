@@ -1,7 +1,7 @@
-"""Rename rules on their own: how a glob rule finds what it renames, and its messages.
+"""Rename rules on their own: what a rule renames, in what order rules apply, and their messages.
 
-The rules in use (loading GPT-2 and timm names, export) are tested in test_transfer.py
-and test_export.py; these pin the matcher's corners that those leave open.
+Rules at work (loading GPT-2 and timm checkpoints, export) are tested in test_transfer.py
+and test_export.py.
 """
 
 import re
@@ -13,16 +13,47 @@ from treeglob._checkpoints.rename import apply_renames, parse_renames
 from treeglob._core.keys import quote
 
 
-def renamed(rule, name):
-    """The names one rule gives `name` (itself where the rule does not match it)."""
-    return [new for new, _ in apply_renames([name], parse_renames([rule]), caller="load", strict=False)[name]]
-
-
 @pytest.mark.parametrize(
     "rule, name, expected",
     [
+        # A glob replaces the segments it matches, wherever they are.
+        (("c_attn", "qkv"), "h.0.attn.c_attn.weight", ["h.0.attn.qkv.weight"]),
+        (("attn.c_attn", "mixer"), "h.0.attn.c_attn.bias", ["h.0.mixer.bias"]),
+        # Only whole segments: "c_attn" does not match inside "xc_attn".
+        (("c_attn", "qkv"), "h.0.xc_attn.weight", None),
+        # Anchors.
+        (("^transformer", "model"), "transformer.h.0.w", ["model.h.0.w"]),
+        (("^h", "blocks"), "transformer.h.0.w", None),
+        (("weight$", "kernel"), "h.0.weight", ["h.0.kernel"]),
+        (("weight$", "kernel"), "h.weight.0", None),
+        # An empty replacement drops the matched segments.
+        (("^transformer", ""), "transformer.h.0.w", ["h.0.w"]),
+        (("attn", ""), "h.0.attn.w", ["h.0.w"]),
+        # Captures: a whole segment, or part of one.
+        (("h.{i}.attn", "blocks.{i}.mixer"), "transformer.h.11.attn.w", ["transformer.blocks.11.mixer.w"]),
+        (("layer{n}", "blocks.{n}"), "enc.layer3.w", ["enc.blocks.3.w"]),
+        (("h.{i}.{part}.weight", "{part}{i}"), "h.2.mlp.weight", ["mlp2"]),
+        # Globs, braces and ranges inside the pattern.
+        (("h.*.ln_{1,2}", "norm"), "h.0.ln_2.weight", ["norm.weight"]),
+        (("h.{0..3}", "early"), "h.3.w", ["early.w"]),
+        (("h.{0..3}", "early"), "h.4.w", None),
+        (("**.bias", "b"), "a.b.bias", ["b"]),
+        # Fan-out: one tensor to several paths.
+        (("c_attn", ("q", "k", "v")), "h.0.c_attn.weight", ["h.0.q.weight", "h.0.k.weight", "h.0.v.weight"]),
+        # Regexes replace their first match; groups by name or number.
+        (("re:^transformer\\.", ""), "transformer.h.0.w", ["h.0.w"]),
+        ((r"re:h\.(\d+)", "blocks.{1}"), "x.h.7.w", ["x.blocks.7.w"]),
+        ((r"re:h\.(?P<i>\d+)", "blocks.{i}"), "x.h.7.w", ["x.blocks.7.w"]),
+        ((re.compile(r"ln_(\d)"), "norm{1}"), "h.0.ln_1.w", ["h.0.norm1.w"]),
+        ((r"re:zzz", "y"), "h.0.w", None),
+        # Which part a rule changes.
+        (("h", "blocks"), "h.0.h.w", ["blocks.0.h.w"]),  # the leftmost match
+        (("a.**.c", "x"), "a.b.c.d.c.w", ["x.w"]),  # ** takes as much as it can
+        (("^h", "blocks"), "th.10.w", None),  # whole segments only
+        ((r"re:h\.(\d+)", "blocks.{1}"), "th.10.w", ["tblocks.10.w"]),  # re.search: anchor with ^
+        ((r"re:^h\.(\d+)", "blocks.{1}"), "th.10.w", None),
         # `**` reaches forward from where the glob stands, never back to an earlier segment.
-        (("a.**.x.**", "z"), "x.a.y", ["x.a.y"]),
+        (("a.**.x.**", "z"), "x.a.y", None),
         (("a.**.x.**", "z"), "a.y.x", ["z"]),
         # `**` may match no segment at all, at the start of the glob too.
         (("**.b", "c"), "b", ["c"]),
@@ -40,8 +71,61 @@ def renamed(rule, name):
         (("h.{x}", "k.{x}"), "h." + quote("a\nb"), ["k." + quote("a\nb")]),
     ],
 )
-def test_a_glob_rule_renames(rule, name, expected):
-    assert renamed(rule, name) == expected
+def test_rename_rule(rule, name, expected):
+    (parsed,) = parse_renames([rule])
+    assert parsed.apply(name) == expected
+
+
+def test_rename_rules_chain_in_order():
+    rules = parse_renames(
+        [("^transformer.h", "blocks"), ("blocks.{i}.ln_1", "blocks.{i}.ln1"), ("ln1", "norm")]
+    )
+    out = apply_renames(["transformer.h.0.ln_1.weight", "lm_head.weight"], rules, caller="load")
+    assert out == {  # each name's new names, with the rules that changed it on the way
+        "transformer.h.0.ln_1.weight": [("blocks.0.norm.weight", (0, 1, 2))],
+        "lm_head.weight": [("lm_head.weight", ())],
+    }
+
+
+def test_rename_accepts_a_dict_in_order():
+    rules = parse_renames({"a": "b", "b": "c"})
+    assert apply_renames(["a.w"], rules, caller="load") == {"a.w": [("c.w", (0, 1))]}
+
+
+@pytest.mark.parametrize(
+    "rename, error, message",
+    [
+        ("h=blocks", TypeError, r"rename must be a list of \(pattern, replacement\) pairs"),
+        ([("h",)], TypeError, r"rename\[0\] must be a \(pattern, replacement\) pair"),
+        ([("h", 3)], TypeError, r"rename\[0\]: the replacement must be a str"),
+        ([("h", ())], TypeError, r"rename\[0\]: the replacement must be a str"),
+        ([(3, "x")], TypeError, r"rename\[0\]: the pattern must be a glob str"),
+        (
+            [("h.{i}", "blocks.{j}")],
+            ValueError,
+            r"uses \{j\}, which the pattern does not capture \(captures: \{i\}\)",
+        ),
+        ([("h.{i}.{i}", "x")], ValueError, r"captures \{i\} twice"),
+        ([(r"re:h\.(\d+)", "blocks.{2}")], ValueError, r"uses \{2\}, which the pattern does not capture"),
+        ([("h.{i}.a{", "x")], ValueError, r"Invalid pattern 'h.\{i\}.a\{' at position 7"),
+        ([("re:h(", "x")], ValueError, r"h\("),
+    ],
+)
+def test_bad_rename_rules(rename, error, message):
+    with pytest.raises(error, match=message):
+        parse_renames(rename)
+
+
+def test_a_rename_rule_that_matches_nothing_is_an_error_with_close_matches():
+    rules = parse_renames([("^transformer.h", "blocks"), ("ln_f", "norm")])
+    with pytest.raises(
+        tg.NoMatchError, match=r"rename rule 1 \('ln_f' -> 'norm'\) matches no checkpoint name"
+    ):
+        apply_renames(["transformer.h.0.w", "transformer.lnf.weight"], rules, caller="load")
+    rules = parse_renames([("transformer.ln_g", "norm")])
+    with pytest.raises(tg.NoMatchError, match=r"Close matches: transformer.ln_f"):
+        apply_renames(["transformer.ln_f"], rules, caller="load")
+    assert apply_renames(["a"], rules, caller="load", strict=False) == {"a": [("a", ())]}
 
 
 @pytest.mark.parametrize(
