@@ -28,3 +28,23 @@ def test_scores_count_timeouts_as_killed_and_leave_out_equivalents(tmp_path, cap
         "pkg.mod.x_f__mutmut_3 survived",
         "pkg.mod.x_f__mutmut_5 no tests",
     ]
+
+
+def test_a_sample_draws_only_unrun_mutants_of_each_module(tmp_path, capsys):
+    for module, codes in {
+        "a": {"pkg.a.x_f__mutmut_1": 1, "pkg.a.x_f__mutmut_2": None, "pkg.a.x_f__mutmut_3": 2},
+        "b": {f"pkg.b.x_g__mutmut_{i}": None for i in range(1, 11)},
+    }.items():
+        meta = tmp_path / "mutants" / "src" / "pkg" / f"{module}.py.meta"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    args = ["--mutants", str(tmp_path / "mutants"), "--sample", "3"]
+    assert mutation_scores.main(args) == 0
+    drawn = capsys.readouterr().out.split()
+    # Module a has two mutants left to run (None: never started; 2: stopped), b has ten.
+    assert sorted(drawn[:2]) == ["pkg.a.x_f__mutmut_2", "pkg.a.x_f__mutmut_3"]
+    assert len(set(drawn[2:])) == 3 and all(name.startswith("pkg.b.") for name in drawn[2:])
+    assert mutation_scores.main(args) == 0
+    assert capsys.readouterr().out.split() == drawn  # seeded: the same sample again
+    assert mutation_scores.main([*args, "--seed", "1"]) == 0
+    assert capsys.readouterr().out.split() != drawn

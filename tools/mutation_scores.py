@@ -6,6 +6,11 @@ prints one row per module:
 
     python tools/mutation_scores.py            # a Markdown table
     python tools/mutation_scores.py --survivors treeglob._core.pattern
+    mutmut run $(python tools/mutation_scores.py --sample 30)   # 30 unrun mutants a module
+
+A sample is drawn at random (seeded) from the mutants not run yet of each module, so that
+a module too slow to run whole is measured without the bias of mutmut's order, which
+runs a module's functions one after the other.
 
 A module's score is killed / (run - equivalent): a timeout counts as killed (the mutant
 changed behaviour enough to loop or stall), a mutant no test reaches counts as survived.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tomllib
 from collections import Counter
@@ -53,13 +59,29 @@ def equivalent(path: Path) -> dict[str, str]:
     return {f"{module}.{name}": reason for module, names in table.items() for name, reason in names.items()}
 
 
+def sample(by_module: dict[str, dict[str, int | None]], count: int, rng: random.Random) -> list[str]:
+    """Up to `count` mutants of each module that have not run, drawn at random."""
+    names = []
+    for codes in by_module.values():
+        unrun = sorted(name for name, code in codes.items() if code in NOT_RUN)
+        names += rng.sample(unrun, min(count, len(unrun)))
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutants", type=Path, default=ROOT / "mutants")
     parser.add_argument("--equivalent", type=Path, default=ROOT / "tools" / "equivalent_mutants.toml")
     parser.add_argument("--survivors", metavar="MODULE", help="list the non-equivalent survivors of MODULE")
+    parser.add_argument(
+        "--sample", type=int, metavar="N", help="print N unrun mutants of each module, at random"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample")
     args = parser.parse_args(argv)
     by_module = outcomes(args.mutants)
+    if args.sample:
+        print(" ".join(sample(by_module, args.sample, random.Random(args.seed))))
+        return 0
     known = equivalent(args.equivalent)
     if stale := [name for name in known if not any(name in codes for codes in by_module.values())]:
         print(f"Not mutants of this run (renamed or removed?): {', '.join(stale)}", file=sys.stderr)

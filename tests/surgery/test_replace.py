@@ -194,6 +194,17 @@ def test_replacing_some_layers_of_a_stack_is_an_error():
         ValueError, match=r"selects 2 of the 3 stacked layers of blocks\.\*\.attn\.query_proj \(layers 0, 1\)"
     ):
         tg.replace_modules({"blocks": stacked}, "blocks.{0,1}.attn.query_proj", scaled, stacked={"blocks": 1})
+    # Past 12 layers, the message counts the rest; two stacked axes show index tuples.
+    deep = eqx.filter_vmap(lambda k: Block(4, key=k))(jax.random.split(jax.random.key(0), 14))
+    with pytest.raises(
+        ValueError, match=r"selects 13 of the 14 .*\(layers 0, 1, .*, 11, \.\.\. \(13 of 14\)\)"
+    ):
+        tg.replace_modules({"blocks": deep}, "blocks.{0..12}.attn.query_proj", scaled, stacked={"blocks": 1})
+    grid = eqx.filter_vmap(eqx.filter_vmap(lambda k: Block(4, key=k)))(
+        jax.random.split(jax.random.key(0), (2, 2))
+    )
+    with pytest.raises(ValueError, match=r"selects 2 of the 4 .*\(layers \(0, 1\), \(1, 1\)\)"):
+        tg.replace_modules({"blocks": grid}, "blocks.*.1.attn.query_proj", scaled, stacked={"blocks": 2})
 
 
 # ----------------------------------------------------------------------------

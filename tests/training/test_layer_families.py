@@ -9,7 +9,7 @@ family's `group_matcher(coarse=False)`.
 """
 
 import re
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from itertools import chain
 
 import jax
@@ -405,3 +405,11 @@ def test_a_blocks_pattern_that_matches_no_subtree_says_where_it_is_anchored():
     )
     with pytest.raises(tg.NoMatchError, match=f"^{re.escape(message)}$"):
         tg.layer_ids({"blocks": {"b1": _zeros()}}, blocks="q*", rules=[])
+
+
+def test_a_block_whose_keys_are_not_contiguous_is_one_block():
+    # Path keys in insertion order (Haiku's style, penzai's LoRA labels): head.w stands
+    # between the leaves of blocks.0, whose group then appears twice; it is still block 1.
+    tree = OrderedDict([("blocks/0/w", 0), ("head/w", 0), ("blocks/0/b", 0), ("blocks/1/w", 0)])
+    ids = tg.layer_ids(tree, blocks="blocks.*", rules=[])
+    assert ids == OrderedDict([("blocks/0/w", 1), ("head/w", 3), ("blocks/0/b", 1), ("blocks/1/w", 2)])

@@ -142,3 +142,34 @@ def test_types_from_is_passed_on_and_strict_under_it(call):
     assert call(params, strict=False) is not None
     leaves = jax.tree.leaves(call(params, types_from=model))
     assert len({str(np.asarray(leaf).tolist()) for leaf in leaves}) > 1  # the norm is told apart
+
+
+def test_types_from_is_passed_on_by_the_layer_decay_functions():
+    # The norm outside the blocks is a type rule's: stem (0) only when its type is known.
+    model = {
+        "norm": eqx.nn.LayerNorm(3),
+        "blocks": [eqx.nn.Linear(3, 3, key=jax.random.key(i)) for i in (0, 1)],
+    }
+    params = {
+        "norm": {"weight": model["norm"].weight, "bias": model["norm"].bias},
+        "blocks": [{"weight": linear.weight, "bias": linear.bias} for linear in model["blocks"]],
+    }
+    rules = [(eqx.nn.LayerNorm, 0)]
+    for call in (
+        lambda **kw: tg.layer_ids(params, rules=rules, **kw),
+        lambda **kw: tg.layer_decay_scales(params, 0.5, rules=rules, **kw),
+    ):
+        with pytest.raises(tg.NoMatchError, match=r"rule 0 \(label 0\) \(inside\(LayerNorm\)"):
+            call()
+    block = [{"bias": 1, "weight": 1}, {"bias": 2, "weight": 2}]
+    assert tg.layer_ids(params, rules=rules, strict=False) == {
+        "blocks": block,
+        "norm": {"bias": 3, "weight": 3},
+    }
+    assert tg.layer_ids(params, rules=rules, types_from=model) == {
+        "blocks": block,
+        "norm": {"bias": 0, "weight": 0},
+    }
+    scales = tg.layer_decay_scales(params, 0.5, rules=rules, types_from=model)
+    assert scales["norm"] == {"bias": 0.125, "weight": 0.125}
+    assert scales["blocks"] == [{"bias": 0.25, "weight": 0.25}, {"bias": 0.5, "weight": 0.5}]

@@ -199,3 +199,14 @@ def test_table_format_of_a_root_leaf_with_color_and_a_narrow_width():
         "a_very_long_parameter_name_indeed.w",
         "    (3,)    0.1",
     ]
+    # A Python number has no shape ("-") and no elements: the share is the arrays'.
+    scalar = tg.Treatment(learning_rate=0.1).table({"scale": 0.5, "w": jnp.ones(3)}, steps=[0])
+    assert scalar.format().splitlines() == [
+        "path   shape  lr@0",
+        "scale  -       0.1",
+        "w      (3,)    0.1",
+        "",
+        *summary[:1],
+        " 0.1       2         3  100.0%",
+    ]
+    assert scalar.to_dict()["leaves"][0] == {"path": "scale", "shape": None, "size": None, "lr": [0.1]}

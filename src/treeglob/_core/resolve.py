@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +24,7 @@ from .errors import ShadowedRuleWarning, warn_user
 from .frameworks import stack_mark
 from .rules import MISSING, Rule, Rules, normalize_rules, same_label
 from .selector import Context, Selector, coerce
+from .stacking import describe_layers
 from .structure import inner_paths, kinds, remember
 from .tree import TreeView
 
@@ -79,14 +78,6 @@ def view_of(tree: Any, caller: str, stacked: Any = None) -> TreeView:
 # Merging the rows (layers) of a stacked leaf into one value per leaf
 
 
-def _describe_layers(stack: tuple[int, ...], rows: list[bool]) -> str:
-    """`0, 1, 5` or `(0, 1), (2, 0)`: the layer indices of the selected rows."""
-    indices = list(itertools.compress(np.ndindex(*stack), rows))
-    text = [str(i[0]) if len(i) == 1 else str(i) for i in indices[:12]]
-    more = f", ... ({len(indices)} of {math.prod(stack)})" if len(indices) > 12 else ""
-    return ", ".join(text) + more
-
-
 def _all_equal(values: list[Any]) -> bool:
     return all(same_label(v, values[0]) for v in values[1:])
 
@@ -97,7 +88,7 @@ def _merge_mask(view: TreeView, caller: str, leaf: int, values: list[Any], stack
         return values[0]
     raise ValueError(
         f"{caller}() cannot split the stacked leaf {view.leaf_paths[leaf]}: the selector picks layers "
-        f"{_describe_layers(stack, values)} of it, and a Python-bool mask holds one value per leaf. "
+        f"{describe_layers(stack, values)} of it, and a Python-bool mask holds one value per leaf. "
         "For per-layer values use treeglob.labels(..., stacked=...) with numeric labels (they become "
         "per-layer arrays), or treeglob.freeze(..., stacked=...) to freeze single layers."
     )
@@ -108,7 +99,7 @@ def _differing(
 ) -> ValueError:
     groups = {}
     for value in dict.fromkeys(values):
-        groups[value] = _describe_layers(stack, [same_label(v, value) for v in values])
+        groups[value] = describe_layers(stack, [same_label(v, value) for v in values])
     shown = ", ".join(repr(v) for v in groups)
     layers = "; ".join(f"layers {where}: {value!r}" for value, where in groups.items())
     return ValueError(

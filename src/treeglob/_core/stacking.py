@@ -14,6 +14,7 @@ and `ndim` / `shape` see the per-layer shapes. Each stacked leaf becomes one
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,15 @@ def stack_structure(
         stacks.append(Stack(s.path, s.first_leaf, s.num_leaves, s.shape, s.first_leaf + extra))
         extra += layered.n - node.n
     return root, tuple(stacks)
+
+
+def describe_layers(stack: tuple[int, ...], selected: list[bool]) -> str:
+    """`0, 1, 5` or `(0, 1), (2, 0)`: the indices of the selected layers of a stack of
+    shape `stack` (`selected` in `np.ndindex` order), the first 12 and then a count."""
+    indices = list(itertools.compress(np.ndindex(*stack), selected))
+    text = [str(i[0]) if len(i) == 1 else str(i) for i in indices[:12]]
+    more = f", ... ({len(indices)} of {math.prod(stack)})" if len(indices) > 12 else ""
+    return ", ".join(text) + more
 
 
 def row_origin(num_leaves: int, stacks: tuple[Stack, ...]) -> np.ndarray:

@@ -19,9 +19,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
+import numpy as np
 
 from .._core.frameworks import in_place
 from .._core.nodes import NodeView, node_view, one_level, selected_rows
+from .._core.stacking import describe_layers
 
 __all__ = ["replace_modules"]
 
@@ -161,10 +163,11 @@ def _per_layer(
     shape = view.stack_shapes[real]
     path = view.star_path(rows[0])
     if len(rows) != math.prod(shape):
-        chosen = ", ".join(".".join(map(str, view.layers[r] or ())) for r in rows[:12])
+        chosen = {view.layers[r] for r in rows}
+        layers = describe_layers(shape, [index in chosen for index in np.ndindex(*shape)])
         raise ValueError(
             f"replace_modules() selects {len(rows)} of the {math.prod(shape)} stacked layers of {path} "
-            f"(layers {chosen}). A module in a stacked subtree is replaced in every layer at once, so "
+            f"(layers {layers}). A module in a stacked subtree is replaced in every layer at once, so "
             f"that the stack stays stacked: select every layer (e.g. {path!r}), or build the model "
             "with a list of blocks."
         )
