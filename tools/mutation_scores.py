@@ -14,11 +14,18 @@ runs a module's functions one after the other.
 
 A module's score is killed / (run - equivalent): a timeout counts as killed (the mutant
 changed behaviour enough to loop or stall), a mutant no test reaches counts as survived.
+
+An equivalent mutant is listed by its name and the change it makes (its changed lines as
+they read mutated). mutmut numbers a function's mutants again when the function changes,
+so a name alone may come to mean another mutation: one whose change differs from the
+listed one is reported and scored as any other mutant until it is looked at again.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import random
 import sys
@@ -53,10 +60,32 @@ def outcomes(mutants: Path) -> dict[str, dict[str, int | None]]:
     return by_module
 
 
-def equivalent(path: Path) -> dict[str, str]:
-    """Equivalent mutant name -> why no test can tell it from the original."""
+def equivalent(path: Path) -> dict[str, dict[str, str]]:
+    """Equivalent mutant name -> `{"change": the lines it changes, as they read mutated,
+    "why": why no test can tell it from the original}`."""
     table = tomllib.loads(path.read_text()) if path.exists() else {}
-    return {f"{module}.{name}": reason for module, names in table.items() for name, reason in names.items()}
+    return {f"{module}.{name}": entry for module, names in table.items() for name, entry in names.items()}
+
+
+def changes(mutants: Path, module: str) -> dict[str, str]:
+    """What each mutant of `module` changes: its lines that differ from the original
+    function's, stripped and joined. mutmut writes each mutant as a function of the mutated
+    module, `<function>__mutmut_<n>` beside `<function>__mutmut_orig`."""
+    source = mutants / "src" / Path(*module.split("."))
+    path = source / "__init__.py" if source.is_dir() else source.with_suffix(".py")
+    lines = path.read_text().splitlines()
+    bodies = {
+        node.name: lines[node.lineno : node.end_lineno]  # the body: the def line holds the name
+        for node in ast.walk(ast.parse("\n".join(lines)))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name
+    }
+    found = {}
+    for name, body in bodies.items():
+        function, _, number = name.rpartition("__mutmut_")
+        if number != "orig" and f"{function}__mutmut_orig" in bodies:
+            diff = difflib.ndiff(bodies[f"{function}__mutmut_orig"], body)
+            found[f"{module}.{name}"] = " ".join(line[2:].strip() for line in diff if line.startswith("+ "))
+    return found
 
 
 def sample(by_module: dict[str, dict[str, int | None]], count: int, rng: random.Random) -> list[str]:
@@ -82,9 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         print(" ".join(sample(by_module, args.sample, random.Random(args.seed))))
         return 0
-    known = equivalent(args.equivalent)
-    if stale := [name for name in known if not any(name in codes for codes in by_module.values())]:
-        print(f"Not mutants of this run (renamed or removed?): {', '.join(stale)}", file=sys.stderr)
+    known = {}  # the listed equivalents that still make the change their reason was written for
+    mutated: dict[str, dict[str, str]] = {}
+    for name, entry in equivalent(args.equivalent).items():
+        module = name.rpartition(".")[0]
+        if module in by_module and module not in mutated:
+            mutated[module] = changes(args.mutants, module)
+        now = mutated.get(module, {}).get(name)
+        if now == entry["change"]:
+            known[name] = entry["why"]
+        else:  # numbered again after its function changed, or gone: its reason may not hold
+            found = "is not a mutant" if now is None else f"now changes {now!r}"
+            print(f"{name} {found}, not {entry['change']!r}: look at it again", file=sys.stderr)
     if args.survivors:
         for name, code in by_module[args.survivors].items():
             if code in SURVIVED and name not in known:
