@@ -1,6 +1,9 @@
 """Export under a checkpoint's names: `save` with the load rules, undone."""
 
+import gc
 import re
+import weakref
+from collections import Counter
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import treeglob as tg
+from treeglob._checkpoints import transfer
 from treeglob._checkpoints.rename import most_renamed, parse_renames, undo_renames
 
 GPT2_RENAMES = [
@@ -184,11 +188,67 @@ def test_a_split_with_a_part_missing_from_the_model_is_refused(tmp_path):
             dict(rename=[(f"{n}_proj", "w") for n in "abc"], transform=[("w", "stack(0)")]),
             r"stack\(axis=0\) stacks 2 tensors, but the rules rename 3 into it",
         ),
+        (
+            dict(rename=[(f"{n}_proj", "w") for n in "ab"], transform=[("w", "concat(2, sizes=(1, 1))")]),
+            r"w: concat\(axis=2, sizes=\(1, 1\)\): axis 2 is out of range for 2 dimensions",
+        ),
+        (
+            dict(rename=[(f"{n}_proj", "w") for n in "ab"], transform=[("w", "stack(-4)")]),
+            r"w: stack\(axis=-4\): axis -4 is out of range for 2 dimensions",
+        ),
     ],
 )
 def test_transforms_that_cannot_be_undone(tmp_path, rules, message):
     with pytest.raises(ValueError, match=message):
         tg.save(tmp_path / "x.safetensors", {"w": np.ones((2, 2), np.float32)}, **rules)
+
+
+def test_a_tensor_two_leaves_would_write_is_refused(tmp_path):
+    # `a` is loaded into part 0 of the concatenated `w` and, tied, into `t`.
+    rules = dict(rename=[("a", ("w", "t")), ("b", "w")], transform=[("w", "concat(0, sizes=(1, 1))")])
+    with pytest.raises(ValueError, match=r"cannot be undone for 1 tensor:\n    a: written from both w, t\n"):
+        tg.save(tmp_path / "x.safetensors", {"w": np.arange(2.0), "t": np.zeros(1)}, **rules)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_combined_leaf_is_read_once_for_all_its_tensors(tmp_path, monkeypatch):
+    # The leaf is read when its first tensor is written, and let go after its last:
+    # a fused projection of a large model is neither read three times nor kept.
+    reads, held, planned = Counter(), [], []
+    plan = transfer.plan_export
+
+    def plan_and_keep(view, rows, renames, transforms, chosen, value, *rest):
+        def counted(row):
+            reads[view.paths[row]] += 1
+            array = np.array(value(row))  # a copy of its own, to see when it is let go
+            held.append(weakref.ref(array))
+            return array
+
+        tensors, expected = plan(view, rows, renames, transforms, chosen, counted, *rest)
+        planned.append(tensors)
+        return tensors, expected
+
+    monkeypatch.setattr(transfer, "plan_export", plan_and_keep)
+    rename = [(f"{n}_proj", "qkv") for n in "qkv"]
+    for transform, leaf, join in [
+        ("concat(0, sizes=(4, 2, 2))", np.arange(16, dtype=np.float32).reshape(8, 2), np.concatenate),
+        ("stack(1)", np.arange(12, dtype=np.float32).reshape(2, 3, 2), lambda xs: np.stack(xs, 1)),
+    ]:
+        reads.clear()
+        tg.save(
+            tmp_path / "x.safetensors",
+            {"qkv": leaf, "w": np.ones(2)},
+            rename=rename,
+            transform=[("qkv", transform)],
+        )
+        assert reads == {"qkv": 1, "w": 1}
+        pieces = [t for t in planned[-1] if t.name.endswith("_proj")]
+        held.clear()
+        assert np.array_equal(join([t.make() for t in pieces]), leaf)
+        gc.collect()
+        assert len(held) == 1 and held[0]() is None  # let go after the last piece
+        # Made in another order, the pieces are still right.
+        assert np.array_equal(join([t.make() for t in reversed(pieces)][::-1]), leaf)
 
 
 def test_a_path_two_names_could_be_written_as_is_refused(tmp_path):

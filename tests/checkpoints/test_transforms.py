@@ -250,6 +250,17 @@ def test_edge_cases_of_transforms_written_as_data(tmp_path, capsys):
         {"w": np.zeros(4, np.float32)}, mixed, rename=[("a", "w"), ("b", "w")], transform=[("w", "concat(0)")]
     )
     assert model["w"].dtype == np.float32
+    # 64-bit tensors stay 64-bit, bit for bit, whether JAX's x64 mode is on or not
+    wide = {"a": np.array([1 / 3, 2 / 3]), "b": np.array([np.pi])}
+    for how, leaf in (("concat(0)", np.zeros(3)), ("stack(0)", None)):
+        if leaf is None:
+            wide, leaf = {"a": wide["a"], "b": wide["a"][::-1].copy()}, np.zeros((2, 2))
+        rules = dict(rename=[("a", "w"), ("b", "w")], transform=[("w", how)])
+        model, _ = tg.load({"w": leaf}, wide, **rules)
+        joined = (
+            np.concatenate(list(wide.values())) if how.startswith("concat") else np.stack(list(wide.values()))
+        )
+        assert model["w"].dtype == np.float64 and np.array_equal(model["w"], joined)
     # the dtype policy after a combining chain
     halves = {"a": np.ones(2, np.float16), "b": np.ones(2, np.float16)}
     model, _ = tg.load(

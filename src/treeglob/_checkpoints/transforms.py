@@ -4,6 +4,7 @@ what undoes them on the way out (export)."""
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -157,11 +158,18 @@ def _combine(how: str, axis: int, sizes: tuple[int, ...] | None = None) -> Named
         return combined_meta(how, axis, [(shape, dtype)], name, sizes)
 
     def apply(xs: Any) -> Any:
-        # JAX's promotion, which `combined_meta` predicts, not NumPy's (int32 + float32 is float32)
-        dtype = jnp.result_type(*(x.dtype for x in xs))
+        dtype = promoted([x.dtype for x in xs])
         return join([np.asarray(x, dtype) for x in xs], axis=axis)
 
     return Named(name, apply, output, combines=(how, axis, sizes))
+
+
+def promoted(dtypes: list[Any]) -> np.dtype:
+    """The dtype that `concat`/`stack` give tensors of these dtypes: JAX's promotion, not
+    NumPy's (int32 with float32 is float32, not float64), and with 64-bit types kept as
+    they are: `jnp.result_type` would make float64 tensors float32 without `jax_enable_x64`,
+    whatever the model's leaf holds."""
+    return functools.reduce(jnp.promote_types, dtypes)
 
 
 def combined_meta(
@@ -169,7 +177,7 @@ def combined_meta(
 ) -> tuple[Shape, Any]:
     """The shape and dtype `concat`/`stack` give for tensors of these shapes and dtypes."""
     shapes = [s for s, _ in inputs]
-    dtype = jnp.result_type(*(d for _, d in inputs))
+    dtype = promoted([d for _, d in inputs])
     first = shapes[0]
     if how == "stack":
         if any(s != first for s in shapes):
