@@ -2,6 +2,8 @@
 Flax NNX (in place, `nnx.LoRA`, `nnx_filter` in `nnx.state` / `nnx.Optimizer` / `nnx.DiffState`),
 Flax Linen and Haiku parameter dicts, penzai models (against `pz.select`)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -176,10 +178,27 @@ def test_a_module_shared_by_two_attributes_is_replaced_once_and_stays_shared():
 
 
 def test_nnx_filter_refuses_what_is_not_an_nnx_module():
-    with pytest.raises(TypeError, match=r"nnx_filter\(\) takes a Flax NNX module, got dict"):
+    message = (
+        "nnx_filter() takes a Flax NNX module, got dict. For an Equinox model use "
+        "treeglob.partition(model, selector); for any other tree, treeglob.mask."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         tg.nnx_filter({"w": 1}, "w")
-    with pytest.raises(tg.NoMatchError, match=r"glob\('lnf'\) matches no leaf(.|\n)*ln_f"):
-        tg.nnx_filter(NNXGPT(rngs=nnx.Rngs(0)), "lnf")
+
+
+def test_nnx_filter_is_strict_unless_told_and_shows_its_selection():
+    model = NNXGPT(rngs=nnx.Rngs(0))
+    with pytest.raises(
+        tg.NoMatchError,
+        match=r"^The selector given to nnx_filter\(\) glob\('lnf'\) matches no leaf(.|\n)*ln_f",
+    ):
+        tg.nnx_filter(model, "lnf")
+    nothing = tg.nnx_filter(model, "lnf", strict=False)
+    assert repr(nothing) == "treeglob.nnx_filter('lnf', 0 variables)"
+    assert tg.paths(nnx.state(model, nothing)) == []
+    norm = tg.nnx_filter(model, "ln_f")
+    assert repr(norm) == "treeglob.nnx_filter('ln_f', 2 variables)"
+    assert tg.paths(nnx.state(model, norm)) == ["ln_f.bias", "ln_f.scale"]
 
 
 def test_a_stacked_nnx_layer_cannot_be_rebuilt_and_says_so():

@@ -103,9 +103,8 @@ def nnx_filter(
     state = nnx.state(model, nnx.Param if variables is None else variables)
     options = Options(strict=strict, stacked=stacked, types_from=model)
     selected = select(state, selector, options, caller="nnx_filter").tree()
+    # An NNX State is nested mappings, list indices included: every key is a DictKey.
     paths = frozenset(
-        tuple(getattr(key, "key", getattr(key, "idx", key)) for key in path)
-        for path, hit in jtu.tree_flatten_with_path(selected)[0]
-        if hit
+        tuple(key.key for key in path) for path, hit in jtu.tree_flatten_with_path(selected)[0] if hit
     )
     return _PathFilter(paths, repr(selector))
