@@ -58,8 +58,8 @@ def test_scores_count_timeouts_as_killed_and_leave_out_equivalents(tmp_path, cap
     ]
     assert mutation_scores.main([*args, "--survivors", "pkg.mod"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "pkg.mod.x_f__mutmut_4 survived",
-        "pkg.mod.x_f__mutmut_5 no tests",
+        "pkg.mod.x_f__mutmut_4 survived: ",
+        "pkg.mod.x_f__mutmut_5 no tests: return None",
     ]
 
 

@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutants", type=Path, default=ROOT / "mutants")
     parser.add_argument("--equivalent", type=Path, default=ROOT / "tools" / "equivalent_mutants.toml")
-    parser.add_argument("--survivors", metavar="MODULE", help="list the non-equivalent survivors of MODULE")
+    parser.add_argument(
+        "--survivors",
+        metavar="MODULE",
+        help="list the non-equivalent survivors of MODULE, with their changes",
+    )
     parser.add_argument(
         "--sample", type=int, metavar="N", help="print N unrun mutants of each module, at random"
     )
@@ -124,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             found = "is not a mutant" if now is None else f"now changes {now!r}"
             print(f"{name} {found}, not {entry['change']!r}: look at it again", file=sys.stderr)
     if args.survivors:
+        mutated = changes(args.mutants, args.survivors)
         for name, code in by_module[args.survivors].items():
             if code in SURVIVED and name not in known:
-                print(name, SURVIVED[code])
+                print(f"{name} {SURVIVED[code]}: {mutated.get(name, '?')}")
         return 0
     print("| module | mutants | run | killed | timeout | equivalent | survived | no tests | score |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -257,6 +257,25 @@ def test_the_help_names_every_preset():
     )
 
 
+HELP_SHOWN = re.findall(
+    r'>>> treeglob\(((?:"[^"]*", )*)"--help"\)\n(.*?)\n\n```',
+    (ROOT / "docs" / "reference" / "cli.md").read_text(),
+    re.S,
+)
+
+
+def test_the_reference_page_shows_the_help_of_every_command_as_it_is(capsys, monkeypatch):
+    # Its examples run the installed command; this runs the parser here, to the character.
+    monkeypatch.setenv("COLUMNS", "100")
+    commands = [re.findall(r'"([^"]*)"', argv) for argv, _ in HELP_SHOWN]
+    assert commands == [[], ["explain"], ["paths"], ["treatment"], ["load-plan"], ["convert"]]
+    for argv, (_, shown) in zip(commands, HELP_SHOWN, strict=True):
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, "--help"])
+        assert exit.value.code == 0
+        assert capsys.readouterr().out == shown.replace("<BLANKLINE>", "") + "\n"
+
+
 HELP_WITHOUT_JAX = """
 import contextlib, io, sys
 from treeglob._cli.main import main

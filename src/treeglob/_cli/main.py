@@ -38,28 +38,42 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 fine, 1 the rules do not fit the tree, 2 bad input.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("source", metavar="SOURCE", help=f"{readable()}, or module:function")
-    common.add_argument("--filter", metavar="PATTERN", help="show only the leaves this pattern selects")
-    common.add_argument(
+    # The options several commands take, each defined once: their help reads the same everywhere.
+    source = _options()
+    source.add_argument("source", metavar="SOURCE", help=f"{readable()}, or module:function")
+    listed = _options()
+    listed.add_argument("--filter", metavar="PATTERN", help="show only the leaves this pattern selects")
+    tree = _options()
+    tree.add_argument(
         "--stacked",
         metavar="PATH=AXES",
         action="append",
         default=[],
         help="a subtree with stacked layer axes",
     )
-    common.add_argument(
+    tree.add_argument(
         "--variables",
         metavar="TYPES",
         default="Param",
-        help="for a Flax NNX model: the Variable types to list, comma-separated, or 'all' (default: Param)",
+        help="for a Flax NNX model: the Variable types to read, comma-separated, or 'all' (default: Param)",
     )
-    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    common.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
-    common.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    output = _options()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
+    output.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    no_strict = _options()
+    no_strict.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
 
-    commands.add_parser("paths", parents=[common], help="list the array leaves: path, shape, dtype, size")
-    ex = commands.add_parser("explain", parents=[common], help="which leaf gets which label, and why")
+    commands.add_parser(
+        "paths",
+        parents=[source, listed, tree, output],
+        help="list the array leaves: path, shape, dtype, size",
+    )
+    ex = commands.add_parser(
+        "explain",
+        parents=[source, listed, tree, output, no_strict],
+        help="which leaf gets which label, and why",
+    )
     ex.add_argument("--rules", metavar="FILE", help="a rules file (.toml or .json)")
     ex.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
     ex.add_argument(
@@ -77,24 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--expand-presets", action="store_true", help="write out the presets' rules shown by name"
     )
-    ex.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
 
     tr = commands.add_parser(
-        "treatment", help="every leaf's learning rate, weight decay, unfreezing and sharding at given steps"
+        "treatment",
+        parents=[source, tree, output],
+        help="every leaf's learning rate, weight decay, unfreezing and sharding at given steps",
     )
-    tr.add_argument("source", metavar="SOURCE", help=f"{readable()}, or module:function")
     tr.add_argument("--rules", metavar="FILE", required=True, help="a treatment file (.toml or .json)")
     tr.add_argument("--key", metavar="KEY", help="the dotted key of the treatment table inside FILE")
     tr.add_argument("--steps", metavar="STEPS", default="0", help="comma-separated steps (default: 0)")
-    tr.add_argument("--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers")
-    tr.add_argument(
-        "--variables", metavar="TYPES", default="Param", help="for a Flax NNX model (default: Param)"
-    )
-    tr.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    tr.add_argument("--width", type=int, help="fit tables to this many columns (default: the terminal's)")
-    tr.add_argument("--color", choices=("auto", "always", "never"), default="auto")
 
-    transfer = argparse.ArgumentParser(add_help=False)
+    transfer = _options()
     transfer.add_argument(
         "model", metavar="MODEL", help="module:function (or a checkpoint) giving the model's leaves"
     )
@@ -119,32 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     transfer.add_argument("--rules", metavar="FILE", help="a rules file with skip, ignore, rename, transform")
     transfer.add_argument("--key", metavar="KEY", help="the dotted key of the rules table inside FILE")
     transfer.add_argument(
-        "--stacked", metavar="PATH=AXES", action="append", default=[], help="stacked layers"
-    )
-    transfer.add_argument(
-        "--variables", metavar="TYPES", default="Param", help="for a Flax NNX model (default: Param)"
-    )
-    transfer.add_argument(
         "--allow-missing", action="store_true", help="model leaves without a tensor are fine"
     )
     transfer.add_argument("--allow-unused", action="store_true", help="unused checkpoint tensors are fine")
     transfer.add_argument(
         "--cast", action="store_true", help="cast floating tensors to the model's floating dtypes"
     )
-    transfer.add_argument("--no-strict", action="store_true", help="allow rules that match nothing")
-    transfer.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    transfer.add_argument(
-        "--width", type=int, help="fit tables to this many columns (default: the terminal's)"
-    )
-    transfer.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     commands.add_parser(
         "load-plan",
-        parents=[transfer],
+        parents=[transfer, no_strict, tree, output],
         help="dry-run loading a checkpoint into a model: what loads, what not",
     )
     cv = commands.add_parser(
         "convert",
-        parents=[transfer],
+        parents=[transfer, no_strict, tree, output],
         help="load a checkpoint into a model by rules and write it out: other names, other shards",
         description="Load CHECKPOINT into MODEL by the rules (as load-plan shows), then write the "
         "model to OUT: in the model's names, or under a checkpoint's names with --export-rules "
@@ -160,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
         help="write Hugging Face shards of at most SIZE each (bytes, or 500MB, 5GB, 4GiB)",
     )
     return parser
+
+
+def _options() -> argparse.ArgumentParser:
+    """A group of options that several commands share (argparse's `parents=`)."""
+    return argparse.ArgumentParser(add_help=False)
 
 
 def main(argv: list[str] | None = None) -> int:
