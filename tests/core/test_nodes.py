@@ -29,6 +29,7 @@ def per_block(*names):
 CASES = [
     # a glob names a node whole: it ends at the node, as if it ended in `$`
     ("attn", "outermost", per_block("attn")),
+    ("attn$", "outermost", per_block("attn")),  # the `$` written out
     ("attn.{query,value}_proj", "outermost", per_block("attn.query_proj", "attn.value_proj")),
     ("blocks.*", "outermost", ["blocks.0", "blocks.1"]),
     ("^blocks.0", "outermost", ["blocks.0"]),

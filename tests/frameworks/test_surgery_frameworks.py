@@ -208,7 +208,12 @@ def test_a_stacked_nnx_layer_cannot_be_rebuilt_and_says_so():
                 jax.random.split(jax.random.key(0), 3)
             )
 
-    with pytest.raises(ValueError, match=r"blocks\.\*: it lies in the layers of a stacked Flax NNX module"):
+    message = (
+        "replace_modules() cannot replace blocks.*: it lies in the layers of a stacked Flax NNX module, "
+        "which is changed in place and cannot be rebuilt layer by layer. Replace the module before "
+        "stacking it (e.g. inside the function nnx.vmap builds it with)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         tg.replace_modules(Stack(), "blocks.*", lambda m: m, stacked={"blocks": 1})
 
 

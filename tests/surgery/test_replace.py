@@ -1,6 +1,7 @@
 """Replacing the modules a selector selects (`treeglob.replace_modules`) on Equinox models and dicts,
 LoRA as the worked case (with the example's `LoRALinear`)."""
 
+import re
 import sys
 
 import equinox as eqx
@@ -194,6 +195,13 @@ def test_replacing_some_layers_of_a_stack_is_an_error():
         ValueError, match=r"selects 2 of the 3 stacked layers of blocks\.\*\.attn\.query_proj \(layers 0, 1\)"
     ):
         tg.replace_modules({"blocks": stacked}, "blocks.{0,1}.attn.query_proj", scaled, stacked={"blocks": 1})
+    # A stack of one layer is replaced whole, as any stack.
+    one = eqx.filter_vmap(lambda k: Block(4, key=k))(jax.random.split(jax.random.key(0), 1))
+    out = tg.replace_modules({"blocks": one}, "blocks.0.attn.query_proj", scaled, stacked={"blocks": 1})
+    assert isinstance(out["blocks"].attn.query_proj, Scaled) and out["blocks"].attn.query_proj.gain.shape == (
+        1,
+        4,
+    )
     # Past 12 layers, the message counts the rest; two stacked axes show index tuples.
     deep = eqx.filter_vmap(lambda k: Block(4, key=k))(jax.random.split(jax.random.key(0), 14))
     with pytest.raises(
@@ -211,34 +219,58 @@ def test_replacing_some_layers_of_a_stack_is_an_error():
 # Bad input
 
 
+def _returns_none(module):
+    return None
+
+
 @pytest.mark.parametrize(
-    "kwargs, fn, error, message",
+    "tree, kwargs, fn, error, message",
     [
         (
+            None,
             {},
-            lambda m: None,
+            _returns_none,
             TypeError,
-            r"returned None for the module at 'blocks\.0\.attn'; it must return the new module",
+            "_returns_none returned None for the module at 'blocks.0.attn'; it must return the new module. "
+            "(Changed it in place? Return it too.)",
         ),
         (
+            None,
             {"key": jax.random.key(0)},
-            lambda m: m,
+            _returns_none,
             TypeError,
-            r"replace_modules\(key=\.\.\.\) passes each module's key .* takes no `key` parameter",
+            "replace_modules(key=...) passes each module's key as fn(module, key=...), but _returns_none "
+            "takes no `key` parameter. Add one (e.g. lambda module, key: ...), or leave out key=.",
         ),
-        ({}, "not a function", TypeError, r"replace_modules\(\) takes a function fn\(module\)"),
         (
+            None,
+            {},
+            "not a function",
+            TypeError,
+            "replace_modules() takes a function fn(module) -> new module, got str: 'not a function'.",
+        ),
+        (
+            None,
             {"key": 0},
             lambda m, key: m,
             TypeError,
-            r"replace_modules\(key=\.\.\.\) takes a JAX PRNG key \(jax\.random\.key\(0\)\), got int: 0",
+            "replace_modules(key=...) takes a JAX PRNG key (jax.random.key(0)), got int: 0 (",
         ),
-        ({"nested": "all"}, lambda m: m, ValueError, r"replace_modules\(nested='all'\) is not a choice"),
+        (None, {"nested": "all"}, lambda m: m, ValueError, "replace_modules(nested='all') is not a choice"),
+        (
+            "attn",
+            {},
+            lambda m: m,
+            TypeError,
+            "replace_modules() got a selector ('attn') where the tree goes. The tree comes first: "
+            "treeglob.replace_modules(tree, selector, ...).",
+        ),
     ],
 )
-def test_bad_input_gets_a_clear_error(kwargs, fn, error, message):
-    with pytest.raises(error, match=message):
-        tg.replace_modules(Transformer(key=jax.random.key(0)), "attn", fn, **kwargs)
+def test_bad_input_gets_a_clear_error(tree, kwargs, fn, error, message):
+    tree = Transformer(key=jax.random.key(0)) if tree is None else tree
+    with pytest.raises(error, match="^" + re.escape(message)):
+        tg.replace_modules(tree, "attn", fn, **kwargs)
 
 
 def test_an_error_inside_fn_names_the_module_it_was_replacing():

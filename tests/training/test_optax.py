@@ -1,5 +1,7 @@
 """optax glue: numerical checks under jax.jit against hand-written masks and formulas."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -155,7 +157,13 @@ def test_identical_jaxpr_to_a_hand_written_mask(params):
             {"decay": optax.sgd(1.0), "no_decy": optax.sgd(1.0)},
             [("*.bias", "no_decay")],
             "decay",
-            r"(?s)labels with no transform: \['no_decay'\].*produces: \['no_decy'\]",
+            re.escape(
+                "The transforms and the rule labels of multi_transform() disagree: labels with no "
+                "transform: ['no_decay']; transforms no rule or default produces: ['no_decy'].\n"
+                "Transform keys: ['decay', 'no_decy']; rule labels: ['no_decay', 'decay'].\n"
+                "Give every label exactly one transform (check the spelling), or remove the extra ones."
+            )
+            + "$",
         ),
     ],
 )
