@@ -413,3 +413,34 @@ def test_a_block_whose_keys_are_not_contiguous_is_one_block():
     tree = OrderedDict([("blocks/0/w", 0), ("head/w", 0), ("blocks/0/b", 0), ("blocks/1/w", 0)])
     ids = tg.layer_ids(tree, blocks="blocks.*", rules=[])
     assert ids == OrderedDict([("blocks/0/w", 1), ("head/w", 3), ("blocks/0/b", 1), ("blocks/1/w", 2)])
+
+
+def test_a_blocks_path_that_names_no_subtree_says_what_to_give():
+    message = (
+        "blocks='block' names no subtree of the tree. Close matches: blocks. Give the path of the block "
+        "sequence as treeglob.paths() prints it, or a pattern for its blocks (e.g. 'stages.*.blocks.*'); for "
+        "stacked blocks (eqx.filter_vmap, nnx.vmap, a penzai LayerStack, hk.layer_stack), also pass "
+        "stacked={'<that path>': 1} (treeglob.stacked_layers(model) gives it where the model declares it)."
+    )
+    with pytest.raises(tg.NoMatchError, match=f"^{re.escape(message)}$"):
+        tg.layer_ids({"blocks": [0, 0], "head": 0}, blocks="block")
+
+
+@pytest.mark.parametrize("blocks", ["", 5, ("blocks",)])
+def test_blocks_must_be_a_path_or_a_pattern(blocks):
+    message = (
+        "blocks must be the path of the block sequence (e.g. 'blocks', 'encoder.layers') or a pattern "
+        "matching the blocks (e.g. 'stages.*.blocks.*')."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.layer_ids({"blocks": [0, 0], "head": 0}, blocks=blocks)
+
+
+def test_stacked_blocks_are_found_in_types_from_too():
+    params = {
+        "blocks": {"w": jnp.ones((2, 3, 3)), "b": jnp.ones((2, 3))},
+        "head": {"weight": jnp.ones((3, 3))},
+    }
+    ids = tg.layer_ids(params, stacked={"blocks": 1}, types_from=params)
+    assert ids["head"] == {"weight": 3}
+    assert ids["blocks"]["b"].tolist() == [[1], [2]] and ids["blocks"]["w"].tolist() == [[[1]], [[2]]]

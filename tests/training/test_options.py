@@ -127,8 +127,9 @@ class Net(eqx.Module):
         lambda params, **kw: tg.decay_mask([(eqx.nn.LayerNorm, "no_decay"), ("**", "decay")], **kw)(params),
         lambda params, **kw: run(tg.freeze(optax.sgd(1.0), eqx.nn.LayerNorm, **kw), params),
         lambda params, **kw: run(tg.scale_by_rules([(eqx.nn.LayerNorm, 0.5)], **kw), params),
+        lambda params, **kw: run(tg.gradual_unfreeze(optax.sgd(1.0), [(eqx.nn.LayerNorm, 5)], **kw), params),
     ],
-    ids=["mask", "labels", "decay_mask", "freeze", "scale_by_rules"],
+    ids=["mask", "labels", "decay_mask", "freeze", "scale_by_rules", "gradual_unfreeze"],
 )
 def test_types_from_is_passed_on_and_strict_under_it(call):
     # A plain dict of the model's arrays holds no module types: they come from types_from=.

@@ -1,6 +1,8 @@
 """Treatment: one set of rules builds the optimizer and the table, and the table is what the
 optimizer does, step by step, leaf by leaf (and layer by layer when stacked)."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -199,6 +201,15 @@ def test_table_format_of_a_root_leaf_with_color_and_a_narrow_width():
         "a_very_long_parameter_name_indeed.w",
         "    (3,)    0.1",
     ]
+    # The summary too: its first column on its own line, and bold headers in color.
+    assert long.format(width=20).splitlines()[4:] == [
+        "",
+        "lr@0",
+        "    leaves  elements   share",
+        "0.1",
+        "         1         3  100.0%",
+    ]
+    assert long.format(color=True).splitlines()[3].startswith("\x1b[1mlr@0\x1b[0m  \x1b[1mleaves\x1b[0m")
     # A Python number has no shape ("-") and no elements: the share is the arrays'.
     scalar = tg.Treatment(learning_rate=0.1).table({"scale": 0.5, "w": jnp.ones(3)}, steps=[0])
     assert scalar.format().splitlines() == [
@@ -210,3 +221,15 @@ def test_table_format_of_a_root_leaf_with_color_and_a_narrow_width():
         " 0.1       2         3  100.0%",
     ]
     assert scalar.to_dict()["leaves"][0] == {"path": "scale", "shape": None, "size": None, "lr": [0.1]}
+
+
+def test_a_sharding_that_splits_a_stacked_leaf_is_refused_by_name():
+    treatment = tg.Treatment(sharding=[("blocks.0.w", P("model"))], stacked={"blocks": 1})
+    message = (
+        "Treatment(): the rules give different labels (P('model',), P()) to the layers of the stacked leaf "
+        "blocks.w (layers 0: P('model',); layers 1: P()). A label tree holds one label per leaf; only numeric "
+        "labels on array leaves can differ per layer (they become per-layer arrays). Give all layers of a "
+        "stacked leaf the same label, or use numbers (e.g. 0.0 / 1.0 factors, see treeglob.freeze)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        treatment.table({"blocks": {"w": jnp.ones((2, 3, 3))}})
