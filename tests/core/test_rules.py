@@ -226,3 +226,23 @@ def test_explain_summary_with_array_labels():
     label = np.array([1.0, 2.0])
     report = tg.explain({"a": np.zeros(2)}, [("a", label)])
     assert list(report.summary.values()) == [{"leaves": 1, "elements": 2}]
+
+
+def test_a_report_with_types_from_is_filtered_by_type_and_colors_each_label():
+    model = {"norm": eqx.nn.LayerNorm(2), "w": np.zeros((2, 2), np.float32)}
+    params = {"norm": {"weight": model["norm"].weight, "bias": model["norm"].bias}, "w": model["w"]}
+    report = tg.explain(params, [(eqx.nn.LayerNorm, "no_decay")], default="decay", types_from=model)
+    assert [row.path for row in report.filter(eqx.nn.LayerNorm).rows] == ["norm.bias", "norm.weight"]
+    bold, green, yellow = (lambda s, code=code: f"\x1b[{code}m{s}\x1b[0m" for code in (1, 32, 33))
+    assert report.format(color=True, width=100).splitlines()[1:] == [
+        f"norm.bias    (2,)    float32     2  {green('no_decay')}  0",
+        f"norm.weight  (2,)    float32     2  {green('no_decay')}  0",
+        f"w            (2, 2)  float32     4  {yellow('decay   ')}  default",
+        "",
+        "  ".join(bold(h) for h in ("rule", "label   ", "matched", "decided", "selector         ")),
+        f"   0  {green('no_decay')}        2        2  inside(LayerNorm)",
+        "",
+        "  ".join(bold(h) for h in ("label   ", "leaves", "elements", "share")),
+        f"{green('no_decay')}       2         4  50.0%",
+        f"{yellow('decay   ')}       1         4  50.0%",
+    ]
