@@ -1,10 +1,13 @@
 """Rules as data: TOML, JSON and dicts load to exactly the rules of the Python API."""
 
 import json
+import re
 import warnings
 
 import equinox as eqx
 import jax
+import numpy as np
+import optax
 import pytest
 
 import treeglob as tg
@@ -220,3 +223,54 @@ def test_transfer_rules_from_toml_keep_their_order(tmp_path):
 def test_transfer_rule_errors_name_the_source_and_the_problem(data, message):
     with pytest.raises(tg.RulesFileError, match=message):
         tg.load_transfer(data)
+
+
+CONVNEXT = {
+    "stem": {"w": np.ones((2, 2), np.float32)},
+    "stages": [
+        {"blocks": [{"w": np.ones((2, 2), np.float32)}]},
+        {"downsample": {"w": np.ones((2, 2), np.float32)}, "blocks": [{"w": np.ones((2, 2), np.float32)}]},
+    ],
+    "head": {"w": np.ones((2, 2), np.float32)},
+}
+
+
+@pytest.mark.parametrize("layers", ["timm_convnext", "TIMM_CONVNEXT_LAYERS"])
+def test_a_layer_decay_table_reads_as_the_python_treatment(layers):
+    schedule = {"schedule": "linear", "init_value": 0.0, "end_value": 1.0, "transition_steps": 10}
+    table = {"decay": 0.5, "layers": layers, "schedule": schedule}
+    loaded = tg.load_treatment({"layer_decay": table, "learning_rate": 1.0})
+    python = tg.Treatment(
+        learning_rate=1.0,
+        layer_decay={
+            "decay": 0.5,
+            "rules": tg.presets.TIMM_CONVNEXT_LAYERS,
+            "schedule": optax.linear_schedule(0.0, 1.0, 10),
+        },
+    )
+    steps = [0, 5, 10]
+    assert loaded.table(CONVNEXT, steps).format() == python.table(CONVNEXT, steps).format()
+    # blocks= given: here the two stages' blocks, numbered as in the preset
+    by_blocks = tg.load_treatment({"layer_decay": {"decay": 0.5, "blocks": "stages.*.blocks.*"}})
+    # (head, the two blocks, downsample, stem: outside the blocks, ViT's rules put them on top)
+    assert by_blocks.table(CONVNEXT).lr[0].tolist() == [1.0, 0.25, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "layer_decay, message",
+    [
+        (
+            {"decay": 0.5, "layers": "convnet"},
+            (
+                "<dict> [layer_decay]: unknown layers 'convnet'; the families are BIG_VISION_VIT_LAYERS, "
+                "TIMM_BEIT_LAYERS, TIMM_CONVNEXT_LAYERS, TIMM_DEIT_LAYERS, TIMM_RESNET_LAYERS, TIMM_SWIN_LAYERS, "
+                "TIMM_VIT_LAYERS."
+            ),
+        ),
+        ({"decay": 0.5, "blocsk": "stages"}, "unknown key 'blocsk'"),
+        ("0.5", "layer_decay is a decay such as 0.75, or a table with decay, blocks, layers, schedule."),
+    ],
+)
+def test_layer_decay_table_errors(layer_decay, message):
+    with pytest.raises(tg.RulesFileError, match=re.escape(message)):
+        tg.load_treatment({"layer_decay": layer_decay})
