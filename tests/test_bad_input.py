@@ -119,6 +119,7 @@ def function(): return lambda x: x
 def generator(): return (i for i in range(3))
 def strings(): return {"a": "x", "b": "y"}
 def exits(): raise SystemExit(3)
+def long(): return list(range(100))
 """
 
 
@@ -140,6 +141,16 @@ def test_a_factory_that_returns_no_array_is_bad_input(tmp_path, capsys, name, sh
         assert main(["paths", f"{tmp_path / 'factories.py'}:{name}"]) == 2
     err = capsys.readouterr().err
     assert f"{name}() returned {shown}" in err and "which holds no array" in err
+
+
+def test_a_long_value_without_arrays_is_shown_cut(tmp_path, capsys):
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    assert main(["paths", f"{tmp_path / 'factories.py'}:long"]) == 2
+    shown = repr(list(range(100)))[:77] + "..."
+    assert capsys.readouterr().err == (
+        f"treeglob paths: {tmp_path / 'factories.py'}:long: long() returned list {shown}, which holds no "
+        "array. A factory returns the model (or a PyTree of its parameters).\n"
+    )
 
 
 def test_a_factory_that_exits_is_bad_input(tmp_path, capsys):

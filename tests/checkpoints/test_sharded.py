@@ -109,6 +109,11 @@ def drop_shard(path, weight_map):
     (path / SHARDS[1]).unlink()
 
 
+def drop_shards(path, weight_map):  # the index alone: still read as a sharded checkpoint
+    for shard in SHARDS:
+        (path / shard).unlink()
+
+
 def misplace(path, weight_map):
     weight_map["layers.0.bias"] = SHARDS[1]
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -139,7 +144,16 @@ def second_index(path, weight_map):
             r"its weight_map puts the tensor 'layers\.0\.bias' in model-00002-of-00002\.safetensors, which does not hold it",
         ),
         (unlist, r"the shards hold tensors its weight_map does not list: layers\.2\.bias\."),
-        (no_weight_map, r"not a safetensors index file: it needs a \"weight_map\" object"),
+        (
+            drop_shards,
+            r"model\.safetensors\.index\.json: the shards model-00001-of-00002\.safetensors, "
+            r"model-00002-of-00002\.safetensors named in its weight_map are not in",
+        ),
+        (
+            no_weight_map,
+            r"not a safetensors index file: it needs a \"weight_map\" object mapping each tensor name to the file "
+            r"that holds it\.$",
+        ),
         (
             second_index,
             r"holds several index files \(model\.safetensors\.index\.json, other\.safetensors\.index\.json\); name the one to read",
