@@ -175,3 +175,21 @@ def test_transforms_and_labels_must_agree(transforms, rules, default, message):
 def test_masks_are_static_on_shape_structs(transformer):
     abstract = eqx.filter_eval_shape(lambda: eqx.filter(transformer, eqx.is_array))
     assert tg.mask(abstract, ~NO_DECAY) == hand_written_decay_mask(eqx.filter(transformer, eqx.is_array))
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        tg.scale_by_rules([("w", 0.5)]),
+        tg.scale_by_rules([("w", optax.linear_schedule(0.0, 1.0, 10))]),
+        tg.weight_decay([("w", 0.1)]),
+        tg.freeze(optax.sgd(1.0), "b"),
+    ],
+    ids=["scale", "scheduled scale", "weight_decay", "freeze"],
+)
+def test_bfloat16_updates_stay_bfloat16(transform):
+    # A factor is cast to the update's dtype: a float32 factor would promote the update.
+    params = {"w": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(transform.update)(grads, transform.init(params), params)
+    assert {k: v.dtype for k, v in updates.items()} == {"b": jnp.bfloat16, "w": jnp.bfloat16}

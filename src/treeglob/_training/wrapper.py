@@ -67,7 +67,7 @@ class RuleWrapper:
         return self._transform(lambda update, param, f: update * f, factor, counted, needs_params=False)
 
     def gate(
-        self, factor: Callable[[Any], Any] | None = None, *, counted: bool = False
+        self, factor: Callable[[Any], Any] | None = None, *, counted: bool
     ) -> optax.GradientTransformation:
         """Keep each update where its value is true, zero it elsewhere (no `-0.0`, unlike
         a multiplication by 0); a value of 1 costs nothing. Arguments as in `scale`."""
@@ -76,7 +76,7 @@ class RuleWrapper:
         )
 
     def add_params(
-        self, factor: Callable[[Any], Any] | None = None, *, counted: bool = False
+        self, factor: Callable[[Any], Any] | None = None, *, counted: bool
     ) -> optax.GradientTransformation:
         """Add each param times its value to its update (decoupled weight decay, as
         `optax.add_decayed_weights`); a value of 0 costs nothing. Arguments as in `scale`."""
