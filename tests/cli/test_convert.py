@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 import treeglob as tg
 from treeglob._checkpoints import progress
+from treeglob._cli.commands import _size
 from treeglob._cli.main import main
 
 FACTORY = """
@@ -138,3 +139,19 @@ def test_convert_errors(capsys, files, out, options, status, message):
 def test_convert_without_the_rules_reports_what_does_not_load(capsys, files):
     status, _, err = convert(capsys, files, files / "out.safetensors")
     assert status == 1 and "5 model leaves have no checkpoint tensor" in err
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("20000", 20_000),  # bytes
+        ("500MB", 500_000_000),  # Hugging Face's units: powers of 1000
+        ("5gb", 5_000_000_000),
+        ("1.5kB", 1_500),
+        ("4GiB", 4 * 2**30),  # and powers of 1024
+        (" 2 kib ", 2_048),
+        ("1T", 10**12),
+    ],
+)
+def test_shard_sizes_are_read_as_hugging_face_writes_them(text, size):
+    assert _size(text) == size

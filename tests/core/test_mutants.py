@@ -755,3 +755,13 @@ def test_the_hint_for_regex_negation_keeps_a_leading_bracket_in_the_class(patter
     with pytest.raises(ValueError) as info:
         tg.glob(pattern)
     assert str(info.value).splitlines()[-1] == fix
+
+
+def test_close_matches_compare_runs_of_as_many_segments_as_the_pattern():
+    from treeglob._core.keys import runs
+
+    paths = [("a", "b", "c"), ("d",)]
+    assert runs(paths, 1) == ["a", "b", "c", "d"]
+    assert runs(paths, 2) == ["a.b", "b.c"]  # `d` is too short for a run of two
+    assert runs(paths, 2, ending=True) == ["b.c"]
+    assert runs(paths, 4) == []
