@@ -359,9 +359,16 @@ def test_80_columns_keep_full_paths_and_wrap_the_rest(capsys, tmp_path):
     assert all(len(line) <= 80 for line in lines if line != long_name), out
 
 
-def test_color_only_when_asked_or_on_a_terminal(capsys, npz_file):
+def test_color_only_when_asked_or_on_a_terminal(capsys, monkeypatch, npz_file):
     assert "\033[" not in cli(capsys, "explain", npz_file, "--preset", "default")[1]
     assert "\033[1mpath" in cli(capsys, "explain", npz_file, "--preset", "default", "--color", "always")[1]
+    # On a terminal, --color auto (the default) colors, unless NO_COLOR is set or --color never.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert "\033[1mpath" in cli(capsys, "explain", npz_file, "--preset", "default", "--width", "100")[1]
+    assert "\033[" not in cli(capsys, "explain", npz_file, "--preset", "default", "--color", "never")[1]
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\033[" not in cli(capsys, "explain", npz_file, "--preset", "default", "--width", "100")[1]
 
 
 def test_stacked_checkpoint(capsys, tmp_path):
