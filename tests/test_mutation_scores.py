@@ -36,7 +36,7 @@ def test_scores_count_timeouts_as_killed_and_leave_out_equivalents(tmp_path, cap
     meta = tmp_path / "mutants" / "src" / "pkg" / "mod.py.meta"
     meta.parent.mkdir(parents=True)
     (meta.parent / "mod.py").write_text(MUTATED)
-    codes = {"pkg.mod.x_f__mutmut_1": 1, "pkg.mod.x_f__mutmut_2": -24, "pkg.mod.x_f__mutmut_3": 0}
+    codes = {"pkg.mod.x_f__mutmut_1": 2, "pkg.mod.x_f__mutmut_2": -24, "pkg.mod.x_f__mutmut_3": 0}
     codes |= {"pkg.mod.x_f__mutmut_4": 0, "pkg.mod.x_f__mutmut_5": 33, "pkg.mod.x_f__mutmut_6": None}
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     equivalent = tmp_path / "equivalent.toml"
@@ -49,7 +49,8 @@ def test_scores_count_timeouts_as_killed_and_leave_out_equivalents(tmp_path, cap
     args = ["--mutants", str(tmp_path / "mutants"), "--equivalent", str(equivalent)]
     assert mutation_scores.main(args) == 0
     out, err = capsys.readouterr()
-    # 6 mutants, 5 run: killed 1 + timeout 1 of 5 - 1 equivalent; a mutant no test reaches survives.
+    # 6 mutants, 5 run: killed 1 (a collection error, 2) + timeout 1 of 5 - 1 equivalent; a mutant
+    # no test reaches survives.
     assert out.splitlines()[-1] == "| pkg.mod | 6 | 5 | 1 | 1 | 1 | 1 | 1 | 50.0% |"
     # A listed equivalent whose change differs is scored as any mutant, and reported.
     assert err.splitlines() == [
@@ -82,7 +83,7 @@ def test_a_mutant_s_change_is_its_lines_that_differ(tmp_path):
 
 def test_a_sample_draws_only_unrun_mutants_of_each_module(tmp_path, capsys):
     for module, codes in {
-        "a": {"pkg.a.x_f__mutmut_1": 1, "pkg.a.x_f__mutmut_2": None, "pkg.a.x_f__mutmut_3": 2},
+        "a": {"pkg.a.x_f__mutmut_1": 1, "pkg.a.x_f__mutmut_2": None, "pkg.a.x_f__mutmut_3": None},
         "b": {f"pkg.b.x_g__mutmut_{i}": None for i in range(1, 11)},
     }.items():
         meta = tmp_path / "mutants" / "src" / "pkg" / f"{module}.py.meta"
@@ -91,7 +92,7 @@ def test_a_sample_draws_only_unrun_mutants_of_each_module(tmp_path, capsys):
     args = ["--mutants", str(tmp_path / "mutants"), "--sample", "3"]
     assert mutation_scores.main(args) == 0
     drawn = capsys.readouterr().out.split()
-    # Module a has two mutants left to run (None: never started; 2: stopped), b has ten.
+    # Module a has two mutants left to run, b has ten.
     assert sorted(drawn[:2]) == ["pkg.a.x_f__mutmut_2", "pkg.a.x_f__mutmut_3"]
     assert len(set(drawn[2:])) == 3 and all(name.startswith("pkg.b.") for name in drawn[2:])
     assert mutation_scores.main(args) == 0

@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # mutmut's exit codes (mutmut/stats.py), grouped the way the score reads them.
 KILLED = {
     1: "killed",
+    # 2: pytest stopped on an error while collecting the tests, the mutant having broken code
+    # a test module runs at import (mutmut shows it as interrupted). A run stopped by hand
+    # leaves 2 on the mutants it was running, too: run those again before reading the table.
+    2: "killed",
     3: "killed",
     36: "timeout",
     -24: "timeout",
@@ -46,7 +50,7 @@ KILLED = {
     255: "timeout",
 }
 SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
-NOT_RUN = {None, 2}  # 2: the run was stopped while this mutant's tests ran
+NOT_RUN = {None}
 
 
 def outcomes(mutants: Path) -> dict[str, dict[str, int | None]]:
