@@ -554,6 +554,11 @@ def test_save_refuses_dtypes_the_format_cannot_store(tmp_path):
             r"treeglob reads a .safetensors, .npz or .safetensors.index.json file",
         ),
         (
+            lambda p: (p / "weights").write_bytes(b"x") and p / "weights",
+            r"weights: treeglob reads a \.safetensors, \.npz or \.safetensors\.index\.json file, a directory of "
+            r"\.safetensors shards, or an orbax checkpoint directory, not a file without a suffix\.$",
+        ),
+        (
             lambda p: (p / "b.safetensors").write_bytes(b"\x01") and p / "b.safetensors",
             r"shorter than its 8-byte",
         ),
@@ -562,6 +567,12 @@ def test_save_refuses_dtypes_the_format_cannot_store(tmp_path):
 def test_bad_sources(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
         tg.load({"a": np.zeros(1)}, make(tmp_path))
+
+
+def test_save_writes_only_the_formats_it_knows_by_their_suffix(tmp_path):
+    message = "save(): 'x.pt' does not end in .safetensors or .npz, the formats save() writes (chosen by the suffix)."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tg.save("x.pt", {"a": np.zeros(1)})
 
 
 # ----------------------------------------------------------------------------

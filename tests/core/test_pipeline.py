@@ -373,6 +373,20 @@ def test_no_private_name_is_imported_across_modules():
     assert _imports()[1] == []
 
 
+def test_the_version_is_the_installed_distribution_s_and_unknown_names_are_attribute_errors():
+    import importlib.metadata
+
+    import treeglob
+
+    vars(treeglob).pop("__version__", None)  # read on first use, then kept
+    assert treeglob.__version__ == importlib.metadata.version("treeglob")
+    assert "__version__" in dir(treeglob)
+    vars(treeglob).pop("__version__", None)
+    assert "__version__" in dir(treeglob)  # before its first use, too
+    with pytest.raises(AttributeError, match=r"^module 'treeglob' has no attribute 'nonexistent'$"):
+        treeglob.nonexistent  # noqa: B018
+
+
 LAZY_IMPORT = """
 import sys
 import treeglob
