@@ -278,3 +278,17 @@ def test_a_mask_that_would_split_a_stacked_leaf_names_the_layers_it_picks(stack,
     tree = {"blocks": {"w": np.zeros((*shape, 2))}}
     with pytest.raises(ValueError, match=re.escape(f"the selector picks layers {layers} of it, and")):
         tg.mask(tree, selector, stacked={"blocks": len(shape)})
+
+
+def test_multi_transform_refuses_to_split_a_stacked_leaf_between_transformations():
+    params = {"blocks": {"w": jnp.ones((2, 3))}}
+    tx = tg.multi_transform(
+        {"a": optax.sgd(1.0), "b": optax.sgd(2.0)}, [("blocks.0.w", "a")], default="b", stacked={"blocks": 1}
+    )
+    message = (
+        "multi_transform(): the rules give different labels ('a', 'b') to the layers of the stacked leaf "
+        "blocks.w (layers 0: 'a'; layers 1: 'b'). Each leaf goes to one transformation, whole: give all "
+        "layers of a stacked leaf the same label, or freeze single layers with treeglob.freeze(..., stacked=...)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        tx.init(params)
