@@ -615,3 +615,23 @@ def test_relabel_names_every_disagreement(mapping, problems):
         tg.relabel(tg.presets.DEFAULT, mapping)
     with pytest.raises(TypeError, match=r"^relabel\(\) maps labels with a dict \{label: value\}, got str\.$"):
         tg.relabel(tg.presets.DEFAULT, "x")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: tg.scale_by_rules([("w", "0.5")]),
+            "The factor of rule 0 (label '0.5') is '0.5'; give a real number or a schedule (a function of "
+            "the step count, e.g. optax.linear_schedule(0.0, 1.0, 100)).",
+        ),
+        (
+            lambda: tg.Treatment(learning_rate="1e-3"),
+            "The learning_rate of Treatment() is '1e-3'; give a real number or a schedule (a function of "
+            "the step count, e.g. optax.linear_schedule(0.0, 1.0, 100)).",
+        ),
+    ],
+)
+def test_a_factor_that_is_neither_a_number_nor_a_schedule_is_refused(build, message):
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        build()
