@@ -765,3 +765,13 @@ def test_close_matches_compare_runs_of_as_many_segments_as_the_pattern():
     assert runs(paths, 2) == ["a.b", "b.c"]  # `d` is too short for a run of two
     assert runs(paths, 2, ending=True) == ["b.c"]
     assert runs(paths, 4) == []
+
+
+def test_a_root_leaf_missing_from_types_from_is_listed_as_the_root():
+    message = (
+        "mask(): 1 leaves of the tree have no leaf of the same path in the tree the types come from "
+        "(types_from):\n    <root>\nPass the model these parameters belong to, e.g. "
+        "treeglob.mask(nnx.state(model, nnx.Param), selector, types_from=model)."
+    )
+    with raises_exactly(ValueError, message):
+        tg.mask(np.zeros(2), "**", types_from={"w": np.zeros(2)})
