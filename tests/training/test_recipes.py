@@ -635,3 +635,22 @@ def test_relabel_names_every_disagreement(mapping, problems):
 def test_a_factor_that_is_neither_a_number_nor_a_schedule_is_refused(build, message):
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         build()
+
+
+def test_the_default_exclusions_read_a_leaf_s_own_name_in_any_case():
+    # A leaf that is itself a table or a token (a 3-D `pos_embed`, `cls_token`), or whose
+    # module is a norm, in whatever case the model writes it.
+    tree = {
+        "pos_embed": np.zeros((1, 4, 8)),
+        "Pos_Embedding": np.zeros((1, 4, 8)),
+        "cls_token": np.zeros((1, 1, 8)),
+        "LN_F": {"w": np.zeros((4, 4))},
+        "w": np.zeros((4, 4)),
+    }
+    assert tg.mask(tree, tg.presets.DEFAULT_NO_DECAY) == {
+        "LN_F": {"w": True},
+        "Pos_Embedding": True,
+        "cls_token": True,
+        "pos_embed": True,
+        "w": False,
+    }
