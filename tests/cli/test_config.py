@@ -110,6 +110,10 @@ def test_preset_is_appended_and_no_default_means_missing():
         ),
         ({"type": "nosuchpkg.Layer", "label": "x"}, r"cannot import the module of type 'nosuchpkg.Layer'"),
         ({"type": "equinox.nn.filter", "label": "x"}, r"is not a class: it does not exist"),
+        (
+            {"type": "equinox.filter", "label": "x"},
+            r"type 'equinox.filter' is not a class: it is a function, not a class\.$",
+        ),
         ({"type": "LayerNorm", "label": "x"}, r"type must be a dotted import path"),
         ({"ndim": ">= two", "label": "x"}, r"ndim must be an int or a comparison such as '>=2'"),
         ({"match": "a", "label": {"lr": 1}}, r"The label of <dict>, rules\[0\] is a dict container"),
