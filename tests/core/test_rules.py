@@ -229,12 +229,19 @@ def test_explain_summary_with_array_labels():
 
 
 def test_a_report_with_types_from_is_filtered_by_type_and_colors_each_label():
-    model = {"norm": eqx.nn.LayerNorm(2), "w": np.zeros((2, 2), np.float32)}
+    # A leaf named like a label (`decay`) is colored in the label column only.
+    model = {
+        "norm": eqx.nn.LayerNorm(2),
+        "w": np.zeros((2, 2), np.float32),
+        "decay": np.zeros((2, 2), np.float32),
+    }
     params = {"norm": {"weight": model["norm"].weight, "bias": model["norm"].bias}, "w": model["w"]}
+    params["decay"] = model["decay"]
     report = tg.explain(params, [(eqx.nn.LayerNorm, "no_decay")], default="decay", types_from=model)
     assert [row.path for row in report.filter(eqx.nn.LayerNorm).rows] == ["norm.bias", "norm.weight"]
     bold, green, yellow = (lambda s, code=code: f"\x1b[{code}m{s}\x1b[0m" for code in (1, 32, 33))
     assert report.format(color=True, width=100).splitlines()[1:] == [
+        f"decay        (2, 2)  float32     4  {yellow('decay   ')}  default",
         f"norm.bias    (2,)    float32     2  {green('no_decay')}  0",
         f"norm.weight  (2,)    float32     2  {green('no_decay')}  0",
         f"w            (2, 2)  float32     4  {yellow('decay   ')}  default",
@@ -243,6 +250,6 @@ def test_a_report_with_types_from_is_filtered_by_type_and_colors_each_label():
         f"   0  {green('no_decay')}        2        2  inside(LayerNorm)",
         "",
         "  ".join(bold(h) for h in ("label   ", "leaves", "elements", "share")),
-        f"{green('no_decay')}       2         4  50.0%",
-        f"{yellow('decay   ')}       1         4  50.0%",
+        f"{green('no_decay')}       2         4  33.3%",
+        f"{yellow('decay   ')}       2         8  66.7%",
     ]
