@@ -894,3 +894,15 @@ def test_malformed_skip_and_ignore_patterns_are_refused_before_anything_is_read(
     for argument in ("skip", "ignore"):
         with pytest.raises(ValueError, match=r"Invalid pattern 'a\{'"):
             check_rules(**{argument: ["a{"]})
+
+
+def test_a_long_list_of_missing_leaves_is_cut_at_20_with_a_count():
+    with pytest.raises(tg.LoadError) as info:
+        tg.load({f"w{i:02d}": np.zeros(1) for i in range(30)}, {"w00": np.zeros(1)})
+    lines = str(info.value).splitlines()
+    assert lines[1:3] == ["  w01 float64(1,)", "  w02 float64(1,)"]
+    assert lines[20:23] == [
+        "  w20 float64(1,)",
+        "  ... and 9 more",
+        "Rename a tensor to them, skip=[...] them to keep their initial values, or pass allow_missing=True.",
+    ]
