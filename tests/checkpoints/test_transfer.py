@@ -906,3 +906,9 @@ def test_a_long_list_of_missing_leaves_is_cut_at_20_with_a_count():
         "  ... and 9 more",
         "Rename a tensor to them, skip=[...] them to keep their initial values, or pass allow_missing=True.",
     ]
+
+
+def test_a_plan_raises_its_problems_as_load_would():
+    plan = tg.load_plan({"w": np.zeros(1)}, {"x": np.zeros(1)})
+    with pytest.raises(tg.LoadError, match=r"^load\(\) from the source tree: 1 model leaf has no checkpoint tensor:\n"):
+        plan.check()
