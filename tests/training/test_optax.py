@@ -193,3 +193,12 @@ def test_bfloat16_updates_stay_bfloat16(transform):
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = jax.jit(transform.update)(grads, transform.init(params), params)
     assert {k: v.dtype for k, v in updates.items()} == {"b": jnp.bfloat16, "w": jnp.bfloat16}
+
+
+def test_a_decay_rate_of_one_adds_the_params_and_zero_adds_nothing():
+    # 1 is the neutral factor of a scale, not of a decay: it must not be skipped here.
+    params = {"w": jnp.full(3, 2.0), "b": jnp.full(3, 2.0)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    transform = tg.weight_decay([("w", 1.0), ("b", 0.0)])
+    updates, _ = jax.jit(transform.update)(grads, transform.init(params), params)
+    assert updates["w"].tolist() == [3.0, 3.0, 3.0] and updates["b"].tolist() == [1.0, 1.0, 1.0]
