@@ -910,5 +910,7 @@ def test_a_long_list_of_missing_leaves_is_cut_at_20_with_a_count():
 
 def test_a_plan_raises_its_problems_as_load_would():
     plan = tg.load_plan({"w": np.zeros(1)}, {"x": np.zeros(1)})
-    with pytest.raises(tg.LoadError, match=r"^load\(\) from the source tree: 1 model leaf has no checkpoint tensor:\n"):
+    with pytest.raises(
+        tg.LoadError, match=r"^load\(\) from the source tree: 1 model leaf has no checkpoint tensor:\n"
+    ):
         plan.check()
