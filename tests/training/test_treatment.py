@@ -225,9 +225,10 @@ def test_table_format_of_a_root_leaf_with_color_and_a_narrow_width():
 
 def test_a_sharding_that_splits_a_stacked_leaf_is_refused_by_name():
     treatment = tg.Treatment(sharding=[("blocks.0.w", P("model"))], stacked={"blocks": 1})
+    model, none = repr(P("model")), repr(P())  # `P('model',)`, or `PartitionSpec('model',)` in older JAX
     message = (
-        "Treatment(): the rules give different labels (P('model',), P()) to the layers of the stacked leaf "
-        "blocks.w (layers 0: P('model',); layers 1: P()). A label tree holds one label per leaf; only numeric "
+        f"Treatment(): the rules give different labels ({model}, {none}) to the layers of the stacked leaf "
+        f"blocks.w (layers 0: {model}; layers 1: {none}). A label tree holds one label per leaf; only numeric "
         "labels on array leaves can differ per layer (they become per-layer arrays). Give all layers of a "
         "stacked leaf the same label, or use numbers (e.g. 0.0 / 1.0 factors, see treeglob.freeze)."
     )
