@@ -119,23 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         print(" ".join(sample(by_module, args.sample, random.Random(args.seed))))
         return 0
+    mutated: dict[str, dict[str, str]] = {}  # each module's changes, read once
+
+    def changes_of(module: str) -> dict[str, str]:
+        if module not in mutated:
+            mutated[module] = changes(args.mutants, module) if module in by_module else {}
+        return mutated[module]
+
     known = {}  # the listed equivalents that still make the change their reason was written for
-    mutated: dict[str, dict[str, str]] = {}
     for name, entry in equivalent(args.equivalent).items():
-        module = name.rpartition(".")[0]
-        if module in by_module and module not in mutated:
-            mutated[module] = changes(args.mutants, module)
-        now = mutated.get(module, {}).get(name)
+        now = changes_of(name.rpartition(".")[0]).get(name)
         if now == entry["change"]:
             known[name] = entry["why"]
         else:  # numbered again after its function changed, or gone: its reason may not hold
             found = "is not a mutant" if now is None else f"now changes {now!r}"
             print(f"{name} {found}, not {entry['change']!r}: look at it again", file=sys.stderr)
     if args.survivors:
-        mutated = changes(args.mutants, args.survivors)
         for name, code in by_module[args.survivors].items():
             if code in SURVIVED and name not in known:
-                print(f"{name} {SURVIVED[code]}: {mutated.get(name, '?')}")
+                print(f"{name} {SURVIVED[code]}: {changes_of(args.survivors).get(name, '?')}")
         return 0
     print("| module | mutants | run | killed | timeout | equivalent | survived | no tests | score |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
